@@ -1,0 +1,41 @@
+"""Which rows make up each micro-batch: a pure function of (seed, epoch, position), so resuming needs only a step.
+
+The training stream is epochs laid end to end; micro-batch m belongs to epoch m // per_epoch. Every rank sees
+the same global batch order and takes its own slice, so no sampler state needs saving and every rank has the
+same number of micro-batches (the last global batch of an epoch wraps around to the epoch's first rows).
+"""
+
+from __future__ import annotations
+
+import math
+from functools import lru_cache
+
+
+class MicroBatches:
+    def __init__(self, num_rows: int, micro_batch_size: int, *, world_size: int = 1, rank: int = 0,
+                 seed: int = 0, shuffle: bool = True):
+        if num_rows <= 0:
+            raise ValueError("no training rows")
+        self.n, self.mbs, self.world, self.rank = num_rows, micro_batch_size, world_size, rank
+        self.seed, self.shuffle = seed, shuffle
+        self.global_batch = micro_batch_size * world_size
+        self.per_epoch = math.ceil(num_rows / self.global_batch)
+
+    @lru_cache(maxsize=2)  # noqa: B019 - two epochs live at most; the object lives as long as the run
+    def _order(self, epoch: int) -> list[int]:
+        if not self.shuffle:
+            return list(range(self.n))
+        import torch
+
+        g = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
+        return torch.randperm(self.n, generator=g).tolist()
+
+    def indices(self, m: int) -> list[int]:
+        """Row indices of this rank's m-th micro-batch of the whole run."""
+        epoch, pos = divmod(m, self.per_epoch)
+        order = self._order(epoch)
+        start = pos * self.global_batch + self.rank * self.mbs
+        return [order[(start + i) % self.n] for i in range(self.mbs)]
+
+    def epoch_of(self, m: int) -> float:
+        return m / self.per_epoch

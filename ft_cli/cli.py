@@ -1,0 +1,194 @@
+"""The `ft` command line. One function per command; each parses, calls one library function, and maps
+errors to exit codes (0 ok, 2 the user's fault, 1 a bug). Heavy imports (torch, transformers) happen inside
+the commands so that `ft --help` stays instant.
+"""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+
+from ft_cli.errors import FtExit
+
+app = typer.Typer(
+    name="ft",
+    help="Fine-tune large language models from validated YAML recipes (LoRA, QLoRA, full and more).",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+    rich_markup_mode=None,
+)
+
+RecipeArg = Annotated[Path, typer.Argument(help="Recipe YAML file.", show_default=False)]
+SetOpt = Annotated[
+    list[str] | None,
+    typer.Option("--set", help="Override a recipe value with a dotted key, e.g. --set train.lr=1e-4 (repeatable)."),
+]
+RunDirArg = Annotated[Path, typer.Argument(help="A run directory written by ft train.", show_default=False)]
+
+
+def _guard(fn: Callable[[], Any]) -> Any:
+    """Run a command body: a UserError becomes one message on stderr and exit code 2 (see ft_cli.errors)."""
+    try:
+        return fn()
+    except FtExit as exc:
+        prefix = "error: " if exc.exit_code == 2 else ""
+        typer.echo(f"{prefix}{exc.message}", err=True)
+        raise typer.Exit(code=exc.exit_code) from None
+
+
+@app.command()
+def train(
+    recipe: RecipeArg,
+    set_: SetOpt = None,
+    output_dir: Annotated[Path | None, typer.Option("--output-dir", help="Run directory (overrides the recipe).")] = None,
+    resume: Annotated[bool, typer.Option("--resume", help="Continue from the newest whole checkpoint.")] = False,
+    overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace an existing run directory.")] = False,
+    smoke: Annotated[
+        bool, typer.Option("--smoke", help="Same recipe on a tiny offline model of the same family, a few steps.")
+    ] = False,
+) -> None:
+    """Train a model from a recipe and write the run directory (adapter, metrics, checkpoints)."""
+    from ft_cli.train import train_from_recipe
+
+    _guard(lambda: train_from_recipe(recipe, set_ or [], output_dir=output_dir, resume=resume,
+                                     overwrite=overwrite, smoke=smoke))
+
+
+@app.command()
+def validate(
+    recipe: RecipeArg,
+    set_: SetOpt = None,
+    show: Annotated[int, typer.Option("--show", help="Print N rendered samples with trained tokens highlighted.")] = 0,
+    no_data: Annotated[bool, typer.Option("--no-data", help="Check the recipe only; skip loading model and data.")] = False,
+) -> None:
+    """Check a recipe and its data without training: resolved recipe, derived values, dataset audit."""
+    from ft_cli.validate import validate_recipe
+
+    _guard(lambda: validate_recipe(recipe, set_ or [], show=show, check_data=not no_data))
+
+
+@app.command()
+def preprocess(
+    recipe: RecipeArg,
+    out: Annotated[Path, typer.Option("--out", help="Directory for the tokenized dataset (save_to_disk).")],
+    set_: SetOpt = None,
+) -> None:
+    """Tokenize, mask and pack the data exactly as train would, and save it with datasets.save_to_disk."""
+    from ft_cli.data.pipeline import preprocess_to_disk
+
+    _guard(lambda: preprocess_to_disk(recipe, set_ or [], out))
+
+
+@app.command(name="eval")
+def eval_(
+    run_dir: RunDirArg,
+    data: Annotated[Path | None, typer.Option("--data", help="Evaluate on this data (any supported format).")] = None,
+    split: Annotated[str, typer.Option("--split", help="Which split of the run to evaluate: eval or train.")] = "eval",
+    compare_base: Annotated[bool, typer.Option("--compare-base", help="Also score the base model.")] = False,
+    generate: Annotated[int, typer.Option("--generate", help="Generate for N examples and score them.")] = 0,
+    fail_if: Annotated[
+        list[str] | None, typer.Option("--fail-if", help="Exit 3 if a metric crosses a threshold, e.g. 'perplexity>12'.")
+    ] = None,
+    batch_size: Annotated[int, typer.Option("--batch-size", help="Rows per forward pass.")] = 8,
+) -> None:
+    """Evaluate a run: token-weighted loss and perplexity (and generation metrics); writes RUN_DIR/eval.json."""
+    from ft_cli.evaluate import evaluate_run
+
+    code = _guard(lambda: evaluate_run(run_dir, data=data, split=split, compare_base=compare_base,
+                                       generate=generate, fail_if=fail_if or [], batch_size=batch_size))
+    if code:
+        raise typer.Exit(code=code)
+
+
+@app.command()
+def merge(
+    run_dir: RunDirArg,
+    out: Annotated[Path, typer.Option("--out", help="Directory for the merged model.")],
+    force: Annotated[bool, typer.Option("--force", help="Write the merge even if the parity check fails.")] = False,
+    dtype: Annotated[str | None, typer.Option("--dtype", help="Output dtype (default: the recipe's model dtype).")] = None,
+) -> None:
+    """Merge the adapter into a 16-bit copy of the base model and check merged vs adapter logits."""
+    from ft_cli.merge import merge_run
+
+    _guard(lambda: merge_run(run_dir, out, force=force, dtype=dtype))
+
+
+@app.command()
+def generate(
+    target: Annotated[str, typer.Argument(help="A run directory or a model directory.", show_default=False)],
+    prompt: Annotated[str, typer.Option("--prompt", "-p", help="The user message.")],
+    system: Annotated[str | None, typer.Option("--system", help="An optional system message.")] = None,
+    max_new_tokens: Annotated[int, typer.Option("--max-new-tokens", min=1)] = 256,
+    temperature: Annotated[float, typer.Option("--temperature", min=0.0, help="0 = greedy.")] = 0.7,
+    top_p: Annotated[float, typer.Option("--top-p", min=0.0, max=1.0)] = 0.9,
+    seed: Annotated[int | None, typer.Option("--seed")] = None,
+) -> None:
+    """Generate a reply with the fine-tuned model, using its chat template; streams tokens to stdout."""
+    from ft_cli.generate import generate_cli
+
+    _guard(lambda: generate_cli(target, prompt, system=system, max_new_tokens=max_new_tokens,
+                                temperature=temperature, top_p=top_p, seed=seed))
+
+
+@app.command()
+def report(run_dir: RunDirArg) -> None:
+    """Plot loss, eval loss and learning rate, and write a summary of the run into RUN_DIR."""
+    from ft_cli.report import write_report
+
+    _guard(lambda: write_report(run_dir))
+
+
+@app.command()
+def schema() -> None:
+    """Print the recipe's JSON Schema (for editor completion)."""
+    import json
+
+    from ft_cli.recipe import recipe_json_schema
+
+    typer.echo(json.dumps(recipe_json_schema(), indent=2))
+
+
+@app.command()
+def plan(
+    recipe: RecipeArg,
+    set_: SetOpt = None,
+    gpu_memory: Annotated[
+        float | None, typer.Option("--gpu-memory", help="GPU memory in GiB to suggest a micro-batch for.")
+    ] = None,
+) -> None:
+    """Estimate peak memory of a recipe before training (weights, adapter, optimizer, activations)."""
+    from ft_cli.plan import plan_recipe
+
+    _guard(lambda: plan_recipe(recipe, set_ or [], gpu_memory=gpu_memory))
+
+
+@app.command()
+def doctor() -> None:
+    """Report library versions, the GPU and what the environment supports."""
+    from ft_cli.doctor import run_doctor
+
+    _guard(run_doctor)
+
+
+@app.callback(invoke_without_command=True)
+def _root(
+    version: Annotated[bool, typer.Option("--version", help="Print the version and exit.")] = False,
+) -> None:
+    if version:
+        from ft_cli import __version__
+
+        typer.echo(f"ft {__version__}")
+        raise typer.Exit()
+
+
+def main() -> None:
+    app(prog_name="ft")
+
+
+if __name__ == "__main__":
+    sys.exit(main())

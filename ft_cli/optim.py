@@ -1,0 +1,99 @@
+"""Optimizer and learning-rate schedule: AdamW (torch or bitsandbytes 8-bit), parameter groups for
+weight decay, LoRA+ and layer-wise learning-rate decay."""
+
+from __future__ import annotations
+
+import math
+import re
+from typing import Any
+
+from ft_cli.errors import UserError
+from ft_cli.recipe import Recipe
+
+_NO_DECAY = ("bias", "norm", "ln_", "layernorm")
+_LAYER_RE = re.compile(r"\.(?:layers|h|blocks|block)\.(\d+)\.")
+
+
+def check_optimizer_supported(recipe: Recipe, device_type: str) -> None:
+    """Fail before the model loads when the optimizer cannot run here."""
+    opt = recipe.train.optimizer
+    if opt == "adamw_torch":
+        return
+    try:
+        import bitsandbytes  # noqa: F401
+    except ImportError:
+        raise UserError(f"train.optimizer: {opt} needs bitsandbytes, which is not installed; "
+                        "pip install bitsandbytes, or use adamw_torch") from None
+    if opt == "paged_adamw_8bit" and device_type != "cuda":
+        raise UserError(f"train.optimizer: paged_adamw_8bit pages optimizer state between GPU and CPU memory and "
+                        f"needs a CUDA GPU (this run is on {device_type}); use adamw_8bit or adamw_torch")
+
+
+def param_groups(model: Any, recipe: Recipe) -> list[dict[str, Any]]:
+    t = recipe.train
+    ratio = recipe.lora.loraplus_lr_ratio if recipe.lora is not None else None
+    num_layers = _num_layers(model) if t.layerwise_lr_decay else 0
+    groups: dict[tuple[float, float], list] = {}
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        lr = t.lr
+        if ratio and ".lora_B." in name:
+            lr = t.lr * ratio  # LoRA+: B learns faster than A (Hayou et al., 2024)
+        if t.layerwise_lr_decay:
+            lr = t.lr * t.layerwise_lr_decay ** _depth_from_top(name, num_layers)
+        wd = 0.0 if p.ndim < 2 or any(k in name.lower() for k in _NO_DECAY) else t.weight_decay
+        groups.setdefault((lr, wd), []).append(p)
+    return [{"params": ps, "lr": lr, "weight_decay": wd} for (lr, wd), ps in groups.items()]
+
+
+def _num_layers(model: Any) -> int:
+    ids = [int(m.group(1)) for n, _ in model.named_parameters() if (m := _LAYER_RE.search(n))]
+    return max(ids) + 1 if ids else 0
+
+
+def _depth_from_top(name: str, num_layers: int) -> int:
+    """0 for the last block and the head, L for the embeddings, L-1-i for block i."""
+    m = _LAYER_RE.search(name)
+    if m:
+        return num_layers - 1 - int(m.group(1))
+    return num_layers if "embed" in name or ".wte." in name or ".wpe." in name else 0
+
+
+def build_optimizer(model: Any, recipe: Recipe):
+    t = recipe.train
+    groups = param_groups(model, recipe)
+    kwargs = dict(lr=t.lr, betas=(t.adam_beta1, t.adam_beta2), weight_decay=t.weight_decay)
+    if t.optimizer == "adamw_torch":
+        import torch
+
+        return torch.optim.AdamW(groups, **kwargs)
+    import bitsandbytes as bnb
+
+    cls = bnb.optim.AdamW8bit if t.optimizer == "adamw_8bit" else bnb.optim.PagedAdamW8bit
+    return cls(groups, **kwargs)
+
+
+def build_scheduler(optimizer, recipe: Recipe, total_steps: int):
+    from torch.optim.lr_scheduler import LambdaLR
+
+    t = recipe.train
+    warmup = t.warmup_steps if t.warmup_steps is not None else math.ceil(t.warmup_ratio * total_steps)
+    return LambdaLR(optimizer, LrSchedule(t.scheduler, warmup, total_steps))
+
+
+class LrSchedule:
+    """Linear warm-up, then cosine / linear decay to 0 or constant. A class (not a closure) so it pickles."""
+
+    def __init__(self, kind: str, warmup: int, total: int):
+        self.kind, self.warmup, self.total = kind, warmup, max(total, 1)
+
+    def __call__(self, step: int) -> float:
+        if step < self.warmup:
+            return (step + 1) / (self.warmup + 1)
+        if self.kind == "constant":
+            return 1.0
+        progress = min(1.0, (step - self.warmup) / max(1, self.total - self.warmup))
+        if self.kind == "linear":
+            return 1.0 - progress
+        return 0.5 * (1.0 + math.cos(math.pi * progress))

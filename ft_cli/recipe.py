@@ -1,0 +1,514 @@
+"""The recipe: pydantic schema, YAML loading, `--set` overrides and friendly errors.
+
+Every section forbids unknown keys. Each field's help lives once, in `Field(description=...)`, and feeds
+`ft schema`, `ft validate` and the docs. This module imports no torch.
+"""
+
+from __future__ import annotations
+
+import difflib
+import hashlib
+import json
+import os
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from ft_cli.errors import UserError
+
+Method = Literal["lora", "qlora", "dora", "full", "freeze", "ia3", "prompt_tuning", "prefix_tuning", "adapter"]
+DType = Literal["bfloat16", "float16", "float32"]
+LORA_METHODS = ("lora", "qlora", "dora")
+PEFT_METHODS = LORA_METHODS + ("ia3", "prompt_tuning", "prefix_tuning", "adapter")
+WHOLE_MODEL_METHODS = ("full", "freeze")
+
+
+class Section(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class ModelSection(Section):
+    name_or_path: str = Field(
+        description="Hub id (e.g. meta-llama/Llama-3.1-8B), a local model directory (relative paths resolve "
+        "against the recipe file), or a built-in offline model such as builtin:tiny-llama."
+    )
+    dtype: DType = Field("bfloat16", description="Dtype the weights are loaded and trained in.")
+    trust_remote_code: bool = Field(
+        False, description="Allow running Python code shipped with the model. Off unless you trust the model."
+    )
+    revision: str | None = Field(None, description="Hub revision (branch, tag or commit) of the model.")
+    attn_implementation: Literal["sdpa", "eager", "flash_attention_2"] | None = Field(
+        None, description="Attention kernel; default: sdpa (flash_attention_2 on CUDA when installed and packing)."
+    )
+
+
+class LoraSection(Section):
+    rank: int = Field(16, gt=0, description="LoRA rank r.")
+    alpha: float = Field(32, gt=0, description="LoRA alpha; the update is scaled by alpha / rank.")
+    dropout: float = Field(0.05, ge=0, lt=1, description="Dropout on the LoRA input.")
+    target_modules: Literal["all-linear"] | list[str] = Field(
+        "all-linear", description="'all-linear' (every linear layer but the output head) or a list of module names."
+    )
+    use_rslora: bool = Field(False, description="Rank-stabilized LoRA: scale by alpha / sqrt(rank).")
+    loraplus_lr_ratio: float | None = Field(
+        None, gt=0, description="LoRA+: the B matrices train with lr x this ratio (e.g. 16)."
+    )
+    modules_to_save: list[str] | None = Field(
+        None, description="Extra modules trained in full and saved with the adapter (e.g. [lm_head, embed_tokens])."
+    )
+
+
+class FreezeSection(Section):
+    trainable_layers: int = Field(2, ge=0, description="Train the last N transformer blocks.")
+    trainable_modules: list[str] = Field(
+        default_factory=list, description="Also train modules whose name contains one of these (e.g. lm_head)."
+    )
+
+
+class PromptSection(Section):
+    num_virtual_tokens: int = Field(20, gt=0, description="Number of trained virtual tokens.")
+    init_text: str | None = Field(None, description="prompt_tuning: initialise the virtual tokens from this text.")
+
+
+class BottleneckSection(Section):
+    size: int = Field(64, gt=0, description="Bottleneck width of the adapters after attention and MLP.")
+    dropout: float = Field(0.0, ge=0, lt=1, description="Dropout inside the bottleneck adapter.")
+
+
+class IA3Section(Section):
+    target_modules: list[str] | None = Field(None, description="Modules to scale; default: peft's for the model.")
+    feedforward_modules: list[str] | None = Field(None, description="Which target modules are feed-forward layers.")
+
+
+class QuantizationSection(Section):
+    bits: Literal[4, 8] | None = Field(4, description="4 (QLoRA) or 8 bit base weights via bitsandbytes; null: off.")
+    quant_type: Literal["nf4", "fp4"] = Field("nf4", description="4-bit data type.")
+    double_quant: bool = Field(True, description="Quantize the quantization constants too (saves ~0.4 bit/param).")
+    compute_dtype: DType = Field("bfloat16", description="Dtype of the matmuls on the dequantized weights.")
+
+
+Format = Literal["alpaca", "chat", "sharegpt", "text"]
+
+
+class DatasetSource(Section):
+    path: str = Field(description="A .json/.jsonl/.csv/.parquet file, a directory of them, or a hub dataset id.")
+    format: Format | None = Field(None, description="Format of this source; default: data.format.")
+    columns: dict[str, str] | None = Field(None, description="Column renames for this source; default: data.columns.")
+    weight: float | None = Field(
+        None, gt=0, description="Mixing weight: sample this source in proportion to weight (with replacement "
+        "when upsampled). Default: every row once."
+    )
+    split: str | None = Field(None, description="Split of a hub dataset (default: train).")
+
+
+class DataSection(Section):
+    train: str | list[DatasetSource] = Field(
+        description="Training data: one path (file, directory or hub id) or a list of sources with weights."
+    )
+    format: Format = Field("alpaca", description="Record format: alpaca | chat | sharegpt | text.")
+    columns: dict[str, str] | None = Field(
+        None, description="Map the format's field names to yours, e.g. {instruction: question, output: answer}."
+    )
+    eval: str | list[DatasetSource] | None = Field(
+        None, description="Evaluation data; null splits val_split of train off instead."
+    )
+    val_split: float = Field(0.05, ge=0, lt=1, description="Fraction of train held out for eval when eval is null.")
+    max_seq_len: int = Field(2048, gt=0, description="Longest sequence in tokens; longer examples are truncated.")
+    truncation: Literal["truncate", "drop"] = Field(
+        "truncate", description="Over-long examples: 'truncate' keeps the first max_seq_len tokens; 'drop' skips them. "
+        "Either way, examples left with no trained token are dropped and counted."
+    )
+    packing: bool = Field(
+        False, description="Pack several examples into each max_seq_len row (attention never crosses examples)."
+    )
+    train_on_inputs: bool = Field(False, description="false: only assistant/response tokens carry loss.")
+    chat_template: str | None = Field(
+        None, description="Override the tokenizer's chat template: a built-in name (chatml, llama3, ...) or a jinja "
+        "string. Needed for base models without one."
+    )
+    shuffle: bool = Field(True, description="Shuffle training rows each epoch (seeded).")
+    cache: bool = Field(True, description="Reuse tokenized data from the cache when data, tokenizer and settings match.")
+
+    @property
+    def sources(self) -> list[DatasetSource]:
+        return _as_sources(self.train)
+
+    @property
+    def eval_sources(self) -> list[DatasetSource]:
+        return _as_sources(self.eval) if self.eval is not None else []
+
+
+def _as_sources(value: str | list[DatasetSource]) -> list[DatasetSource]:
+    return [DatasetSource(path=value)] if isinstance(value, str) else list(value)
+
+
+class TrainSection(Section):
+    epochs: float = Field(3, gt=0, description="Passes over the training data (ignored when max_steps is set).")
+    max_steps: int | None = Field(None, gt=0, description="Stop after this many optimizer steps.")
+    micro_batch_size: int = Field(4, gt=0, description="Rows per forward pass per device.")
+    grad_accum: int = Field(4, gt=0, description="Micro-batches accumulated per optimizer step.")
+    lr: float = Field(2.0e-4, gt=0, description="Peak learning rate.")
+    scheduler: Literal["cosine", "linear", "constant"] = Field("cosine", description="Learning-rate schedule.")
+    warmup_ratio: float = Field(0.03, ge=0, le=1, description="Fraction of optimizer steps spent warming up.")
+    warmup_steps: int | None = Field(None, ge=0, description="Warm-up steps; overrides warmup_ratio.")
+    weight_decay: float = Field(0.0, ge=0, description="AdamW weight decay.")
+    max_grad_norm: float | None = Field(1.0, gt=0, description="Clip the global gradient norm; null: no clipping.")
+    optimizer: Literal["adamw_torch", "adamw_8bit", "paged_adamw_8bit"] = Field(
+        "adamw_torch", description="adamw_torch, or bitsandbytes' 8-bit AdamW (paged: pages state to CPU on OOM)."
+    )
+    adam_beta1: float = Field(0.9, gt=0, lt=1, description="AdamW beta1.")
+    adam_beta2: float = Field(0.999, gt=0, lt=1, description="AdamW beta2.")
+    layerwise_lr_decay: float | None = Field(
+        None, gt=0, le=1, description="full/freeze: each block below the top gets lr x this factor once more."
+    )
+    gradient_checkpointing: bool = Field(True, description="Recompute activations in backward to save memory.")
+    seed: int = Field(42, ge=0, description="Seed for weights init, data order and dropout.")
+    eval_every: int | None = Field(100, gt=0, description="Evaluate every N optimizer steps (and at the end).")
+    eval_batch_size: int | None = Field(None, gt=0, description="Rows per eval forward; default micro_batch_size.")
+    save_every: int | None = Field(200, gt=0, description="Write a resumable checkpoint every N optimizer steps.")
+    keep_last: int | None = Field(2, gt=0, description="Keep only the newest N checkpoints; null keeps all.")
+    log_every: int = Field(10, gt=0, description="Write a metrics line every N optimizer steps.")
+    early_stopping_patience: int | None = Field(
+        None, gt=0, description="Stop after this many evaluations without a new best eval_loss."
+    )
+    compile: bool = Field(False, description="torch.compile the model (GPU; first steps are slower).")
+    liger_kernel: bool = Field(False, description="Use liger-kernel fused kernels when installed (CUDA).")
+
+
+class LoggingSection(Section):
+    trackers: list[Literal["tensorboard", "wandb", "mlflow"]] = Field(
+        default_factory=list, description="Experiment trackers via accelerate; metrics.jsonl is always written."
+    )
+    project: str | None = Field(None, description="Tracker project / experiment name (default: the run name).")
+
+
+class Recipe(Section):
+    model: ModelSection
+    method: Method = Field("lora", description="Fine-tuning method.")
+    lora: LoraSection | None = Field(None, description="LoRA settings (methods lora, qlora, dora).")
+    freeze: FreezeSection | None = Field(None, description="Which parts train (method freeze).")
+    prompt: PromptSection | None = Field(None, description="Virtual tokens (methods prompt_tuning, prefix_tuning).")
+    bottleneck: BottleneckSection | None = Field(None, description="Bottleneck adapter settings (method adapter).")
+    ia3: IA3Section | None = Field(None, description="IA3 settings (method ia3).")
+    quantization: QuantizationSection | None = Field(
+        None, description="bitsandbytes quantization of the base weights; default 4-bit NF4 for qlora, off otherwise."
+    )
+    data: DataSection
+    train: TrainSection = Field(default_factory=TrainSection)
+    logging: LoggingSection = Field(default_factory=LoggingSection)
+    output_dir: str | None = Field(
+        None, description="Run directory (relative to the current directory); default runs/<recipe file name>."
+    )
+
+    @model_validator(mode="after")
+    def _sections_match_method(self) -> Recipe:
+        m = self.method
+        owners = {
+            "lora": LORA_METHODS,
+            "freeze": ("freeze",),
+            "prompt": ("prompt_tuning", "prefix_tuning"),
+            "bottleneck": ("adapter",),
+            "ia3": ("ia3",),
+        }
+        for section, methods in owners.items():
+            if getattr(self, section) is not None and m not in methods:
+                raise _FieldError(section, f"is only used by method {' | '.join(methods)}, not {m!r}; remove it")
+        if self.quantization is not None and self.quantization.bits is not None:
+            if m in WHOLE_MODEL_METHODS:
+                raise _FieldError("quantization", f"cannot be used with method {m!r} (quantized weights cannot be "
+                                  "trained); use method: qlora, or remove quantization")
+            if m == "lora":
+                raise _FieldError("quantization", "with method 'lora' means QLoRA: write method: qlora instead")
+        if m == "qlora":
+            if self.quantization is None:
+                self.quantization = QuantizationSection()
+            elif self.quantization.bits is None:
+                raise _FieldError("quantization.bits", "method qlora needs 4 or 8 bits; use method: lora for none")
+        if m in LORA_METHODS and self.lora is None:
+            self.lora = LoraSection()
+        if m == "freeze" and self.freeze is None:
+            self.freeze = FreezeSection()
+        if m in ("prompt_tuning", "prefix_tuning") and self.prompt is None:
+            self.prompt = PromptSection()
+        if m == "adapter" and self.bottleneck is None:
+            self.bottleneck = BottleneckSection()
+        if m == "ia3" and self.ia3 is None:
+            self.ia3 = IA3Section()
+        if self.lora is not None and self.lora.loraplus_lr_ratio is not None and m not in LORA_METHODS:
+            raise _FieldError("lora.loraplus_lr_ratio", "only applies to LoRA methods")
+        if self.train.layerwise_lr_decay is not None and m not in WHOLE_MODEL_METHODS:
+            raise _FieldError("train.layerwise_lr_decay", f"applies to method full or freeze, not {m!r}")
+        if self.freeze is not None and self.freeze.trainable_layers == 0 and not self.freeze.trainable_modules:
+            raise _FieldError("freeze", "trains nothing: set trainable_layers > 0 or list trainable_modules")
+        return self
+
+    # Derived facts -------------------------------------------------------------------------------------------
+    @property
+    def quantized(self) -> bool:
+        return self.quantization is not None and self.quantization.bits is not None
+
+    @property
+    def is_peft(self) -> bool:
+        return self.method in PEFT_METHODS
+
+    def training_fingerprint(self) -> dict[str, Any]:
+        """The fields whose change makes resuming produce a different run than the checkpoint's.
+
+        Harmless fields (max_steps, epochs, logging, eval/save cadence, output_dir) are left out.
+        """
+        d = self.model_dump(mode="json")
+        d.pop("output_dir", None)
+        d.pop("logging", None)
+        for key in ("max_steps", "epochs", "eval_every", "save_every", "keep_last", "log_every",
+                    "early_stopping_patience", "eval_batch_size", "compile"):
+            d["train"].pop(key, None)
+        return _flatten(d)
+
+    def fingerprint_hash(self) -> str:
+        blob = json.dumps(self.training_fingerprint(), sort_keys=True).encode()
+        return hashlib.sha256(blob).hexdigest()[:16]
+
+
+class _FieldError(ValueError):
+    """Raised inside validators to attach the message to a dotted field path."""
+
+    def __init__(self, path: str, message: str):
+        super().__init__(f"{path}: {message}")
+        self.path, self.message = path, message
+
+
+def _flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for k, v in d.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, dict):
+            out.update(_flatten(v, key + "."))
+        else:
+            out[key] = v
+    return out
+
+
+# Loading ---------------------------------------------------------------------------------------------------------
+
+def load_recipe(path: str | os.PathLike, overrides: list[str] | None = None) -> Recipe:
+    """Read, override and validate a recipe; raise UserError listing every problem at once."""
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"{path}: recipe file not found")
+    text = path.read_text(encoding="utf-8")
+    raw, lines = _parse_yaml(text, path)
+    for item in overrides or []:
+        _apply_override(raw, item)
+    recipe = recipe_from_dict(raw, source=str(path), lines=lines)
+    resolve_paths(recipe, path.parent)
+    if recipe.output_dir is None:
+        recipe.output_dir = str(Path("runs") / path.stem)
+    return recipe
+
+
+def recipe_from_dict(raw: Any, source: str = "recipe", lines: dict[tuple, int] | None = None) -> Recipe:
+    if not isinstance(raw, dict):
+        raise UserError(f"{source}: a recipe is a YAML mapping of sections (model, method, data, train, ...)")
+    try:
+        return Recipe.model_validate(raw)
+    except ValidationError as exc:
+        raise UserError("\n".join(format_errors(exc, source, lines or {}))) from None
+
+
+class _LineLoader(yaml.SafeLoader):
+    """Safe loader that also records the line of every mapping key."""
+
+
+def _parse_yaml(text: str, path: Path) -> tuple[Any, dict[tuple, int]]:
+    try:
+        node = yaml.compose(text, Loader=_LineLoader)
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f"{path}:{mark.line + 1}" if mark is not None else str(path)
+        problem = getattr(exc, "problem", None) or str(exc)
+        raise UserError(f"{where}: invalid YAML: {problem}") from None
+    lines: dict[tuple, int] = {}
+
+    def walk(n: Any, loc: tuple) -> None:
+        if isinstance(n, yaml.MappingNode):
+            for k, v in n.value:
+                key = loc + (k.value,)
+                lines[key] = k.start_mark.line + 1
+                walk(v, key)
+        elif isinstance(n, yaml.SequenceNode):
+            for i, v in enumerate(n.value):
+                lines[loc + (i,)] = v.start_mark.line + 1
+                walk(v, loc + (i,))
+
+    walk(node, ())
+    return data if data is not None else {}, lines
+
+
+def _apply_override(raw: dict, item: str) -> None:
+    if "=" not in item:
+        raise UserError(f"--set {item}: expected KEY=VALUE, e.g. --set train.lr=1e-4")
+    key, value = item.split("=", 1)
+    parts = key.strip().split(".")
+    if not all(parts):
+        raise UserError(f"--set {item}: bad key {key!r}")
+    try:
+        parsed = yaml.safe_load(value) if value.strip() else None
+    except yaml.YAMLError:
+        parsed = value
+    node = raw
+    for part in parts[:-1]:
+        nxt = node.get(part)
+        if nxt is None:
+            nxt = node[part] = {}
+        if not isinstance(nxt, dict):
+            raise UserError(f"--set {item}: {part} is not a section")
+        node = nxt
+    node[parts[-1]] = parsed
+
+
+def resolve_paths(recipe: Recipe, base: Path) -> None:
+    """Relative local paths in a recipe are relative to the recipe file, not the current directory."""
+    name = recipe.model.name_or_path
+    if not name.startswith("builtin:"):
+        candidate = (base / name).expanduser()
+        if _looks_like_path(name) or candidate.exists():
+            recipe.model.name_or_path = str(candidate.resolve())
+    for src in recipe.data.sources + recipe.data.eval_sources:
+        candidate = (base / src.path).expanduser()
+        if _looks_like_path(src.path) or candidate.exists():
+            src.path = str(candidate.resolve())
+    # _as_sources builds new objects for plain strings: write the resolved paths back.
+    if isinstance(recipe.data.train, str):
+        recipe.data.train = _resolve_one(recipe.data.train, base)
+    if isinstance(recipe.data.eval, str):
+        recipe.data.eval = _resolve_one(recipe.data.eval, base)
+
+
+def _resolve_one(p: str, base: Path) -> str:
+    candidate = (base / p).expanduser()
+    return str(candidate.resolve()) if (_looks_like_path(p) or candidate.exists()) else p
+
+
+def _looks_like_path(p: str) -> bool:
+    return p.startswith(("/", "./", "../", "~")) or p.endswith((".json", ".jsonl", ".csv", ".parquet", ".yaml"))
+
+
+# Friendly errors -------------------------------------------------------------------------------------------------
+
+_MESSAGES = {
+    "greater_than": "must be greater than {gt}",
+    "greater_than_equal": "must be at least {ge}",
+    "less_than": "must be less than {lt}",
+    "less_than_equal": "must be at most {le}",
+}
+
+
+def format_errors(exc: ValidationError, source: str, lines: dict[tuple, int]) -> list[str]:
+    out: list[str] = []
+    seen: set[str] = set()
+    for err in exc.errors(include_url=False):
+        loc, msg = _describe(err)
+        dotted = ".".join(str(p) for p in loc)
+        line = _line_for(loc, lines)
+        where = f"{source}:{line}" if line else source
+        text = f"{where}: {dotted}: {msg}" if dotted else f"{where}: {msg}"
+        if text not in seen:
+            seen.add(text)
+            out.append(text)
+    return out
+
+
+def _line_for(loc: tuple, lines: dict[tuple, int]) -> int | None:
+    while loc:
+        if loc in lines:
+            return lines[loc]
+        loc = loc[:-1]
+    return None
+
+
+def _describe(err: dict) -> tuple[tuple, str]:
+    # Drop pydantic's union-branch markers (e.g. 'list[DatasetSource]', 'literal[...]') from the location.
+    loc = tuple(p for p in err["loc"] if not (isinstance(p, str) and ("[" in p or p in ("str", "int", "float"))))
+    typ, ctx = err["type"], err.get("ctx") or {}
+    if typ == "extra_forbidden":
+        return loc, "unknown key" + _did_you_mean(loc)
+    if typ == "missing":
+        return loc, "is required"
+    if typ == "value_error" and isinstance(ctx.get("error"), _FieldError):
+        fe = ctx["error"]
+        return loc + tuple(fe.path.split(".")), fe.message
+    if typ == "literal_error":
+        return loc, f"must be one of {ctx.get('expected', '')}, got {err.get('input')!r}"
+    if typ in _MESSAGES:
+        return loc, _MESSAGES[typ].format(**ctx) + f", got {err.get('input')!r}"
+    msg = err["msg"]
+    msg = msg[0].lower() + msg[1:] if msg else msg
+    msg = msg.replace("input should be", "must be").replace("value error, ", "")
+    return loc, f"{msg}, got {err.get('input')!r}" if "input" in err and typ != "value_error" else msg
+
+
+def _did_you_mean(loc: tuple) -> str:
+    fields = _fields_at(loc[:-1])
+    if not fields:
+        return ""
+    guess = difflib.get_close_matches(str(loc[-1]), fields, n=1, cutoff=0.6)
+    allowed = ", ".join(fields)
+    return f" (did you mean {guess[0]!r}?)" if guess else f" (allowed: {allowed})"
+
+
+def _fields_at(loc: tuple) -> list[str]:
+    model: Any = Recipe
+    for part in loc:
+        if isinstance(part, int):
+            continue
+        field = model.model_fields.get(part) if hasattr(model, "model_fields") else None
+        if field is None:
+            return []
+        model = _model_in(field.annotation)
+        if model is None:
+            return []
+    return list(model.model_fields) if hasattr(model, "model_fields") else []
+
+
+def _model_in(annotation: Any) -> Any:
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return annotation
+    for arg in getattr(annotation, "__args__", ()) or ():
+        found = _model_in(arg)
+        if found is not None:
+            return found
+    return None
+
+
+# Writing ---------------------------------------------------------------------------------------------------------
+
+SECRET_ENV = ("HF_TOKEN", "HUGGING_FACE_HUB_TOKEN", "WANDB_API_KEY", "MLFLOW_TRACKING_PASSWORD")
+
+
+def dump_recipe(recipe: Recipe) -> str:
+    """The resolved recipe as YAML, with any secret value that leaked into a string field redacted."""
+    data = recipe.model_dump(mode="json", exclude_none=False)
+    secrets = [v for k in SECRET_ENV if (v := os.environ.get(k)) and len(v) >= 8]
+
+    def scrub(x: Any) -> Any:
+        if isinstance(x, dict):
+            return {k: scrub(v) for k, v in x.items()}
+        if isinstance(x, list):
+            return [scrub(v) for v in x]
+        if isinstance(x, str):
+            for s in secrets:
+                x = x.replace(s, "***")
+        return x
+
+    return yaml.safe_dump(scrub(data), sort_keys=False, allow_unicode=True)
+
+
+def recipe_json_schema() -> dict[str, Any]:
+    schema = Recipe.model_json_schema()
+    schema["$schema"] = "https://json-schema.org/draft/2020-12/schema"
+    schema["title"] = "ft recipe"
+    return schema
+

@@ -1,0 +1,43 @@
+"""Token-weighted loss: the sum of per-token losses over trained tokens divided by their count — over a whole
+set, never a mean of batch means. Shared by in-training evaluation and `ft eval`."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+IGNORE = -100
+
+
+def count_targets(batch: dict[str, Any]) -> int:
+    """Tokens that carry loss: a label at position t is predicted from position t-1, so position 0 never is."""
+    return int((batch["labels"][:, 1:] != IGNORE).sum())
+
+
+def model_inputs(batch: dict[str, Any], device: Any) -> dict[str, Any]:
+    return {k: v.to(device) for k, v in batch.items() if k in ("input_ids", "attention_mask", "position_ids", "labels")}
+
+
+def token_loss(model: Any, dataset: Any, collate: Callable, batch_size: int, *, device: Any,
+               rank: int = 0, world_size: int = 1) -> tuple[float, int]:
+    """(sum of token losses, number of trained tokens) over this rank's share of `dataset`."""
+    import torch
+
+    was_training = model.training
+    model.eval()
+    total = torch.zeros((), dtype=torch.float64)
+    tokens = 0
+    indices = list(range(rank, len(dataset), world_size))
+    with torch.no_grad():
+        for start in range(0, len(indices), batch_size):
+            rows = dataset[indices[start:start + batch_size]]
+            batch = collate([dict(zip(rows, vals)) for vals in zip(*rows.values())])
+            n = count_targets(batch)
+            if n == 0:
+                continue
+            # num_items_in_batch=1 makes the model's loss the plain sum over trained tokens.
+            out = model(**model_inputs(batch, device), num_items_in_batch=1)
+            total += out.loss.detach().double().cpu()
+            tokens += n
+    model.train(was_training)
+    return float(total), tokens

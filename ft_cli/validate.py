@@ -1,0 +1,70 @@
+"""`ft validate`: check a recipe and its data without training, and show what training would do."""
+
+from __future__ import annotations
+
+import math
+import os
+from pathlib import Path
+
+from ft_cli.recipe import Recipe, dump_recipe, load_recipe
+
+
+def validate_recipe(recipe_path: Path, overrides: list[str], *, show: int = 0, check_data: bool = True) -> Recipe:
+    from rich.console import Console
+    from rich.syntax import Syntax
+    from rich.table import Table
+
+    recipe = load_recipe(recipe_path, overrides)
+    console = Console(highlight=False)
+    console.print(f"[bold green]recipe OK[/]: {recipe_path}")
+    console.print(Syntax(dump_recipe(recipe), "yaml", theme="ansi_dark", background_color="default"))
+
+    t = recipe.train
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    derived = Table(title="derived values", show_header=False)
+    derived.add_row("effective batch (rows per optimizer step)",
+                    f"{t.micro_batch_size * t.grad_accum * world} = micro_batch_size {t.micro_batch_size} "
+                    f"x grad_accum {t.grad_accum} x processes {world}")
+    if recipe.quantized:
+        q = recipe.quantization
+        assert q is not None
+        derived.add_row("quantization", f"{q.bits}-bit {q.quant_type if q.bits == 4 else 'int8'}"
+                        f"{' + double quant' if q.double_quant and q.bits == 4 else ''}, compute {q.compute_dtype}")
+    if not check_data:
+        console.print(derived)
+        return recipe
+
+    from ft_cli.data.audit import print_data_report
+    from ft_cli.data.pipeline import build_datasets
+    from ft_cli.model import load_tokenizer, resolve_model_path
+
+    path = resolve_model_path(recipe.model)
+    tokenizer = load_tokenizer(recipe, path)
+    bundle = build_datasets(recipe, tokenizer)
+    per_epoch = math.ceil(len(bundle.train) / (t.micro_batch_size * world))
+    steps = t.max_steps or max(1, math.ceil(t.epochs * per_epoch / t.grad_accum))
+    derived.add_row("optimizer steps", f"{steps}" + ("" if t.max_steps else f" ({t.epochs:g} epochs x "
+                                                                         f"{per_epoch} micro-batches / {t.grad_accum})"))
+    trainable, total = count_trainable(recipe, path)
+    derived.add_row("trainable parameters", f"{trainable:,} of {total:,} ({100 * trainable / max(total, 1):.3f}%)")
+    console.print(derived)
+    print_data_report(bundle, tokenizer, console, show=show)
+    return recipe
+
+
+def count_trainable(recipe: Recipe, path: str) -> tuple[int, int]:
+    """Trainable/total parameters from the config alone: the model is built on the meta device (no weights)."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from ft_cli.methods import apply_method
+    from ft_cli.model import count_parameters
+
+    config = AutoConfig.from_pretrained(path, trust_remote_code=recipe.model.trust_remote_code,
+                                        revision=recipe.model.revision)
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config, trust_remote_code=recipe.model.trust_remote_code)
+    meta_recipe = recipe.model_copy(update={"quantization": None}, deep=True)
+    model = apply_method(model, meta_recipe)
+    return count_parameters(model)
+
