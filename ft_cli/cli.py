@@ -84,23 +84,35 @@ def preprocess(
     _guard(lambda: preprocess_to_disk(recipe, set_ or [], out))
 
 
+WhichOpt = Annotated[
+    str, typer.Option("--which", help="final: adapter/ or model/ (the last step); best: best/ (best eval_loss).")
+]
+
+
 @app.command(name="eval")
 def eval_(
     run_dir: RunDirArg,
     data: Annotated[Path | None, typer.Option("--data", help="Evaluate on this data (any supported format).")] = None,
+    data_format: Annotated[
+        str | None, typer.Option("--format", help="Format of --data (default: the recipe's data.format).")
+    ] = None,
     split: Annotated[str, typer.Option("--split", help="Which split of the run to evaluate: eval or train.")] = "eval",
+    which: WhichOpt = "final",
     compare_base: Annotated[bool, typer.Option("--compare-base", help="Also score the base model.")] = False,
     generate: Annotated[int, typer.Option("--generate", help="Generate for N examples and score them.")] = 0,
+    max_new_tokens: Annotated[int, typer.Option("--max-new-tokens", min=1, help="Per --generate reply.")] = 256,
     fail_if: Annotated[
-        list[str] | None, typer.Option("--fail-if", help="Exit 3 if a metric crosses a threshold, e.g. 'perplexity>12'.")
+        list[str] | None, typer.Option("--fail-if", help="Exit 3 if a metric crosses a threshold, e.g. "
+                                       "'perplexity>12' (repeatable; > >= < <= ==; names as in eval.json).")
     ] = None,
-    batch_size: Annotated[int, typer.Option("--batch-size", help="Rows per forward pass.")] = 8,
+    batch_size: Annotated[int, typer.Option("--batch-size", min=1, help="Rows per forward pass.")] = 8,
 ) -> None:
     """Evaluate a run: token-weighted loss and perplexity (and generation metrics); writes RUN_DIR/eval.json."""
     from ft_cli.evaluate import evaluate_run
 
     code = _guard(lambda: evaluate_run(run_dir, data=data, split=split, compare_base=compare_base,
-                                       generate=generate, fail_if=fail_if or [], batch_size=batch_size))
+                                       generate=generate, fail_if=fail_if or [], batch_size=batch_size,
+                                       which=which, data_format=data_format, max_new_tokens=max_new_tokens))
     if code:
         raise typer.Exit(code=code)
 
@@ -126,13 +138,14 @@ def generate(
     max_new_tokens: Annotated[int, typer.Option("--max-new-tokens", min=1)] = 256,
     temperature: Annotated[float, typer.Option("--temperature", min=0.0, help="0 = greedy.")] = 0.7,
     top_p: Annotated[float, typer.Option("--top-p", min=0.0, max=1.0)] = 0.9,
-    seed: Annotated[int | None, typer.Option("--seed")] = None,
+    seed: Annotated[int | None, typer.Option("--seed", help="Seed for sampling.")] = None,
+    which: WhichOpt = "final",
 ) -> None:
     """Generate a reply with the fine-tuned model, using its chat template; streams tokens to stdout."""
     from ft_cli.generate import generate_cli
 
     _guard(lambda: generate_cli(target, prompt, system=system, max_new_tokens=max_new_tokens,
-                                temperature=temperature, top_p=top_p, seed=seed))
+                                temperature=temperature, top_p=top_p, seed=seed, which=which))
 
 
 @app.command()
@@ -144,8 +157,17 @@ def report(run_dir: RunDirArg) -> None:
 
 
 @app.command()
-def schema() -> None:
+def schema(
+    markdown: Annotated[
+        bool, typer.Option("--markdown", help="Print the Markdown reference of every key (docs/recipe.md) instead.")
+    ] = False,
+) -> None:
     """Print the recipe's JSON Schema (for editor completion)."""
+    if markdown:
+        from ft_cli.schema_docs import render_recipe_docs
+
+        typer.echo(render_recipe_docs(), nl=False)
+        return
     import json
 
     from ft_cli.recipe import recipe_json_schema
@@ -186,7 +208,20 @@ def _root(
         raise typer.Exit()
 
 
+def quiet_libraries() -> None:
+    """ft shows its own progress; the libraries' per-file progress bars and deprecation notices are noise to a
+    user (they go to the developers of ft). Set before those libraries are imported; the user's settings win."""
+    import os
+    import warnings
+
+    for var, value in (("HF_HUB_DISABLE_PROGRESS_BARS", "1"), ("HF_DATASETS_DISABLE_PROGRESS_BARS", "1"),
+                       ("TRANSFORMERS_VERBOSITY", "error"), ("TOKENIZERS_PARALLELISM", "false")):
+        os.environ.setdefault(var, value)
+    warnings.filterwarnings("ignore", category=FutureWarning)
+
+
 def main() -> None:
+    quiet_libraries()
     app(prog_name="ft")
 
 

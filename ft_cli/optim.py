@@ -53,7 +53,8 @@ def _num_layers(model: Any) -> int:
 
 
 def _depth_from_top(name: str, num_layers: int) -> int:
-    """0 for the last block and the head, L for the embeddings, L-1-i for block i."""
+    """0 for the last block, final norm and head, L for the embeddings, L-1-i for block i. A head tied to the
+    embeddings (GPT-2, Qwen2.5-0.5B) is the embeddings' parameter, named after them, so it gets depth L."""
     m = _LAYER_RE.search(name)
     if m:
         return num_layers - 1 - int(m.group(1))

@@ -130,6 +130,10 @@ class DataSection(Section):
     )
     shuffle: bool = Field(True, description="Shuffle training rows each epoch (seeded).")
     cache: bool = Field(True, description="Reuse tokenized data from the cache when data, tokenizer and settings match.")
+    limit: int | None = Field(
+        None, gt=0, description="Use only the first N records of each source (before the eval split and mixing); "
+        "null: all. ft train --smoke sets it to try a recipe on a slice of its data."
+    )
 
     @property
     def sources(self) -> list[DatasetSource]:
@@ -185,7 +189,7 @@ class LoggingSection(Section):
 
 
 class Recipe(Section):
-    model: ModelSection
+    model: ModelSection = Field(description="The base model: where it comes from and the dtype it trains in.")
     method: Method = Field("lora", description="Fine-tuning method.")
     lora: LoraSection | None = Field(None, description="LoRA settings (methods lora, qlora, dora).")
     freeze: FreezeSection | None = Field(None, description="Which parts train (method freeze).")
@@ -195,9 +199,10 @@ class Recipe(Section):
     quantization: QuantizationSection | None = Field(
         None, description="bitsandbytes quantization of the base weights; default 4-bit NF4 for qlora, off otherwise."
     )
-    data: DataSection
-    train: TrainSection = Field(default_factory=TrainSection)
-    logging: LoggingSection = Field(default_factory=LoggingSection)
+    data: DataSection = Field(description="Training (and eval) data, its format, and how it becomes token rows.")
+    train: TrainSection = Field(default_factory=TrainSection, description="Optimization, batch sizes and cadence.")
+    logging: LoggingSection = Field(default_factory=LoggingSection,
+                                    description="Experiment trackers besides metrics.jsonl.")
     output_dir: str | None = Field(
         None, description="Run directory (relative to the current directory); default runs/<recipe file name>."
     )
@@ -242,6 +247,23 @@ class Recipe(Section):
             raise _FieldError("train.layerwise_lr_decay", f"applies to method full or freeze, not {m!r}")
         if self.freeze is not None and self.freeze.trainable_layers == 0 and not self.freeze.trainable_modules:
             raise _FieldError("freeze", "trains nothing: set trainable_layers > 0 or list trainable_modules")
+        if self.prompt is not None and self.prompt.init_text is not None and m != "prompt_tuning":
+            raise _FieldError("prompt.init_text", f"only applies to prompt_tuning (prefix tuning learns key/value "
+                              f"prefixes, not token embeddings); remove it for {m!r}")
+        if m in ("prompt_tuning", "prefix_tuning") and self.data.packing:
+            raise _FieldError("data.packing", f"cannot be used with {m}: the virtual tokens go before each row, so "
+                              "packed examples would share them (and peft drops the position ids that keep packed "
+                              "examples apart); set packing: false")
+        if m == "prefix_tuning":  # peft feeds the prefix as a KV cache, which checkpointing cannot recompute
+            if "gradient_checkpointing" in self.train.model_fields_set and self.train.gradient_checkpointing:
+                raise _FieldError("train.gradient_checkpointing", "does not work with prefix_tuning (peft passes the "
+                                  "prefix as a KV cache); set it to false")
+            self.train.gradient_checkpointing = False
+        if self.ia3 is not None and self.ia3.target_modules and self.ia3.feedforward_modules:
+            extra = sorted(set(self.ia3.feedforward_modules) - set(self.ia3.target_modules))
+            if extra:
+                raise _FieldError("ia3.feedforward_modules", f"{', '.join(extra)} not in ia3.target_modules; "
+                                  "feed-forward modules must also be targets")
         return self
 
     # Derived facts -------------------------------------------------------------------------------------------

@@ -19,8 +19,9 @@ def model_inputs(batch: dict[str, Any], device: Any) -> dict[str, Any]:
 
 
 def token_loss(model: Any, dataset: Any, collate: Callable, batch_size: int, *, device: Any,
-               rank: int = 0, world_size: int = 1) -> tuple[float, int]:
-    """(sum of token losses, number of trained tokens) over this rank's share of `dataset`."""
+               rank: int = 0, world_size: int = 1, on_batch: Callable[[int], None] | None = None) -> tuple[float, int]:
+    """(sum of token losses, number of trained tokens) over this rank's share of `dataset`.
+    `on_batch(rows)` is called after each batch (progress bars)."""
     import torch
 
     was_training = model.training
@@ -33,6 +34,8 @@ def token_loss(model: Any, dataset: Any, collate: Callable, batch_size: int, *, 
             rows = dataset[indices[start:start + batch_size]]
             batch = collate([dict(zip(rows, vals)) for vals in zip(*rows.values())])
             n = count_targets(batch)
+            if on_batch is not None:
+                on_batch(len(batch["input_ids"]))
             if n == 0:
                 continue
             # num_items_in_batch=1 makes the model's loss the plain sum over trained tokens.

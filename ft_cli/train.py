@@ -42,12 +42,12 @@ class Session:
 def train_from_recipe(recipe_path: Path, overrides: list[str], *, output_dir: Path | None = None,
                       resume: bool = False, overwrite: bool = False, smoke: bool = False) -> Path:
     recipe = load_recipe(recipe_path, overrides)
-    if output_dir is not None:
-        recipe.output_dir = str(output_dir)
-    if smoke:
+    if smoke:  # before --output-dir: an explicit directory is used as given, the recipe's gets "-smoke"
         from ft_cli.smoke import smoke_recipe
 
         recipe = smoke_recipe(recipe)
+    if output_dir is not None:
+        recipe.output_dir = str(output_dir)
     session = setup(recipe, Path(recipe_path), resume=resume, overwrite=overwrite)
     return fit(session)
 
@@ -66,14 +66,11 @@ def setup(recipe: Recipe, recipe_path: Path, *, resume: bool, overwrite: bool) -
     accelerator = Accelerator(log_with=_trackers(recipe, run), project_dir=str(run.root))
     check_optimizer_supported(recipe, accelerator.device.type)
     _check_dtype(recipe, accelerator.device.type)
-    # Every rank checks the run directory before any rank changes it, so a refusal is raised everywhere.
+    # Every rank checks the run directory before any rank changes it, so a refusal is raised everywhere. The
+    # directory itself is only touched once tokenizer, data and model have loaded: bad input writes nothing.
     saved_state = _check_resume(run, recipe) if resume else None
     if not resume:
         _refuse_existing(run, overwrite)
-    accelerator.wait_for_everyone()
-    if accelerator.is_main_process:
-        prepare_run_dir(run, resume=resume, overwrite=overwrite)
-    accelerator.wait_for_everyone()
 
     set_seed(recipe.train.seed)
     tokenizer = load_tokenizer(recipe)
@@ -90,6 +87,10 @@ def setup(recipe: Recipe, recipe_path: Path, *, resume: bool, overwrite: bool) -
     # The scheduler is stepped by hand once per optimizer step; accelerate's wrapper would step it per process.
     model, optimizer = accelerator.prepare(model, optimizer)
     collate = make_collator(tokenizer, packed=recipe.data.packing)
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        prepare_run_dir(run, resume=resume, overwrite=overwrite)
+    accelerator.wait_for_everyone()
 
     session = Session(recipe=recipe, recipe_path=recipe_path, run=run, accelerator=accelerator, tokenizer=tokenizer,
                       model=model, optimizer=optimizer, scheduler=scheduler, data=data, collate=collate,
@@ -366,8 +367,20 @@ def _check_dtype(recipe: Recipe, device_type: str) -> None:
         raise UserError("model.dtype: float16 training is not supported on the CPU; use float32 or bfloat16")
 
 
+# logging.trackers entry -> (importable modules, any of which works; the pip extra that installs one)
+_TRACKER_PACKAGES = {"tensorboard": (("tensorboard", "tensorboardX"), "tensorboard"),
+                     "wandb": (("wandb",), "wandb"), "mlflow": (("mlflow",), "mlflow")}
+
+
 def _trackers(recipe: Recipe, run: RunDir) -> list[str] | None:
+    import importlib.util
+
     trackers = list(recipe.logging.trackers)
+    for name in trackers:  # fail before the model loads, not after the first logged step
+        modules, extra = _TRACKER_PACKAGES[name]
+        if not any(importlib.util.find_spec(m) for m in modules):
+            raise UserError(f"logging.trackers: {name} is not installed; pip install 'ft-cli[{extra}]' "
+                            f"(or pip install {modules[0]}), or remove {name} from logging.trackers")
     if "wandb" in trackers:
         os.environ.setdefault("WANDB_MODE", "offline")  # offline-safe unless the user opts in
         os.environ.setdefault("WANDB_DIR", str(run.root))

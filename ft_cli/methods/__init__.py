@@ -1,33 +1,96 @@
 """Fine-tuning methods: each turns a loaded base model into one whose trainable parameters are the method's.
 
-One module per method family; `apply_method` is the only entry point the rest of ft uses.
+One module per method family, each importing its heavy dependencies (peft, bitsandbytes) only when used:
+
+    lora.py        lora, qlora, dora (+ rsLoRA; LoRA+ lives in ft_cli.optim as parameter groups)   peft
+    ia3.py         ia3                                                                              peft
+    prompt.py      prompt_tuning, prefix_tuning                                                     peft
+    bottleneck.py  adapter (Houlsby bottleneck adapters)                                            ft's own
+    whole.py       full, freeze                                                                     plain torch
+
+`apply_method` and `save_trained` are the only entry points the rest of ft uses.
 """
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
-from ft_cli.recipe import Recipe
+from ft_cli.errors import UserError
+from ft_cli.recipe import WHOLE_MODEL_METHODS, Recipe
 
 
 def apply_method(model: Any, recipe: Recipe) -> Any:
     m = recipe.method
+    if recipe.quantized:
+        model = prepare_quantized(model, recipe)
     if m in ("lora", "qlora", "dora"):
         from ft_cli.methods.lora import apply_lora
 
         return apply_lora(model, recipe)
-    raise NotImplementedError(f"method {m!r} is not implemented yet")
+    if m == "ia3":
+        from ft_cli.methods.ia3 import apply_ia3
+
+        return apply_ia3(model, recipe)
+    if m == "prompt_tuning":
+        from ft_cli.methods.prompt import apply_prompt_tuning
+
+        return apply_prompt_tuning(model, recipe)
+    if m == "prefix_tuning":
+        from ft_cli.methods.prompt import apply_prefix_tuning
+
+        return apply_prefix_tuning(model, recipe)
+    if m == "adapter":
+        from ft_cli.methods.bottleneck import apply_bottleneck
+
+        return apply_bottleneck(model, recipe)
+    from ft_cli.methods.whole import apply_freeze, apply_full
+
+    return apply_full(model, recipe) if m == "full" else apply_freeze(model, recipe)
+
+
+def prepare_quantized(model: Any, recipe: Recipe) -> Any:
+    """peft's k-bit preparation: freezes the quantized base and casts its 16-bit norms and embeddings to float32 for
+    stable training (ft.loading does the same before evaluating, so scores match)."""
+    from peft import prepare_model_for_kbit_training
+
+    return prepare_model_for_kbit_training(
+        model,
+        use_gradient_checkpointing=recipe.train.gradient_checkpointing,
+        gradient_checkpointing_kwargs={"use_reentrant": False},
+    )
+
+
+def get_peft_model_for(model: Any, config: Any, field: str) -> Any:
+    """get_peft_model, with peft's "target modules not found" turned into a message about the recipe `field`.
+
+    autocast_adapter_dtype keeps adapter weights in float32 even when the base is bf16/fp16."""
+    from peft import get_peft_model
+
+    try:
+        return get_peft_model(model, config, autocast_adapter_dtype=True)
+    except ValueError as exc:
+        if "not found in the base model" in str(exc) or "No modules were targeted" in str(exc):
+            raise UserError(f"{field}: {exc}") from None
+        raise
 
 
 def save_trained(model: Any, tokenizer: Any, out_dir: Any, recipe: Recipe) -> None:
-    """Write what a run produced: a PEFT adapter dir, or a whole model (full/freeze), plus the tokenizer with the
-    chat template that training used."""
-    from pathlib import Path
+    """Write what a run produced, plus the tokenizer with the chat template training used:
 
+    - full, freeze: a whole model in the recipe's dtype (`AutoModelForCausalLM.from_pretrained(out_dir)`);
+    - adapter: bottleneck weights + ft_adapter_config.json (`bottleneck.load_bottleneck_adapter(base, out_dir)`);
+    - every other method: a peft adapter (`PeftModel.from_pretrained(base, out_dir)`)."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    if recipe.method in ("full", "freeze"):
-        model.save_pretrained(out, safe_serialization=True)
+    if recipe.method in WHOLE_MODEL_METHODS:
+        from ft_cli.methods.whole import save_whole_model
+
+        save_whole_model(model, out, recipe)
+    elif recipe.method == "adapter":
+        from ft_cli.methods.bottleneck import save_bottleneck_adapter
+
+        save_bottleneck_adapter(model, out, recipe)
     else:
         model.save_pretrained(out)
     tokenizer.save_pretrained(out)

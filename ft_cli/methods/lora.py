@@ -1,24 +1,23 @@
-"""LoRA, QLoRA (LoRA on a bitsandbytes-quantized base) and DoRA, through peft."""
+"""LoRA (Hu et al., 2021), QLoRA (LoRA on a bitsandbytes 4/8-bit base, Dettmers et al., 2023), DoRA (Liu et al.,
+2024) and rank-stabilized LoRA (Kalajdzievski, 2023), through peft.
+
+The quantized base is prepared by `ft_cli.methods.prepare_quantized` before this runs; LoRA+ (a larger learning
+rate for the B matrices) is an optimizer matter, in `ft_cli.optim.param_groups`.
+"""
 
 from __future__ import annotations
 
 from typing import Any
 
+from ft_cli.methods import get_peft_model_for
 from ft_cli.recipe import Recipe
 
 
 def apply_lora(model: Any, recipe: Recipe) -> Any:
-    from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
+    from peft import LoraConfig
 
     lora = recipe.lora
     assert lora is not None
-    if recipe.quantized:
-        # Casts norms/embeddings to fp32 for stable training and turns on checkpointing when asked.
-        model = prepare_model_for_kbit_training(
-            model,
-            use_gradient_checkpointing=recipe.train.gradient_checkpointing,
-            gradient_checkpointing_kwargs={"use_reentrant": False},
-        )
     config = LoraConfig(
         r=lora.rank,
         lora_alpha=lora.alpha,
@@ -30,5 +29,4 @@ def apply_lora(model: Any, recipe: Recipe) -> Any:
         bias="none",
         task_type="CAUSAL_LM",
     )
-    # autocast_adapter_dtype keeps the adapter weights in fp32 even when the base is bf16/fp16.
-    return get_peft_model(model, config, autocast_adapter_dtype=True)
+    return get_peft_model_for(model, config, "lora.target_modules")

@@ -1,0 +1,306 @@
+"""Built-in tiny models that need no network: `model.name_or_path: builtin:tiny-llama`.
+
+Each built-in is a randomly initialised model of a real Hugging Face architecture plus a real byte-level BPE
+tokenizer trained here, from text that ships with ft (builtin_corpus.py), with a ChatML chat template
+(templates/chatml.jinja). It is built on first use into
+
+    $FT_CACHE_DIR/builtin/<name>-<hash>        (FT_CACHE_DIR defaults to ~/.cache/ft)
+
+and loaded from there like any local model directory. The hash covers everything the files are made from, so
+a change to a spec, the corpus or the template builds a new directory instead of reusing a stale one. Builds
+are deterministic (same inputs, bitwise-identical files) and atomic (built in a temporary sibling directory,
+then renamed), so several processes of one distributed run can start at once.
+
+torch, transformers and tokenizers are imported only inside the functions that build: `ft --help` and
+`ft validate` import this module and must stay fast.
+"""
+
+from __future__ import annotations
+
+import difflib
+import hashlib
+import json
+import logging
+import os
+import shutil
+import tempfile
+from dataclasses import asdict, dataclass
+from importlib import metadata, resources
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from ft_cli.errors import UserError
+
+if TYPE_CHECKING:
+    import tokenizers
+    from transformers import PreTrainedModel, PreTrainedTokenizerFast
+
+log = logging.getLogger(__name__)
+
+BUILTIN_PREFIX = "builtin:"
+# Bump when the build changes in a way the spec, corpus and template do not show (e.g. how weights are saved).
+FORMAT_VERSION = 2
+
+BOS_TOKEN = "<|begin_of_text|>"
+IM_START_TOKEN = "<|im_start|>"
+EOS_TOKEN = "<|im_end|>"  # end of turn: what generation stops on, as in Qwen2-instruct
+END_OF_TEXT_TOKEN = "<|end_of_text|>"
+PAD_TOKEN = "<|pad|>"  # distinct from eos, so masking padding never masks a real end of turn
+# Trained first, so these are ids 0..4 in this order.
+SPECIAL_TOKENS = (BOS_TOKEN, IM_START_TOKEN, EOS_TOKEN, END_OF_TEXT_TOKEN, PAD_TOKEN)
+
+MODEL_MAX_LENGTH = 4096
+_BPE_VOCAB_SIZE = 4096  # an upper bound: the corpus yields ~2.3k tokens at _BPE_MIN_FREQUENCY
+_BPE_MIN_FREQUENCY = 2
+# Qwen2's pre-tokenizer split: contractions, words with one leading non-letter, single digits, punctuation
+# runs, newlines and spaces. Single digits keep numbers tokenized the same way whatever the corpus had.
+_SPLIT_PATTERN = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*"
+                  r"|\s*[\r\n]+|\s+(?!\S)|\s+")
+_COMPLETE_MARKER = "ft_builtin.json"  # written last: a directory without it is not a finished build
+
+
+@dataclass(frozen=True)
+class BuiltinSpec:
+    """One built-in model: a Hugging Face architecture (`model_type`) at a given size."""
+
+    name: str
+    model_type: str
+    hidden_size: int
+    num_layers: int
+    num_heads: int
+    num_kv_heads: int
+    intermediate_size: int
+    tie_word_embeddings: bool
+    description: str
+    seed: int = 0
+    # Further config fields, as (key, value) pairs so the spec stays hashable.
+    extra_config: tuple[tuple[str, Any], ...] = ()
+
+
+# Wider than the usual 0.02: with a frozen random output head of std 0.02 the logits of a 64-wide model stay
+# near uniform whatever the adapter does (loss stuck near ln(vocab)); at 0.1, LoRA can visibly fit data.
+_INIT = ("initializer_range", 0.1)
+
+
+def _tiny(model_type: str, *, tie: bool, kv_heads: int = 2, intermediate: int = 176,
+          extra: tuple[tuple[str, Any], ...] = ()) -> BuiltinSpec:
+    return BuiltinSpec(name=f"tiny-{model_type}", model_type=model_type, hidden_size=64, num_layers=2, num_heads=4,
+                       num_kv_heads=kv_heads, intermediate_size=intermediate, tie_word_embeddings=tie,
+                       description=f"tiny random {model_type} for tests and --smoke (2 layers, hidden 64)",
+                       extra_config=(_INIT, *extra))
+
+
+BUILTIN_SPECS: dict[str, BuiltinSpec] = {spec.name: spec for spec in (
+    _tiny("llama", tie=False),
+    _tiny("mistral", tie=False),
+    _tiny("qwen2", tie=True),  # Qwen2's attention has q/k/v biases; small Qwen2.5 models tie embeddings
+    _tiny("qwen3", tie=True),
+    _tiny("gemma", tie=True, kv_heads=1),  # Gemma always ties; gemma-2b uses one KV head
+    _tiny("gemma2", tie=True, extra=(("query_pre_attn_scalar", 16),)),
+    _tiny("phi3", tie=False),  # fused qkv_proj and gate_up_proj
+    _tiny("gpt2", tie=True, kv_heads=4, intermediate=256),  # Conv1D c_attn / c_proj / c_fc, no GQA
+    BuiltinSpec(name="small-llama", model_type="llama", hidden_size=512, num_layers=6, num_heads=8, num_kv_heads=8,
+                intermediate_size=1376, tie_word_embeddings=False,
+                description="~21M-parameter random llama for benchmarks (6 layers, hidden 512)",
+                extra_config=(("initializer_range", 0.02),)),
+)}
+# `ft train --smoke` swaps a recipe's model for the tiny built-in of the same family.
+_TINY_BY_MODEL_TYPE = {spec.model_type: spec for spec in BUILTIN_SPECS.values() if spec.name.startswith("tiny-")}
+
+
+def is_builtin(name: str) -> bool:
+    return name.startswith(BUILTIN_PREFIX)
+
+
+def builtin_names() -> list[str]:
+    """Every built-in, as users write it in a recipe: `builtin:tiny-llama`, ..."""
+    return [BUILTIN_PREFIX + name for name in BUILTIN_SPECS]
+
+
+def builtin_spec(name: str) -> BuiltinSpec:
+    """The spec of built-in `name` (`builtin:tiny-llama`; the prefix is optional), without building anything:
+    `ft validate` checks the name with this."""
+    short = name.removeprefix(BUILTIN_PREFIX)
+    spec = BUILTIN_SPECS.get(short)
+    if spec is None:
+        close = difflib.get_close_matches(short, list(BUILTIN_SPECS), n=1)
+        hint = f" (did you mean {BUILTIN_PREFIX}{close[0]}?)" if close else ""
+        raise UserError(f"unknown built-in model {BUILTIN_PREFIX + short!r}{hint}; "
+                        f"available: {', '.join(builtin_names())}")
+    return spec
+
+
+def resolve_builtin(name: str, cache_dir: str | os.PathLike | None = None) -> Path:
+    """The local model directory of built-in `name`, built on first use. `cache_dir` is ft's cache root
+    (default: $FT_CACHE_DIR, else ~/.cache/ft); the model lives in `<cache_dir>/builtin/<name>-<hash>`."""
+    return _ensure_built(builtin_spec(name), _cache_root(cache_dir))
+
+
+def tiny_model_dir_for(model_type: str, cache_dir: str | os.PathLike | None = None) -> Path:
+    """A tiny random model of Hugging Face `model_type` (config.json's "model_type"), with the built-in
+    tokenizer: what `ft train --smoke` trains instead of a recipe's real model."""
+    spec = _TINY_BY_MODEL_TYPE.get(model_type)
+    if spec is None:
+        close = difflib.get_close_matches(model_type, list(_TINY_BY_MODEL_TYPE), n=1)
+        hint = f" (did you mean {close[0]}?)" if close else ""
+        raise UserError(f"no built-in tiny model for model_type {model_type!r}{hint}; "
+                        f"supported: {', '.join(sorted(_TINY_BY_MODEL_TYPE))}")
+    return _ensure_built(spec, _cache_root(cache_dir))
+
+
+def chat_template() -> str:
+    """The ChatML template the built-in tokenizer carries (ft_cli/templates/chatml.jinja)."""
+    return resources.files("ft_cli").joinpath("templates", "chatml.jinja").read_text(encoding="utf-8")
+
+
+# Cache -------------------------------------------------------------------------------------------------------
+
+
+def _cache_root(cache_dir: str | os.PathLike | None) -> Path:
+    if cache_dir is None:
+        cache_dir = os.environ.get("FT_CACHE_DIR") or Path.home() / ".cache" / "ft"
+    return Path(cache_dir).expanduser()
+
+
+def build_key(spec: BuiltinSpec) -> str:
+    """A short hash of everything a built-in's files are made from."""
+    from ft_cli.builtin_corpus import corpus
+
+    fields = asdict(spec)
+    fields.pop("description")  # documentation only: editing it must not rebuild anything
+    inputs = {
+        "format_version": FORMAT_VERSION,
+        "spec": fields,
+        "corpus": hashlib.sha256("\n\n".join(corpus()).encode()).hexdigest(),
+        "template": hashlib.sha256(chat_template().encode()).hexdigest(),
+        "tokenizer": [SPECIAL_TOKENS, _BPE_VOCAB_SIZE, _BPE_MIN_FREQUENCY, _SPLIT_PATTERN, MODEL_MAX_LENGTH],
+        # A directory saved by one major version of transformers may not load in another.
+        "transformers": metadata.version("transformers").split(".")[0],
+    }
+    return hashlib.sha256(json.dumps(inputs, sort_keys=True).encode()).hexdigest()[:10]
+
+
+def _ensure_built(spec: BuiltinSpec, root: Path) -> Path:
+    target = root / "builtin" / f"{spec.name}-{build_key(spec)}"
+    if (target / _COMPLETE_MARKER).is_file():
+        return target
+    try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent))
+        tmp.chmod(0o755)  # mkdtemp makes it private; the cache may be shared
+    except OSError as exc:
+        raise UserError(f"cannot write built-in model {BUILTIN_PREFIX}{spec.name} under {target.parent} "
+                        f"({exc.strerror}); set FT_CACHE_DIR to a writable directory") from None
+    try:
+        log.info("building %s%s in %s", BUILTIN_PREFIX, spec.name, target)
+        _build_model_dir(spec, tmp)
+        if target.exists() and not (target / _COMPLETE_MARKER).is_file():
+            # Left half-made by something other than this function (renames are atomic): replace it.
+            shutil.rmtree(target, ignore_errors=True)
+        try:
+            os.rename(tmp, target)
+        except OSError:
+            # Another process renamed its (identical) build into place first: use theirs.
+            if not (target / _COMPLETE_MARKER).is_file():
+                raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return target
+
+
+# Build -------------------------------------------------------------------------------------------------------
+
+
+def _build_model_dir(spec: BuiltinSpec, out: Path) -> None:
+    """Write the tokenizer, the model and, last, the marker that says the directory is complete."""
+    tokenizer = build_tokenizer()
+    model = _build_model(spec, tokenizer)
+    model.save_pretrained(out)
+    tokenizer.save_pretrained(out)
+    # transformers 5 loads qwen2 directories with Qwen2Tokenizer, whose default unk token <|endoftext|> we do
+    # not have (it would be added as a new token): say explicitly that there is none.
+    tokenizer_config = json.loads((out / "tokenizer_config.json").read_text(encoding="utf-8"))
+    tokenizer_config["unk_token"] = None
+    (out / "tokenizer_config.json").write_text(json.dumps(tokenizer_config, indent=2) + "\n", encoding="utf-8")
+    marker = {"name": BUILTIN_PREFIX + spec.name, "key": build_key(spec), "format_version": FORMAT_VERSION,
+              "parameters": sum(p.numel() for p in model.parameters()), "spec": asdict(spec)}
+    (out / _COMPLETE_MARKER).write_text(json.dumps(marker, indent=2) + "\n", encoding="utf-8")
+
+
+def _build_model(spec: BuiltinSpec, tokenizer: PreTrainedTokenizerFast) -> PreTrainedModel:
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM, GenerationConfig
+
+    ids = {"bos_token_id": tokenizer.bos_token_id, "eos_token_id": tokenizer.eos_token_id,
+           "pad_token_id": tokenizer.pad_token_id}
+    # Rounded up to a multiple of 64, as real models do for fast matmuls; the spare rows are never produced.
+    vocab_size = -(-len(tokenizer) // 64) * 64
+    if spec.model_type == "gpt2":
+        sizes = {"n_embd": spec.hidden_size, "n_layer": spec.num_layers, "n_head": spec.num_heads,
+                 "n_inner": spec.intermediate_size, "n_positions": MODEL_MAX_LENGTH}
+    else:
+        sizes = {"hidden_size": spec.hidden_size, "num_hidden_layers": spec.num_layers,
+                 "num_attention_heads": spec.num_heads, "num_key_value_heads": spec.num_kv_heads,
+                 "head_dim": spec.hidden_size // spec.num_heads, "intermediate_size": spec.intermediate_size,
+                 "max_position_embeddings": MODEL_MAX_LENGTH}
+    config = AutoConfig.for_model(spec.model_type, vocab_size=vocab_size,
+                                  tie_word_embeddings=spec.tie_word_embeddings, **sizes, **ids,
+                                  **dict(spec.extra_config))
+    # Seeded in a forked RNG: the same spec gives the same weights, and the caller's random state is untouched.
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(spec.seed)
+        model = AutoModelForCausalLM.from_config(config)
+    model.to(torch.float32)
+    model.generation_config = GenerationConfig(**ids)
+    return model
+
+
+def build_tokenizer() -> PreTrainedTokenizerFast:
+    """The built-in tokenizer, freshly trained (deterministic); `AutoTokenizer` loads the saved copy."""
+    from transformers import PreTrainedTokenizerFast
+
+    return PreTrainedTokenizerFast(
+        tokenizer_object=train_bpe(),
+        bos_token=BOS_TOKEN,
+        eos_token=EOS_TOKEN,
+        pad_token=PAD_TOKEN,
+        additional_special_tokens=[IM_START_TOKEN, END_OF_TEXT_TOKEN],
+        model_max_length=MODEL_MAX_LENGTH,
+        padding_side="right",
+        # Byte-level BPE decodes exactly; "cleaning up" would turn "a , b" into "a, b".
+        clean_up_tokenization_spaces=False,
+        chat_template=chat_template(),
+    )
+
+
+def train_bpe() -> tokenizers.Tokenizer:
+    """A byte-level BPE trained on builtin_corpus: any text encodes (no unknown token) and decodes back to its
+    NFC form. As in Qwen2 (whose tokenizer class transformers 5 uses for qwen2 directories, NFC included):
+    no bos is added on encode, so text encodes to exactly its own tokens and the chat template adds the
+    turn markers."""
+    from tokenizers import (
+        Regex,
+        Tokenizer,
+        decoders,
+        models,
+        normalizers,
+        pre_tokenizers,
+        processors,
+        trainers,
+    )
+
+    from ft_cli.builtin_corpus import corpus
+
+    tok = Tokenizer(models.BPE())
+    tok.normalizer = normalizers.NFC()
+    tok.pre_tokenizer = pre_tokenizers.Sequence([
+        pre_tokenizers.Split(Regex(_SPLIT_PATTERN), behavior="isolated"),
+        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
+    ])
+    tok.decoder = decoders.ByteLevel()
+    tok.post_processor = processors.ByteLevel(trim_offsets=False)
+    trainer = trainers.BpeTrainer(vocab_size=_BPE_VOCAB_SIZE, min_frequency=_BPE_MIN_FREQUENCY,
+                                  special_tokens=list(SPECIAL_TOKENS), show_progress=False,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tok.train_from_iterator(corpus(), trainer=trainer)
+    return tok

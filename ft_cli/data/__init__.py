@@ -1,0 +1,16 @@
+"""The data pipeline: files -> records -> conversations -> rendered text -> tokens + loss masks -> packed rows.
+
+Modules, in the order data flows through them:
+
+- `sources`   read .json/.jsonl/.csv/.parquet files, directories and hub datasets; mix sources by weight; split eval
+- `formats`   turn a record (alpaca, chat, sharegpt, text) into an `Example`: messages + tools, or plain text
+- `templates` pick and check the chat template; render conversations and find every assistant turn's characters
+- `encode`    tokenize once, label the tokens inside assistant spans, truncate or drop, count everything
+- `packing`   best-fit-decreasing bin packing with position_ids that restart per example
+- `cache`     content-hashed, atomically written cache of the tokenized datasets
+- `collate`   batches for the training loop (padding, or packed rows without an attention mask)
+- `pipeline`  `build_datasets`, `load_eval_data`, `preprocess_to_disk`: the entry points the rest of ft calls
+- `audit`     the `ft validate` report: counts, length histogram, samples with trained tokens highlighted
+
+Nothing here is imported by `ft --help`; torch is only imported by `collate`.
+"""

@@ -1,0 +1,87 @@
+"""The tokenized-data cache: `$FT_CACHE_DIR/data/<key>/` (default ~/.cache/ft), keyed by a content hash.
+
+The key covers everything that changes the tokens: the data files (bytes, or size + mtime for very large
+ones), the tokenizer (its vocabulary and merges, special tokens, chat template), the data settings, the seed,
+and PIPELINE_VERSION, which must be bumped whenever this package's output changes for the same inputs.
+An entry is written to a temporary directory and renamed into place, so it is either whole or absent.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import uuid
+from pathlib import Path
+from typing import Any
+
+PIPELINE_VERSION = "ft-data-1"
+HASH_CONTENT_LIMIT = 2 << 30  # hash file bytes up to 2 GiB of data; above that size + mtime stand in
+
+
+def cache_root() -> Path:
+    return Path(os.environ.get("FT_CACHE_DIR") or Path.home() / ".cache" / "ft").expanduser() / "data"
+
+
+def files_digest(files: list[Path]) -> list[Any]:
+    stats = [(str(f.resolve()), f.stat().st_size, f.stat().st_mtime_ns) for f in files]
+    if sum(s[1] for s in stats) > HASH_CONTENT_LIMIT:
+        return stats
+    out = []
+    for f, (path, size, _) in zip(files, stats, strict=True):
+        with f.open("rb") as fh:
+            out.append((path, size, hashlib.file_digest(fh, "blake2b").hexdigest()))
+    return out
+
+
+def tokenizer_digest(tokenizer: Any) -> str:
+    h = hashlib.blake2b()
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is not None:
+        h.update(backend.to_str().encode())
+    else:
+        h.update(json.dumps(sorted(tokenizer.get_vocab().items())).encode())
+    h.update(type(tokenizer).__name__.encode())
+    h.update(json.dumps(tokenizer.special_tokens_map, sort_keys=True, default=str).encode())
+    h.update(json.dumps(tokenizer.chat_template, sort_keys=True).encode())
+    h.update(repr(tokenizer("x").input_ids).encode())  # whether it adds BOS/EOS
+    return h.hexdigest()
+
+
+def make_key(parts: dict[str, Any]) -> str:
+    blob = json.dumps({"version": PIPELINE_VERSION, **parts}, sort_keys=True, default=str)
+    return hashlib.sha256(blob.encode()).hexdigest()[:24]
+
+
+def load_entry(key: str) -> tuple[Any, dict[str, Any]] | None:
+    """(DatasetDict, metadata) of a cache entry, or None when absent or unreadable."""
+    path = cache_root() / key
+    meta_file = path / "meta.json"
+    if not meta_file.is_file():
+        return None
+    from datasets import load_from_disk
+
+    try:
+        meta = json.loads(meta_file.read_text())
+        return load_from_disk(str(path / "dataset")), meta
+    except Exception:  # a damaged entry is rebuilt, never trusted
+        return None
+
+
+def save_entry(key: str, dataset_dict: Any, meta: dict[str, Any]) -> None:
+    root = cache_root()
+    root.mkdir(parents=True, exist_ok=True)
+    final = root / key
+    tmp = root / f".tmp-{key}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+    try:
+        dataset_dict.save_to_disk(str(tmp / "dataset"))
+        (tmp / "meta.json").write_text(json.dumps(meta))
+        if final.exists():  # another process finished first; its entry is just as good
+            return
+        os.rename(tmp, final)
+    except OSError:
+        if not final.exists():
+            raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)

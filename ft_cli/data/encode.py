@@ -1,0 +1,211 @@
+"""Examples -> token ids + labels, truncated or dropped, with every removal counted.
+
+A conversation is rendered once in full and tokenized once (a batch of texts per call to the fast tokenizer);
+a token is trained when its first character lies inside an assistant span (see `templates`). Label -100 means
+"no loss". Position 0 is always -100: nothing predicts the first token, and in a packed row that label would
+otherwise be the target of the previous example's last token.
+"""
+
+from __future__ import annotations
+
+import os
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from ft_cli.data.formats import Example
+from ft_cli.data.templates import ChatRenderer
+from ft_cli.errors import UserError
+
+IGNORE = -100
+CHUNK = 1024  # examples per tokenizer call: big enough for the tokenizer's threads, small enough for memory
+
+
+@dataclass
+class EncodeSettings:
+    max_seq_len: int
+    truncation: str  # "truncate" | "drop"
+    train_on_inputs: bool
+
+
+@dataclass
+class Encoded:
+    """Flat token arrays of the kept examples (example i is the i-th run of lengths[i] tokens) and the counts."""
+
+    ids: np.ndarray
+    labels: np.ndarray
+    lengths: np.ndarray
+    rows_in: int = 0
+    dropped_empty: int = 0
+    dropped_too_long: int = 0
+    truncated: int = 0
+
+    @property
+    def trained_tokens(self) -> int:
+        return int((self.labels != IGNORE).sum())
+
+
+def adds_bos(tokenizer: Any) -> bool:
+    """Does this tokenizer put a BOS token in front when asked to add special tokens (Llama does, Qwen not)?"""
+    bos = tokenizer.bos_token_id
+    if bos is None:
+        return False
+    return tokenizer("x").input_ids[:1] == [bos] and tokenizer("x", add_special_tokens=False).input_ids[:1] != [bos]
+
+
+def encode_examples(examples: list[Example | None], tokenizer: Any, settings: EncodeSettings,
+                    renderer: ChatRenderer | None = None) -> Encoded:
+    """Tokenize and mask; a text example (ex.text set) trains every token, a conversation its assistant turns.
+
+    Rendering (Python) and tokenizing (Rust, which releases the GIL and uses its own threads) overlap: a worker
+    thread tokenizes chunk i while this thread renders chunk i+1 and then labels chunk i."""
+    live = [ex for ex in examples if ex is not None]
+    if tokenizer.eos_token_id is None and any(ex.text is not None for ex in live):
+        raise UserError("data.format text appends the eos token so the model learns to stop, but the tokenizer "
+                        "has none; set eos_token in the model's tokenizer_config.json")
+    if renderer is None and any(ex.text is None for ex in live):
+        renderer = ChatRenderer(tokenizer)
+    labeler = _Labeler(tokenizer, settings, rows_in=len(examples), dropped_empty=len(examples) - len(live))
+    with _tokenizer_threads(), ThreadPoolExecutor(max_workers=1) as pool:
+        pending = None
+        for start in range(0, len(live), CHUNK):
+            texts, spans = _render(live[start:start + CHUNK], renderer)
+            job = (pool.submit(_batch_encode, tokenizer, texts), texts, spans)
+            if pending is not None:
+                labeler.add(pending[0].result(), *pending[1:])
+            pending = job
+        if pending is not None:
+            labeler.add(pending[0].result(), *pending[1:])
+    return labeler.result()
+
+
+def _render(chunk: list[Example], renderer: ChatRenderer | None) -> tuple[list[str], list[Any]]:
+    texts: list[str] = []
+    spans: list[list[tuple[int, int]] | None] = []
+    for ex in chunk:
+        if ex.text is not None:
+            texts.append(ex.text)
+            spans.append(None)
+        else:
+            text, span = renderer.render_with_spans(ex)
+            texts.append(text)
+            spans.append(span)
+    return texts, spans
+
+
+def _batch_encode(tokenizer: Any, texts: list[str]) -> Any:
+    return tokenizer(texts, add_special_tokens=False, return_attention_mask=False, verbose=False)
+
+
+@contextmanager
+def _tokenizer_threads():
+    """Let the Rust tokenizer use all cores for the batched calls, then restore the caller's setting. (ft sets
+    TOKENIZERS_PARALLELISM=false to keep forks safe; with it set explicitly, a fork after this stays silent.)"""
+    key = "TOKENIZERS_PARALLELISM"
+    before = os.environ.get(key)
+    os.environ[key] = "true"
+    try:
+        yield
+    finally:
+        if before is None:
+            os.environ[key] = "false"
+        else:
+            os.environ[key] = before
+
+
+class _Labeler:
+    """Turns tokenized chunks into labelled, truncated examples and counts every drop."""
+
+    def __init__(self, tokenizer: Any, settings: EncodeSettings, *, rows_in: int, dropped_empty: int):
+        self.tokenizer = tokenizer
+        self.bos_id = tokenizer.bos_token_id if adds_bos(tokenizer) else None
+        self.bos_text = tokenizer.bos_token or ""
+        self.eos_id = tokenizer.eos_token_id
+        self.settings = settings
+        self.out = Encoded(np.zeros(0, np.int32), np.zeros(0, np.int32), np.zeros(0, np.int64),
+                           rows_in=rows_in, dropped_empty=dropped_empty)
+        self.id_chunks: list[np.ndarray] = []
+        self.label_chunks: list[np.ndarray] = []
+        self.lengths: list[int] = []
+
+    def add(self, enc: Any, texts: list[str], spans: list[Any]) -> None:
+        out, bos_id, L = self.out, self.bos_id, self.settings.max_seq_len
+        drop, train_all = self.settings.truncation == "drop", self.settings.train_on_inputs
+        chunk_ids: list[int] = []
+        chunk_labels: list[int] = []
+        for i, (ids, ranges) in enumerate(_token_ranges(self.tokenizer, enc, texts, spans)):
+            if ranges is None:  # text: every token, then EOS so the model learns to stop
+                ids = ids + [self.eos_id]
+                if bos_id is not None:
+                    ids = [bos_id] + ids
+                labels = list(ids)
+            else:
+                if bos_id is not None and not texts[i].startswith(self.bos_text):
+                    ids = [bos_id] + ids
+                    ranges = [(a + 1, b + 1) for a, b in ranges]
+                if train_all:
+                    labels = list(ids)
+                else:
+                    labels = [IGNORE] * len(ids)
+                    for a, b in ranges:
+                        labels[a:b] = ids[a:b]
+            truncated = len(ids) > L
+            if truncated:
+                if drop:
+                    out.dropped_too_long += 1
+                    continue
+                ids, labels = ids[:L], labels[:L]
+            labels[0] = IGNORE
+            if labels.count(IGNORE) == len(labels):
+                if truncated:
+                    out.dropped_too_long += 1
+                else:
+                    out.dropped_empty += 1
+                continue
+            out.truncated += truncated
+            chunk_ids += ids
+            chunk_labels += labels
+            self.lengths.append(len(ids))
+        self.id_chunks.append(np.array(chunk_ids, dtype=np.int32))
+        self.label_chunks.append(np.array(chunk_labels, dtype=np.int32))
+
+    def result(self) -> Encoded:
+        out = self.out
+        if self.id_chunks:
+            out.ids, out.labels = np.concatenate(self.id_chunks), np.concatenate(self.label_chunks)
+        out.lengths = np.array(self.lengths, dtype=np.int64)
+        return out
+
+
+def _token_ranges(tokenizer: Any, enc: Any, texts: list[str], spans: list[Any]):
+    """Yield (token ids, token ranges of the assistant spans, or None for a text example) per text."""
+    encodings = enc.encodings
+    for i, ids in enumerate(enc["input_ids"]):
+        if spans[i] is None:
+            yield ids, None
+            continue
+        text, n = texts[i], len(ids)
+        if encodings is not None:
+            e = encodings[i]
+            ranges = [(_first_token_at(e, a, len(text), n), _first_token_at(e, b, len(text), n)) for a, b in spans[i]]
+        else:  # a slow tokenizer has no offsets: count the tokens of each prefix instead
+            ranges = [(_count_tokens(tokenizer, text[:a]), _count_tokens(tokenizer, text[:b])) for a, b in spans[i]]
+        yield ids, ranges
+
+
+def _first_token_at(e: Any, c: int, text_len: int, n: int) -> int:
+    """Index of the first token whose first character is at or after character c."""
+    pos = c
+    while pos < text_len:
+        t = e.char_to_token(pos)
+        if t is not None:
+            return t if e.token_to_chars(t)[0] >= c else t + 1
+        pos += 1  # characters that belong to no token (trimmed whitespace): look further
+    return n
+
+
+def _count_tokens(tokenizer: Any, text: str) -> int:
+    return len(tokenizer(text, add_special_tokens=False).input_ids) if text else 0

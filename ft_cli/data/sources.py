@@ -1,0 +1,200 @@
+"""Where records come from: local files and directories, or hub datasets; how sources mix and eval splits off.
+
+Mixing policy (sources with a `weight`): the mixed set has as many rows as all sources together, and source i
+fills the share weight_i / sum(weights) of it. A source with enough rows is sampled without replacement; one
+with too few contributes every row k times plus a seeded random remainder (sampling with replacement, but
+never leaving a row out). Sources without a weight count as weight 1. Without any weight every row is used
+once. The eval split (val_split) is taken from each source before mixing, so no row is in both splits.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import re
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from ft_cli.data.formats import Converter, Example, Origin
+from ft_cli.errors import UserError
+
+EXTENSIONS = (".json", ".jsonl", ".csv", ".parquet")
+_HUB_ID = re.compile(r"^[\w.-]+(/[\w.-]+)?$")
+
+
+@dataclass
+class LoadedSource:
+    label: str  # the path or hub id, for messages and stats
+    examples: list[Example | None]  # None: a record with nothing to train on (counted as dropped_empty)
+    weight: float | None = None
+    files: list[Path] = field(default_factory=list)
+
+
+def data_files(path: str, where: str) -> list[Path] | None:
+    """The local files of a source, or None when `path` is a hub dataset id."""
+    p = Path(path).expanduser()
+    if p.is_file():
+        if p.suffix.lower() not in EXTENSIONS:
+            raise UserError(f"{where}: {p}: unsupported file type {p.suffix!r} (use {', '.join(EXTENSIONS)})")
+        return [p]
+    if p.is_dir():
+        files = sorted(f for f in p.rglob("*") if f.is_file() and f.suffix.lower() in EXTENSIONS
+                       and not any(part.startswith(".") for part in f.relative_to(p).parts))
+        if not files:
+            raise UserError(f"{where}: directory {p} holds no {', '.join(EXTENSIONS)} files")
+        return files
+    if path.startswith(("/", "./", "../", "~")) or p.suffix.lower() in EXTENSIONS or not _HUB_ID.match(path):
+        raise UserError(f"{where}: file not found: {p}")
+    return None
+
+
+def load_source(path: str, split: str | None, convert: Converter, where: str) -> LoadedSource:
+    files = data_files(path, where)
+    if files is None:
+        return LoadedSource(path, [convert(r, o) for r, o in _hub_records(path, split, where)])
+    examples: list[Example | None] = []
+    for f in files:
+        examples.extend(convert(r, o) for r, o in read_records(f))
+    return LoadedSource(path, examples, files=files)
+
+
+def read_records(path: Path) -> Iterator[tuple[dict[str, Any], Origin]]:
+    suffix = path.suffix.lower()
+    if suffix == ".jsonl":
+        yield from _jsonl(path, path.read_text(encoding="utf-8-sig"))
+    elif suffix == ".json":
+        yield from _json(path)
+    elif suffix == ".csv":
+        yield from _csv(path)
+    else:
+        yield from _parquet(path)
+
+
+def _json(path: Path) -> Iterator[tuple[dict[str, Any], Origin]]:
+    text = path.read_text(encoding="utf-8-sig")
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError as exc:
+        if exc.msg == "Extra data" and text.lstrip().startswith("{"):  # JSON lines in a .json file
+            yield from _jsonl(path, text)
+            return
+        raise UserError(f"{path}:{exc.lineno}: invalid JSON: {exc.msg} (column {exc.colno})") from None
+    if isinstance(data, dict):
+        data = [data]
+    if not isinstance(data, list):
+        raise UserError(f"{path}: expected a JSON array of records (or one JSON object per line), "
+                        f"got {type(data).__name__}")
+    label = str(path)
+    for i, record in enumerate(data):
+        origin = Origin(label, i)
+        if not isinstance(record, dict):
+            raise UserError(f"{origin}: expected a JSON object, got {type(record).__name__}")
+        yield record, origin
+
+
+def _jsonl(path: Path, text: str) -> Iterator[tuple[dict[str, Any], Origin]]:
+    label, index, loads = str(path), 0, json.loads
+    for lineno, line in enumerate(text.splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            record = loads(line)
+        except json.JSONDecodeError as exc:
+            raise UserError(f"{path}:{lineno}: invalid JSON: {exc.msg} (column {exc.colno})") from None
+        if not isinstance(record, dict):
+            raise UserError(f"{path}:{lineno}: expected one JSON object per line, got {type(record).__name__}")
+        yield record, Origin(label, index, lineno)
+        index += 1
+
+
+def _csv(path: Path) -> Iterator[tuple[dict[str, Any], Origin]]:
+    label = str(path)
+    with path.open(newline="", encoding="utf-8-sig") as fh:
+        reader = csv.DictReader(fh)
+        try:
+            for i, row in enumerate(reader):
+                if None in row:
+                    raise UserError(f"{path}:{reader.line_num}: more cells than the header has columns")
+                yield row, Origin(label, i, reader.line_num)
+        except csv.Error as exc:
+            raise UserError(f"{path}:{reader.line_num}: invalid CSV: {exc}") from None
+
+
+def _parquet(path: Path) -> Iterator[tuple[dict[str, Any], Origin]]:
+    import pyarrow.parquet as pq
+
+    try:
+        table = pq.read_table(path)
+    except Exception as exc:  # pyarrow raises several types for a corrupt file
+        raise UserError(f"{path}: cannot read parquet: {exc}") from None
+    label = str(path)
+    for i, record in enumerate(table.to_pylist()):
+        yield record, Origin(label, i)
+
+
+def hub_offline() -> bool:
+    return any(os.environ.get(v, "").lower() in ("1", "true", "yes", "on")
+               for v in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE", "TRANSFORMERS_OFFLINE"))
+
+
+def _hub_records(repo_id: str, split: str | None, where: str) -> Iterator[tuple[dict[str, Any], Origin]]:
+    """Rows of a hub dataset. Offline fails at once; online, an unreachable hub fails within seconds."""
+    hint = "download it first, or point the recipe at a local .json/.jsonl/.csv/.parquet file"
+    if hub_offline():
+        raise UserError(f"{where}: {repo_id!r} is not a local file or directory, and as a hub dataset it needs the "
+                        f"network, but the hub is offline (HF_HUB_OFFLINE=1); {hint}")
+    import datasets
+    from huggingface_hub import HfApi
+
+    try:
+        HfApi().dataset_info(repo_id, timeout=10)
+    except Exception as exc:
+        reason = type(exc).__name__
+        if "NotFound" in reason or "404" in str(exc):
+            raise UserError(f"{where}: {repo_id!r} is neither a local file or directory nor a hub dataset") from None
+        raise UserError(f"{where}: cannot reach the hub for dataset {repo_id!r} ({reason}); {hint}") from None
+    try:
+        ds = datasets.load_dataset(repo_id, split=split or "train")
+    except Exception as exc:
+        raise UserError(f"{where}: cannot load hub dataset {repo_id!r} (split {split or 'train'}): {exc}") from None
+    label = f"hub:{repo_id}"
+    for i, record in enumerate(ds):
+        yield record, Origin(label, i)
+
+
+# Mixing and splitting -------------------------------------------------------------------------------------------
+
+def split_eval(n: int, val_split: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """(train indices, eval indices) of n rows: a seeded shuffle, eval = round(n * val_split), at least 1."""
+    if val_split <= 0 or n < 2:
+        return np.arange(n), np.arange(0)
+    n_eval = min(n - 1, max(1, round(n * val_split)))
+    order = np.random.default_rng(seed).permutation(n)
+    return np.sort(order[n_eval:]), np.sort(order[:n_eval])
+
+
+def mix_counts(sizes: list[int], weights: list[float | None]) -> list[int]:
+    """Rows each source contributes (see the module docstring)."""
+    if all(w is None for w in weights):
+        return list(sizes)
+    w = np.array([1.0 if x is None else x for x in weights])
+    share = sum(sizes) * w / w.sum()
+    counts = np.floor(share).astype(int)
+    # Largest remainders get the rows that rounding down left over, so the counts add up exactly.
+    for i in np.argsort(-(share - counts), kind="stable")[: sum(sizes) - counts.sum()]:
+        counts[i] += 1
+    return [int(c) if size else 0 for c, size in zip(counts, sizes, strict=True)]
+
+
+def sample_rows(n: int, count: int, rng: np.random.Generator) -> np.ndarray:
+    """`count` row indices out of n: a random subset, or every row count // n times plus a random remainder."""
+    if n == 0 or count == 0:
+        return np.arange(0)
+    repeats, rest = divmod(count, n)
+    parts = [np.arange(n)] * repeats + [np.sort(rng.permutation(n)[:rest])]
+    return np.concatenate(parts)

@@ -1,0 +1,284 @@
+"""`ft merge`: fold a run's adapter into a 16-bit copy of its base and prove the result computes the same thing.
+
+1. The base is loaded UNQUANTIZED in the recipe's model.dtype — also for QLoRA: merging into 4-bit weights would
+   re-quantize the update away. The output dtype is the recipe's model.dtype unless --dtype says otherwise, so
+   a bfloat16 base never turns into a float32 copy by accident.
+2. Reference logits on a few held-out rows come from base + adapter, unmerged (computed in float32 when memory
+   allows). The merge runs in that same precision, is cast once to the output dtype and saved (safetensors,
+   tokenizer, chat template, generation config stopping at the chat's end-of-turn token).
+3. The saved directory is loaded back with AutoModelForCausalLM and its logits compared with the reference. Past
+   the tolerance for the output dtype the merge is refused (exit 3) and nothing is left at --out, unless --force.
+
+Everything is written to a temporary sibling of --out and renamed into place at the end.
+"""
+
+from __future__ import annotations
+
+import gc
+import json
+import os
+import shutil
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+from ft_cli.errors import CheckFailed, UserError
+from ft_cli.recipe import WHOLE_MODEL_METHODS, Recipe
+
+DTYPES = ("bfloat16", "float16", "float32")
+# Refuse when mean |merged - reference| / mean |reference| exceeds this. A correct merge differs only by rounding
+# its weights to the output dtype (bf16 keeps 8 bits of mantissa, fp16 11); a wrong one differs by the adapter.
+TOLERANCE = {"float32": 1e-4, "float16": 5e-3, "bfloat16": 2e-2}
+PARITY_ROWS = 4
+PARITY_TOKENS = 128
+
+
+@dataclass
+class Parity:
+    samples: int
+    tokens: int
+    compute_dtype: str
+    max_abs_diff: float
+    mean_abs_diff: float
+    relative_mean_diff: float
+    top1_agreement: float
+
+    def line(self) -> str:
+        return (f"max |diff| {self.max_abs_diff:.3g}, mean |diff| {self.mean_abs_diff:.3g} "
+                f"(relative {self.relative_mean_diff:.3g}), top-1 agreement {self.top1_agreement:.1%}")
+
+
+def merge_run(run_dir: Path, out: Path, *, force: bool = False, dtype: str | None = None) -> Path:
+    from ft_cli.loading import resolve_target, run_base_path
+
+    target = resolve_target(run_dir)
+    if target.kind != "run" or target.recipe is None:
+        raise UserError(f"{run_dir}: ft merge needs a run directory written by ft train (with recipe.yaml)")
+    recipe = target.recipe
+    out_dtype = dtype or recipe.model.dtype
+    if out_dtype not in DTYPES:
+        raise UserError(f"--dtype: must be one of {', '.join(DTYPES)}, got {out_dtype!r}")
+    _check_mergeable(recipe)
+    out = Path(out).expanduser()
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise UserError(f"--out {out} already exists and is not empty; choose a new directory or empty it")
+    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    try:
+        whole = recipe.method in WHOLE_MODEL_METHODS
+        report = _merge_into(target.output, recipe, tmp, out_dtype, run_dir=target.path,
+                             base_path=None if whole else run_base_path(target))
+        parity = report["parity"]
+        ok = parity["relative_mean_diff"] <= report["tolerance"]
+        report["parity_ok"] = ok
+        _echo(f"parity, merged vs {report['reference']}, on {parity['samples']} held-out rows "
+              f"({parity['tokens']} tokens, {parity['compute_dtype']}): {Parity(**parity).line()}; "
+              f"tolerance {report['tolerance']:g} relative -> {'OK' if ok else 'FAILED'}")
+        if "vs_quantized_training_model" in report:
+            _echo(f"information: merged vs the 4-bit model used in training: "
+                  f"{Parity(**report['vs_quantized_training_model']).line()} (the quantization error the merge "
+                  "removes, not a merge error)")
+        if not ok and not force:
+            raise CheckFailed(
+                f"merge refused: merged logits differ from {report['reference']} by "
+                f"{parity['relative_mean_diff']:.3g} relative (tolerance {report['tolerance']:g} for {out_dtype}); "
+                f"nothing was written to {out}. Use --force to write it anyway, or --dtype float32 to rule out "
+                "rounding.")
+        (tmp / "merge_report.json").write_text(json.dumps(report, indent=2) + "\n")
+        if out.exists():
+            out.rmdir()  # empty, checked above
+        os.replace(tmp, out)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    _echo(f"wrote {out} ({out_dtype}{', parity check FAILED, written because of --force' if not ok else ''}); "
+          f"load it with AutoModelForCausalLM.from_pretrained({str(out)!r})")
+    return out
+
+
+def _check_mergeable(recipe: Recipe) -> None:
+    m = recipe.method
+    if m in ("prompt_tuning", "prefix_tuning"):
+        raise UserError(f"method {m}: virtual tokens are inputs, not weights, so there is nothing to merge; use "
+                        "the run directory with ft generate / PeftModel.from_pretrained instead")
+    if m == "adapter":
+        from ft_cli.methods import bottleneck
+
+        if not getattr(bottleneck, "MERGEABLE", False):
+            raise UserError("method adapter: bottleneck adapters add new layers (with a nonlinearity) after "
+                            "attention and MLP, which cannot be folded into the base weights; load the run "
+                            "directory with ft generate / ft eval instead")
+
+
+def _merge_into(output: Path, recipe: Recipe, tmp: Path, out_dtype: str, *, run_dir: Path,
+                base_path: str | None) -> dict[str, Any]:
+    from ft_cli.loading import load_base, load_model_dir, load_run_model, load_run_tokenizer
+    from ft_cli.model import torch_dtype
+
+    whole = recipe.method in WHOLE_MODEL_METHODS
+    tokenizer = load_run_tokenizer(recipe, output)
+    samples = parity_samples(recipe, tokenizer)
+    report: dict[str, Any] = {"run_dir": str(run_dir), "source": str(output), "method": recipe.method,
+                              "base_model": recipe.model.name_or_path, "dtype": out_dtype,
+                              "tolerance": TOLERANCE[out_dtype]}
+    quantized_logits = None
+    if recipe.quantized:
+        _echo(f"scoring the 4-bit training-time model on {len(samples)} rows (information only)")
+        qmodel = load_run_model(recipe, output, quantize=True, base_path=base_path)
+        quantized_logits = logits_of(qmodel, samples)
+        del qmodel
+        gc.collect()
+
+    # The reference: exactly the function training produced, on the unquantized base, in compute precision.
+    if whole:
+        model = load_model_dir(output, dtype=recipe.model.dtype, trust_remote_code=recipe.model.trust_remote_code)
+        report["reference"] = f"the trained model in {output.name}/"
+    else:
+        model = load_base(recipe, quantize=False, path=base_path)
+        report["reference"] = (f"the adapter on the unquantized {recipe.model.dtype} base"
+                               + (" (QLoRA trained it on a 4-bit base; merging needs 16-bit weights)"
+                                  if recipe.quantized else ""))
+    compute = "float32" if _fits_in_memory(_param_bytes(model, 4)) else out_dtype
+    model.to(torch_dtype(compute))
+    if not whole:
+        model = load_run_adapter(model, output, recipe)
+    _echo(f"converting {output} to {out_dtype}" if whole else
+          f"merging the {recipe.method} adapter {output} into a {out_dtype} copy of {base_path}")
+    reference = logits_of(model, samples)
+
+    merged = merge_adapter(model)
+    del model
+    merged.to(torch_dtype(out_dtype))
+    save_merged(merged, tokenizer, tmp)
+    del merged
+    gc.collect()
+
+    # Check what was written, loaded the way users will load it.
+    reloaded = load_model_dir(tmp, trust_remote_code=recipe.model.trust_remote_code)
+    check_plain_model(reloaded, torch_dtype(out_dtype))
+    reloaded.to(torch_dtype(compute))
+    merged_logits = logits_of(reloaded, samples)
+    del reloaded
+    gc.collect()
+    report["parity"] = asdict(compare(merged_logits, reference, compute))
+    if quantized_logits is not None:
+        report["vs_quantized_training_model"] = asdict(compare(merged_logits, quantized_logits, compute))
+    return report
+
+
+def load_run_adapter(base: Any, output: Path, recipe: Recipe) -> Any:
+    if recipe.method == "adapter":
+        from ft_cli.methods.bottleneck import load_bottleneck_adapter
+
+        return load_bottleneck_adapter(base, output)
+    from ft_cli.loading import load_peft_adapter
+
+    return load_peft_adapter(base, output)
+
+
+def merge_adapter(model: Any) -> Any:
+    """Fold the adapter into the base weights; a whole model (full/freeze) is returned as it is."""
+    from peft import PeftModel
+
+    if isinstance(model, PeftModel):
+        return model.merge_and_unload(safe_merge=True)
+    if hasattr(model, "merge_and_unload"):  # e.g. a mergeable bottleneck adapter
+        return model.merge_and_unload()
+    return model
+
+
+def save_merged(model: Any, tokenizer: Any, out_dir: Path) -> None:
+    """safetensors shards + config + generation config + tokenizer (with its chat template)."""
+    from ft_cli.evaluate import stop_token_ids
+
+    out_dir.mkdir(parents=True)
+    gen = model.generation_config
+    stops = stop_token_ids(model, tokenizer)
+    if stops:
+        gen.eos_token_id = stops[0] if len(stops) == 1 else stops
+    if tokenizer.pad_token_id is not None:
+        gen.pad_token_id = tokenizer.pad_token_id
+    model.config.use_cache = True
+    model.save_pretrained(out_dir, max_shard_size="5GB")
+    tokenizer.save_pretrained(out_dir)
+
+
+def check_plain_model(model: Any, dtype: Any) -> None:
+    """The merged model must be a plain transformers model: no adapter, no quantized layers, one dtype."""
+    bad = [name for name, mod in model.named_modules()
+           if "bitsandbytes" in type(mod).__module__ or "peft" in type(mod).__module__]
+    if bad:
+        raise RuntimeError(f"merged model still holds adapter/quantized modules: {bad[:3]}")
+    dtypes = {p.dtype for p in model.parameters() if p.is_floating_point()}
+    if dtypes != {dtype}:
+        raise RuntimeError(f"merged model has dtypes {dtypes}, expected {dtype}")
+
+
+# Parity ------------------------------------------------------------------------------------------------------------
+
+def parity_samples(recipe: Recipe, tokenizer: Any, rows: int = PARITY_ROWS, tokens: int = PARITY_TOKENS) -> list[Any]:
+    """Token ids of a few held-out rows (the run's eval split, else train rows), each cut to `tokens`."""
+    import torch
+
+    try:
+        from ft_cli.data.pipeline import build_datasets
+
+        bundle = build_datasets(recipe, tokenizer)
+        data = bundle.eval if bundle.eval is not None and len(bundle.eval) else bundle.train
+        ids = [row[:tokens] for row in data.select(range(min(rows, len(data))))["input_ids"]]
+    except UserError as exc:  # the training data moved away: fall back to fixed prompts
+        _echo(f"parity samples: the run's data is unavailable ({exc.message.splitlines()[0]}); using fixed prompts")
+        ids = [_render_prompt(tokenizer, text)[:tokens] for text in _FALLBACK_PROMPTS[:rows]]
+    return [torch.tensor(i, dtype=torch.long) for i in ids if len(i) > 1]
+
+
+_FALLBACK_PROMPTS = ["Explain what a merge of a LoRA adapter does.", "Write a haiku about the sea.",
+                     "List three prime numbers.", "What is the capital of France?"]
+
+
+def _render_prompt(tokenizer: Any, text: str) -> list[int]:
+    if getattr(tokenizer, "chat_template", None):
+        return list(tokenizer.apply_chat_template([{"role": "user", "content": text}], add_generation_prompt=True,
+                                                  tokenize=True, return_dict=True)["input_ids"])
+    return tokenizer(text)["input_ids"]
+
+
+def logits_of(model: Any, samples: list[Any]) -> list[Any]:
+    """float32 logits on the CPU, one tensor per sample (run one at a time: no padding to get wrong)."""
+    import torch
+
+    device = next(model.parameters()).device
+    model.eval()
+    out = []
+    with torch.no_grad():
+        for ids in samples:
+            out.append(model(input_ids=ids[None].to(device)).logits[0].float().cpu())
+    return out
+
+
+def compare(candidate: list[Any], reference: list[Any], compute_dtype: str) -> Parity:
+    import torch
+
+    diff = torch.cat([(c - r).abs().flatten() for c, r in zip(candidate, reference, strict=True)])
+    scale = torch.cat([r.abs().flatten() for r in reference]).mean().clamp_min(1e-12)
+    agree = torch.cat([c.argmax(-1) == r.argmax(-1) for c, r in zip(candidate, reference, strict=True)]).float().mean()
+    return Parity(samples=len(reference), tokens=sum(len(r) for r in reference), compute_dtype=compute_dtype,
+                  max_abs_diff=float(diff.max()), mean_abs_diff=float(diff.mean()),
+                  relative_mean_diff=float(diff.mean() / scale), top1_agreement=float(agree))
+
+
+def _param_bytes(model: Any, bytes_per_param: int) -> int:
+    return sum(p.numel() for p in model.parameters()) * bytes_per_param
+
+
+def _fits_in_memory(nbytes: int) -> bool:
+    """Room for a float32 copy (plus the saved copy being reloaded) in the memory available now."""
+    try:
+        available = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError, AttributeError):
+        return True
+    return 2 * nbytes < available
+
+
+def _echo(text: str) -> None:
+    print(text, flush=True)

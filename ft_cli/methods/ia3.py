@@ -1,0 +1,35 @@
+"""IA3 (Liu et al., 2022): learned vectors that rescale the keys, values and feed-forward activations, via peft."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from ft_cli.errors import UserError
+from ft_cli.methods import get_peft_model_for
+from ft_cli.recipe import Recipe
+
+
+def apply_ia3(model: Any, recipe: Recipe) -> Any:
+    from peft import IA3Config
+    from peft.utils.constants import (
+        TRANSFORMERS_MODELS_TO_IA3_FEEDFORWARD_MODULES_MAPPING as DEFAULT_FEEDFORWARD,
+    )
+    from peft.utils.constants import TRANSFORMERS_MODELS_TO_IA3_TARGET_MODULES_MAPPING as DEFAULT_TARGETS
+
+    spec = recipe.ia3
+    assert spec is not None
+    model_type = model.config.model_type
+    targets = spec.target_modules or DEFAULT_TARGETS.get(model_type)
+    if targets is None:
+        raise UserError(f"ia3.target_modules: peft has no default for model type {model_type!r}; list the modules "
+                        "to rescale, e.g. [k_proj, v_proj, down_proj]")
+    feedforward = spec.feedforward_modules
+    if feedforward is None:  # peft's feed-forward defaults, restricted to the modules actually targeted
+        feedforward = [m for m in DEFAULT_FEEDFORWARD.get(model_type, []) if m in targets]
+    extra = sorted(set(feedforward) - set(targets))
+    if extra:
+        raise UserError(f"ia3.feedforward_modules: {', '.join(extra)} not in ia3.target_modules "
+                        f"({', '.join(targets)}); feed-forward modules must also be targets")
+    config = IA3Config(task_type="CAUSAL_LM", target_modules=list(targets), feedforward_modules=list(feedforward))
+    return get_peft_model_for(model, config, "ia3.target_modules")
+

@@ -1,0 +1,62 @@
+"""Whole-model methods: `full` trains every weight, `freeze` only the last blocks and named modules.
+
+Both write a standalone model directory (not an adapter) that `AutoModelForCausalLM.from_pretrained` loads.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from ft_cli.errors import UserError
+from ft_cli.methods.blocks import transformer_blocks
+from ft_cli.recipe import Recipe
+
+
+def apply_full(model: Any, recipe: Recipe) -> Any:
+    model.requires_grad_(True)
+    return model
+
+
+def apply_freeze(model: Any, recipe: Recipe) -> Any:
+    """Train the last `freeze.trainable_layers` blocks (all of them when N >= the number of blocks) and every
+    module whose dotted name contains one of `freeze.trainable_modules`; freeze everything else.
+
+    Modules are matched rather than parameters so that a head tied to the input embeddings (GPT-2, Qwen2.5-0.5B)
+    is found by `lm_head` although its one weight is named after the embeddings."""
+    spec = recipe.freeze
+    assert spec is not None
+    model.requires_grad_(False)
+    if spec.trainable_layers:
+        _, blocks = transformer_blocks(model)
+        for block in list(blocks)[-spec.trainable_layers:]:
+            block.requires_grad_(True)
+    names = [name for name, _ in model.named_modules() if name]
+    for pattern in spec.trainable_modules:
+        matched = [name for name in names if pattern in name]
+        if not matched:
+            top = sorted({n.split(".")[0] for n in names} | {n for n in names if n.count(".") == 1})
+            raise UserError(f"freeze.trainable_modules: {pattern!r} matches no module of this model; module names "
+                            f"look like {', '.join(top[:12])}")
+        for name in matched:
+            model.get_submodule(name).requires_grad_(True)
+    return model
+
+
+def save_whole_model(model: Any, out: Path, recipe: Recipe) -> None:
+    """safetensors in the recipe's dtype, with `use_cache` back on (training turned it off for checkpointing)."""
+    import copy
+
+    from ft_cli.model import torch_dtype
+
+    dtype = torch_dtype(recipe.model.dtype)
+    if any(p.is_floating_point() and p.dtype != dtype for p in model.parameters()):
+        # Never write float32 weights for a bf16 recipe by accident; cast a copy, the trained model stays as is.
+        model = copy.deepcopy(model).to(dtype)
+        model.config.dtype = dtype
+    use_cache = model.config.use_cache
+    model.config.use_cache = True
+    try:
+        model.save_pretrained(out, safe_serialization=True)
+    finally:
+        model.config.use_cache = use_cache

@@ -1,0 +1,77 @@
+"""A model's config.json without its weights: what `ft plan` sizes and `ft train --smoke` takes the architecture from.
+
+Looked up offline first: a built-in, a local model directory, or the Hugging Face cache (a config.json that a
+previous download left there). Nothing here imports torch.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from ft_cli.errors import UserError
+from ft_cli.recipe import ModelSection
+
+
+@dataclass(frozen=True)
+class FoundConfig:
+    path: Path  # the config.json file
+    source: str  # "built-in", "local directory", "Hugging Face cache" or "downloaded"
+    data: dict[str, Any]
+
+    @property
+    def model_type(self) -> str | None:
+        return self.data.get("model_type")
+
+
+def find_model_config(model: ModelSection, *, download: bool = False) -> FoundConfig | None:
+    """The config.json of the recipe's model from a built-in, a local directory or the HF cache; with
+    `download=True` and the hub allowed (HF_HUB_OFFLINE unset), a hub id's config.json is fetched (a few KB).
+    None when it cannot be had without the network."""
+    from ft_cli.builtin_models import is_builtin, resolve_builtin
+
+    name = model.name_or_path
+    if is_builtin(name):
+        return _read(resolve_builtin(name) / "config.json", "built-in")
+    path = Path(name).expanduser()
+    if path.is_dir():
+        if not (path / "config.json").is_file():
+            raise UserError(f"model.name_or_path: {path} is a directory but has no config.json (not a model directory)")
+        return _read(path / "config.json", "local directory")
+    if path.exists() or name.startswith(("/", "./", "../", "~")):
+        raise UserError(f"model.name_or_path: local model directory not found: {path}")
+    from huggingface_hub import try_to_load_from_cache
+
+    try:
+        cached = try_to_load_from_cache(name, "config.json", revision=model.revision)
+    except ValueError:  # not a valid repo id
+        cached = None
+    if isinstance(cached, str):
+        return _read(Path(cached), "Hugging Face cache")
+    if not download or hub_offline():
+        return None
+    from huggingface_hub import hf_hub_download
+
+    try:
+        fetched = hf_hub_download(name, "config.json", revision=model.revision)
+    except Exception as exc:  # offline, gated without a token, no such repo: all mean "not available"
+        raise UserError(f"model.name_or_path: cannot get the config of {name!r} from the hub "
+                        f"({type(exc).__name__}); download the model first or use a local directory") from None
+    return _read(Path(fetched), "downloaded")
+
+
+def hub_offline() -> bool:
+    return any(os.environ.get(k, "").lower() in ("1", "true", "yes") for k in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE"))
+
+
+def _read(path: Path, source: str) -> FoundConfig:
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as exc:
+        raise UserError(f"{path}: cannot read the model config ({type(exc).__name__})") from None
+    if not isinstance(data, dict):
+        raise UserError(f"{path}: a model config is a JSON object")
+    return FoundConfig(path=path, source=source, data=data)

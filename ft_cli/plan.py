@@ -1,0 +1,458 @@
+"""`ft plan RECIPE`: how much GPU memory training will need at its peak, estimated from the model config alone.
+
+No weights are loaded: the model is built on the meta device (shapes only) and the recipe's method applied to it,
+so parameter counts are exact. Bytes per parameter follow what `ft train` actually does:
+
+- weights: the model dtype; with quantization, bitsandbytes replaces every linear layer but the output head
+  (4-bit: 0.5 byte/param + one absmax per 64 weights, itself 8-bit with double quant; 8-bit: 1 byte + an fp32
+  scale per row) and peft's prepare_model_for_kbit_training upcasts everything else (embeddings, head, norms)
+  to float32;
+- PEFT adapters are kept in float32 (autocast_adapter_dtype); full/freeze train the weights in the model dtype
+  (no float32 master copy);
+- gradients: one per trainable parameter, in its dtype; AdamW: two states in the parameter's dtype
+  (bitsandbytes 8-bit AdamW: 2 bytes + block constants, for tensors of 4096+ elements);
+- activations per transformer block, after Korthikanti et al. 2022 ("Reducing activation recomputation in large
+  transformer models"), re-derived for the block's real widths (GQA, gated MLPs): the tensors autograd keeps
+  for backward. With SDPA/flash attention the s^2 attention-probability term disappears. With gradient
+  checkpointing only each block's input is kept, plus one block's activations while it is recomputed.
+  QLoRA's activations are float32 because the upcast embeddings make the residual stream float32;
+- logits: batch x seq x vocab, in the activation dtype, plus the float32 copy and log-softmax of the loss;
+- overhead: CUDA context and library workspaces, plus allocator fragmentation.
+
+These are estimates of the worst case (every row max_seq_len tokens long); measured peaks differ by kernels,
+sequence lengths and the allocator, typically within 10-20 %.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from ft_cli.errors import UserError
+from ft_cli.recipe import LORA_METHODS, Recipe, load_recipe
+
+GIB = 2**30
+CUDA_CONTEXT_BYTES = int(0.8 * GIB)  # CUDA context, cuBLAS/cuDNN workspaces: outside torch's allocator
+FRAGMENTATION = 0.08  # the caching allocator reserves more than it hands out
+DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
+NF4_BLOCK = 64  # bitsandbytes 4-bit: one absmax per 64 weights
+NESTED_BLOCK = 256  # double quant: the absmaxes are 8-bit, one fp32 absmax per 256 of them
+ADAM8_MIN_SIZE = 4096  # bitsandbytes keeps 32-bit state for smaller tensors
+ADAM8_BLOCK = 256
+
+
+@dataclass(frozen=True)
+class ModelShape:
+    """The widths that activations scale with, read from the config."""
+
+    model_type: str
+    hidden: int
+    layers: int
+    heads: int
+    kv_heads: int
+    head_dim: int
+    intermediate: int
+    vocab: int
+    gated_mlp: bool
+
+
+@dataclass
+class ParamCounts:
+    """Parameter counts from the meta model (exact); bytes per element as `ft train` holds them."""
+
+    total: int  # base model parameters (a tied head counted once)
+    quantizable: int  # weights of the linear layers bitsandbytes would quantize
+    quantizable_rows: int  # their output rows (8-bit keeps one fp32 scale per row)
+    base_bytes: int  # all base parameters in the model dtype
+    trainable: list[tuple[int, int]] = field(default_factory=list)  # (numel, bytes per element)
+    added: int = 0  # parameters the method adds (adapters); 0 for full/freeze
+    added_bytes: int = 0
+    lora_inputs_per_layer: int = 0  # sum of in_features of LoRA-wrapped linears in one block
+    lora_rank_per_layer: int = 0  # sum of ranks of those
+
+    @property
+    def trainable_count(self) -> int:
+        return sum(n for n, _ in self.trainable)
+
+
+@dataclass(frozen=True)
+class Row:
+    name: str
+    bytes: int
+    detail: str
+
+
+@dataclass
+class MemoryPlan:
+    recipe: Recipe
+    shape: ModelShape
+    counts: ParamCounts
+    micro_batch_size: int
+    seq_len: int
+    static: list[Row]  # independent of the batch: weights, adapter, gradients, optimizer
+    activations: Row  # with the recipe's gradient_checkpointing setting
+    activations_other: Row  # with the opposite setting
+    logits: Row
+    overhead: Row
+
+    @property
+    def rows(self) -> list[Row]:
+        return [*self.static, self.activations, self.logits, self.overhead]
+
+    @property
+    def total(self) -> int:
+        return sum(r.bytes for r in self.rows)
+
+    @property
+    def total_other_checkpointing(self) -> int:
+        """The total with gradient_checkpointing flipped."""
+        subtotal = sum(r.bytes for r in self.static) + self.activations_other.bytes + self.logits.bytes
+        return subtotal + _overhead(subtotal)
+
+    def weights_bytes(self) -> int:
+        return sum(r.bytes for r in self.static if r.name.startswith("base weights"))
+
+
+@dataclass(frozen=True)
+class Suggestion:
+    micro_batch_size: int | None  # None: not even 1 fits
+    grad_accum: int
+    total: int
+    effective_batch: int
+    note: str
+
+
+# Entry point ---------------------------------------------------------------------------------------------------
+
+def plan_recipe(recipe_path: Path, overrides: list[str], *, gpu_memory: float | None = None,
+                console: Any = None) -> MemoryPlan:
+    """Estimate, print a table and, with `gpu_memory` (GiB), suggest the largest micro-batch that fits."""
+    from rich.console import Console
+
+    recipe = load_recipe(recipe_path, overrides)
+    if gpu_memory is not None and gpu_memory <= 0:
+        raise UserError(f"--gpu-memory: must be a positive number of GiB, got {gpu_memory:g}")
+    config, where = load_model_config(recipe)
+    plan = estimate_memory(config, recipe)
+    console = console or Console(highlight=False)
+    print_plan(plan, console, where)
+    if gpu_memory is not None:
+        suggestion = suggest_micro_batch(plan, gpu_memory * GIB)
+        console.print(suggestion.note)
+    return plan
+
+
+def load_model_config(recipe: Recipe) -> tuple[Any, str]:
+    """The transformers config of the recipe's model, without its weights (offline unless the hub is allowed)."""
+    from transformers import AutoConfig
+
+    from ft_cli.model_config import find_model_config
+
+    name = recipe.model.name_or_path
+    found = find_model_config(recipe.model, download=True)
+    if found is None:
+        raise UserError(f"model.name_or_path: the config of {name!r} is not in the local Hugging Face cache and the "
+                        "hub is off (HF_HUB_OFFLINE=1); ft plan needs only config.json: huggingface-cli download "
+                        f"{name} config.json, or point model.name_or_path at a local directory")
+    try:
+        config = AutoConfig.from_pretrained(str(found.path.parent), trust_remote_code=recipe.model.trust_remote_code)
+    except (OSError, ValueError, KeyError) as exc:
+        raise UserError(f"{found.path}: transformers cannot read this config ({exc})") from None
+    return config, f"{found.source}: {found.path}"
+
+
+# Counting --------------------------------------------------------------------------------------------------------
+
+def model_shape(config: Any) -> ModelShape:
+    c = config.get_text_config() if hasattr(config, "get_text_config") else config
+
+    def get(*names: str, default: Any = None) -> Any:
+        for n in names:
+            v = getattr(c, n, None)
+            if v is not None:
+                return v
+        return default
+
+    hidden = get("hidden_size", "n_embd", "d_model")
+    layers = get("num_hidden_layers", "n_layer", "num_layers")
+    heads = get("num_attention_heads", "n_head")
+    vocab = get("vocab_size")
+    if not all(isinstance(v, int) for v in (hidden, layers, heads, vocab)):
+        raise UserError(f"model config ({getattr(c, 'model_type', '?')}): cannot find hidden size, layers, heads "
+                        "and vocabulary size in it; ft plan supports decoder-only transformers")
+    head_dim = get("head_dim", default=None) or hidden // heads
+    model_type = getattr(c, "model_type", "?")
+    gated = model_type not in ("gpt2", "gpt_neox", "gptj", "opt", "bloom", "falcon", "phi", "starcoder2")
+    return ModelShape(model_type=model_type, hidden=hidden, layers=layers, heads=heads,
+                      kv_heads=get("num_key_value_heads", "num_kv_heads", default=heads), head_dim=head_dim,
+                      intermediate=get("intermediate_size", "n_inner", "ffn_dim", default=None) or 4 * hidden,
+                      vocab=vocab, gated_mlp=gated)
+
+
+def count_params(config: Any, recipe: Recipe) -> ParamCounts:
+    """Build the model on the meta device, note what bitsandbytes would quantize, apply the method, count."""
+    import torch
+    from transformers import AutoModelForCausalLM
+    from transformers.pytorch_utils import Conv1D
+
+    from ft_cli.methods import apply_method
+    from ft_cli.model import torch_dtype
+
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config, dtype=torch_dtype(recipe.model.dtype),
+                                                 trust_remote_code=recipe.model.trust_remote_code)
+    skip = _modules_not_quantized(model)
+    quantizable = rows = 0
+    for name, module in model.named_modules():
+        if (type(module) is torch.nn.Linear or isinstance(module, Conv1D)) and _converts(name, skip):
+            quantizable += module.weight.numel()
+            rows += module.weight.shape[0] if type(module) is torch.nn.Linear else module.weight.shape[1]
+    base = list(model.parameters())
+    base_ids = {id(p) for p in base}
+    counts = ParamCounts(total=sum(p.numel() for p in base), quantizable=quantizable, quantizable_rows=rows,
+                         base_bytes=sum(p.numel() * p.element_size() for p in base))
+    # As validate.count_trainable: apply the method without quantization (bitsandbytes cannot run on meta).
+    meta_recipe = recipe.model_copy(update={"quantization": None}, deep=True)
+    try:
+        model = apply_method(model, meta_recipe)
+    except NotImplementedError as exc:
+        raise UserError(f"method: ft plan cannot size {recipe.method!r} yet ({exc})") from None
+    upcast = recipe.quantized  # prepare_model_for_kbit_training: every float parameter left becomes float32
+    for p in model.parameters():
+        size = max(p.element_size(), 4) if upcast else p.element_size()
+        if p.requires_grad:
+            counts.trainable.append((p.numel(), size))
+        if id(p) not in base_ids:
+            counts.added += p.numel()
+            counts.added_bytes += p.numel() * size
+    if recipe.method in LORA_METHODS:
+        per_model_in = per_model_rank = 0
+        for module in model.modules():
+            if hasattr(module, "lora_A") and hasattr(module, "in_features") and len(module.lora_A):
+                per_model_in += module.in_features
+                per_model_rank += next(iter(module.lora_A.values())).out_features
+        layers = max(model_shape(config).layers, 1)
+        counts.lora_inputs_per_layer = per_model_in // layers
+        counts.lora_rank_per_layer = per_model_rank // layers
+    return counts
+
+
+def _modules_not_quantized(model: Any) -> list[str]:
+    try:
+        from transformers.quantizers.base import get_keys_to_not_convert
+
+        return list(get_keys_to_not_convert(model))
+    except ImportError:  # older transformers: the output head is what it skips
+        return ["lm_head"]
+
+
+def _converts(name: str, skip: list[str]) -> bool:
+    try:
+        from transformers.quantizers.quantizers_utils import should_convert_module
+
+        return should_convert_module(name, skip)
+    except ImportError:
+        return not any(name == s or name.startswith(s + ".") or name.endswith(s) for s in skip)
+
+
+# Arithmetic ------------------------------------------------------------------------------------------------------
+
+def estimate_memory(config: Any, recipe: Recipe, *, counts: ParamCounts | None = None,
+                    micro_batch_size: int | None = None) -> MemoryPlan:
+    shape = model_shape(config)
+    counts = counts or count_params(config, recipe)
+    return _plan(recipe, shape, counts, micro_batch_size or recipe.train.micro_batch_size)
+
+
+def _plan(recipe: Recipe, shape: ModelShape, counts: ParamCounts, b: int) -> MemoryPlan:
+    s = recipe.data.max_seq_len
+    static = weight_rows(recipe, counts) + training_state_rows(recipe, counts)
+    act_bytes = activation_dtype_bytes(recipe)
+    eager = recipe.model.attn_implementation == "eager"
+    full = activation_bytes(shape, counts, recipe, b, s, checkpointing=False)
+    ckpt = activation_bytes(shape, counts, recipe, b, s, checkpointing=True)
+    attn = "eager attention keeps the s^2 probabilities" if eager else "SDPA/flash: no s^2 attention term"
+    dtype = f"{act_bytes}-byte activations" + (" (float32: QLoRA's upcast residual stream)" if recipe.quantized
+                                               else "")
+    ckpt_row = Row("activations (gradient checkpointing)", ckpt,
+                   f"{shape.layers} block inputs + one block recomputed; {b} x {s} tokens, {dtype}")
+    full_row = Row("activations (no checkpointing)", full,
+                   f"{shape.layers} blocks x tensors kept for backward; {b} x {s} tokens, {dtype}; {attn}")
+    on = recipe.train.gradient_checkpointing
+    logits = Row("logits and loss", logits_bytes(shape, b, s, act_bytes),
+                 f"{b} x {s} x vocab {shape.vocab:,}: logits" + (" + float32 copy" if act_bytes < 4 else "")
+                 + " + log-softmax of the loss")
+    subtotal = sum(r.bytes for r in static) + (ckpt if on else full) + logits.bytes
+    overhead = Row("CUDA context + allocator", _overhead(subtotal),
+                   f"{CUDA_CONTEXT_BYTES / GIB:.1f} GiB context and workspaces + {FRAGMENTATION:.0%} fragmentation")
+    return MemoryPlan(recipe=recipe, shape=shape, counts=counts, micro_batch_size=b, seq_len=s, static=static,
+                      activations=ckpt_row if on else full_row, activations_other=full_row if on else ckpt_row,
+                      logits=logits, overhead=overhead)
+
+
+def weight_rows(recipe: Recipe, c: ParamCounts) -> list[Row]:
+    dtype = recipe.model.dtype
+    q = recipe.quantization
+    if not recipe.quantized or q is None:
+        return [Row("base weights", c.base_bytes, f"{c.total:,} params in {dtype}")]
+    other = c.total - c.quantizable
+    if q.bits == 4:
+        per_param = 0.5 + (1 / NF4_BLOCK + 4 / (NF4_BLOCK * NESTED_BLOCK) if q.double_quant else 4 / NF4_BLOCK)
+        quant = Row("base weights, 4-bit", math.ceil(c.quantizable * per_param),
+                    f"{c.quantizable:,} linear-layer params, {q.quant_type}: {8 * per_param:.2f} bits/param with "
+                    f"{'double-quantized ' if q.double_quant else ''}block constants")
+    else:
+        quant = Row("base weights, 8-bit", c.quantizable + 4 * c.quantizable_rows,
+                    f"{c.quantizable:,} linear-layer params in int8 + one float32 scale per row")
+    rest = Row("base weights, not quantized", other * 4,
+               f"{other:,} params (embeddings, head, norms) in float32: upcast by peft's "
+               "prepare_model_for_kbit_training")
+    return [quant, rest]
+
+
+def training_state_rows(recipe: Recipe, c: ParamCounts) -> list[Row]:
+    rows: list[Row] = []
+    n = c.trainable_count
+    if c.added:
+        rows.append(Row("adapter weights", c.added_bytes,
+                        f"{c.added:,} params the method adds ({'float32' if recipe.is_peft else recipe.model.dtype})"))
+    grads = sum(k * size for k, size in c.trainable)
+    rows.append(Row("gradients", grads, f"one per trainable param ({n:,}), in its dtype"))
+    opt = recipe.train.optimizer
+    if opt == "adamw_torch":
+        state = sum(2 * k * size for k, size in c.trainable)
+        how = "AdamW: 2 states per trainable param, in its dtype"
+    else:
+        state = sum(math.ceil(k * (2 + 8 / ADAM8_BLOCK)) if k >= ADAM8_MIN_SIZE else 8 * k for k, _ in c.trainable)
+        how = f"{opt}: 2 x 8-bit states + block constants (float32 for tensors under {ADAM8_MIN_SIZE} elements)"
+        if opt == "paged_adamw_8bit":
+            how += "; paged: can spill to CPU memory under pressure"
+    rows.append(Row("optimizer state", state, how))
+    return rows
+
+
+def activation_dtype_bytes(recipe: Recipe) -> int:
+    # QLoRA: the upcast (float32) embeddings make the residual stream float32, and bitsandbytes returns
+    # outputs in its input's dtype, so activations are float32 whatever the compute dtype.
+    return 4 if recipe.quantized else DTYPE_BYTES[recipe.model.dtype]
+
+
+def activation_bytes(shape: ModelShape, c: ParamCounts, recipe: Recipe, b: int, s: int, *,
+                     checkpointing: bool) -> int:
+    """Bytes autograd keeps for backward. Per token and block (elements): both norms' inputs 2h; attention:
+    q/k/v input h, q, k, v, context (o_proj input); MLP: input h plus, gated, gate, up, act and product (4 I) or,
+    not gated, fc1 output and activation (2 I). Korthikanti et al.'s 34 s b h (16-bit, GPT MLP, dropout) is
+    this count for h = q = kv width and I = 4h, plus dropout masks. LoRA adds its rank-r intermediates and, with
+    dropout, a dropped copy of each wrapped layer's input and its mask."""
+    h, tokens = shape.hidden, b * s
+    q, kv = shape.heads * shape.head_dim, shape.kv_heads * shape.head_dim
+    act = activation_dtype_bytes(recipe)
+    mlp = h + (4 if shape.gated_mlp else 2) * shape.intermediate
+    elements = 2 * h + (h + 2 * q + 2 * kv) + mlp + c.lora_rank_per_layer
+    mask_bytes = 0
+    if recipe.method in LORA_METHODS and recipe.lora is not None and recipe.lora.dropout > 0:
+        elements += c.lora_inputs_per_layer
+        mask_bytes = c.lora_inputs_per_layer  # bool mask, one byte per element
+    per_layer = tokens * (elements * act + mask_bytes)
+    if recipe.model.attn_implementation == "eager":
+        per_layer += tokens * shape.heads * s * (4 + act)  # float32 softmax output + its cast copy
+    outside = tokens * 2 * h * act  # embedding output and final norm input
+    if checkpointing:
+        return shape.layers * tokens * h * act + per_layer + outside
+    return shape.layers * per_layer + outside
+
+
+def logits_bytes(shape: ModelShape, b: int, s: int, act_bytes: int) -> int:
+    per_logit = act_bytes + 4 + (4 if act_bytes < 4 else 0)  # logits, (float32 copy), log-softmax for the loss
+    return b * s * shape.vocab * per_logit
+
+
+def format_bytes(n: float) -> str:
+    for unit, size in (("GiB", GIB), ("MiB", 2**20), ("KiB", 2**10)):
+        if n >= 0.1 * size or unit == "KiB":
+            return f"{n / size:.2f} {unit}"
+    return f"{n} B"  # pragma: no cover
+
+
+def _count(n: int) -> str:
+    for unit, size in (("B", 1e9), ("M", 1e6), ("K", 1e3)):
+        if n >= size:
+            return f"{n / size:.2f}{unit}"
+    return str(n)
+
+
+def _overhead(subtotal: int) -> int:
+    return CUDA_CONTEXT_BYTES + int(FRAGMENTATION * subtotal)
+
+
+# Suggestion ------------------------------------------------------------------------------------------------------
+
+def suggest_micro_batch(plan: MemoryPlan, budget_bytes: float) -> Suggestion:
+    """The largest micro_batch_size whose estimate fits `budget_bytes` (up to the recipe's effective batch),
+    with the grad_accum that keeps the effective batch."""
+    t = plan.recipe.train
+    effective = t.micro_batch_size * t.grad_accum
+    budget_gib = budget_bytes / GIB
+    best: MemoryPlan | None = None
+    for b in range(1, effective + 1):
+        candidate = _plan(plan.recipe, plan.shape, plan.counts, b)
+        if candidate.total > budget_bytes:
+            break
+        best = candidate
+    if best is None:
+        one = _plan(plan.recipe, plan.shape, plan.counts, 1)
+        hints = []
+        if not t.gradient_checkpointing:
+            hints.append(f"turn on train.gradient_checkpointing ({one.total_other_checkpointing / GIB:.1f} GiB at "
+                         "micro_batch_size 1)")
+        if not plan.recipe.quantized and plan.recipe.method in LORA_METHODS:
+            hints.append("use method: qlora (4-bit base weights)")
+        if t.optimizer == "adamw_torch" and plan.recipe.method in ("full", "freeze"):
+            hints.append("use train.optimizer: adamw_8bit")
+        hints.append(f"lower data.max_seq_len (now {plan.seq_len})")
+        return Suggestion(None, t.grad_accum, one.total, effective,
+                          f"[bold red]does not fit[/] in {budget_gib:g} GiB even at micro_batch_size 1 (estimated "
+                          f"{one.total / GIB:.1f} GiB); try: " + "; ".join(hints))
+    b = best.micro_batch_size
+    accum = math.ceil(effective / b)
+    note = (f"[bold green]fits[/] in {budget_gib:g} GiB: micro_batch_size {b}, grad_accum {accum} "
+            f"(estimated {best.total / GIB:.1f} GiB; effective batch {b * accum}")
+    note += ")" if b * accum == effective else f", the recipe's is {effective})"
+    if b < t.micro_batch_size:
+        note += f"; the recipe's micro_batch_size {t.micro_batch_size} needs {plan.total / GIB:.1f} GiB"
+    note += f"\n  --set train.micro_batch_size={b} --set train.grad_accum={accum}"
+    return Suggestion(b, accum, best.total, b * accum, note)
+
+
+# Output ----------------------------------------------------------------------------------------------------------
+
+def print_plan(plan: MemoryPlan, console: Any, where: str = "") -> None:
+    from rich.table import Table
+
+    r, sh, c = plan.recipe, plan.shape, plan.counts
+    quant = ""
+    if r.quantized and r.quantization is not None:
+        quant = f", {r.quantization.bits}-bit {r.quantization.quant_type if r.quantization.bits == 4 else 'int8'}"
+    console.print(f"[bold]ft plan[/]: {r.model.name_or_path} ({sh.model_type}, {_count(c.total)} params, "
+                  f"{sh.layers} layers, hidden {sh.hidden}, vocab {sh.vocab:,}) - {r.method}{quant}, {r.model.dtype}")
+    if where:
+        console.print(f"config from {where}", style="dim")
+    n = c.trainable_count
+    console.print(f"trainable parameters: {n:,} of {c.total + c.added:,} ({100 * n / max(c.total + c.added, 1):.3f}%)")
+    table = Table(title=f"estimated peak memory per GPU: micro_batch_size {plan.micro_batch_size} x max_seq_len "
+                        f"{plan.seq_len}, {r.train.optimizer}")
+    table.add_column("component")
+    table.add_column("memory", justify="right")
+    table.add_column("how it is counted")
+    for row in plan.rows:
+        table.add_row(row.name, format_bytes(row.bytes), row.detail)
+    table.add_section()
+    table.add_row("[bold]total (estimate)[/]", f"[bold]{format_bytes(plan.total)}[/]", "")
+    console.print(table)
+    other = "off" if r.train.gradient_checkpointing else "on"
+    console.print(f"with gradient_checkpointing {other}: {format_bytes(plan.total_other_checkpointing)} "
+                  f"({format_bytes(plan.activations_other.bytes)} of activations)")
+    console.print("These are estimates from the config (worst case: every row max_seq_len tokens); measured peaks "
+                  "vary with kernels, real sequence lengths and the allocator, typically within 10-20%.", style="dim")

@@ -1,0 +1,355 @@
+"""`ft report RUN_DIR`: plot a run's curves and summarize it, from the files the run directory already holds.
+
+Reads metrics.jsonl (train lines: step, loss, lr, grad_norm, tokens_per_s; eval lines: step, eval_loss, ...),
+recipe.yaml, run.json and eval.json when present, and writes
+
+    RUN_DIR/report/loss.png     train and eval loss vs step (top), learning rate vs step (bottom)
+    RUN_DIR/report/summary.md   recipe essentials, final and best metrics, eval.json, timings, status
+
+Works on running, failed and interrupted runs too: it shows whatever has been logged so far. matplotlib (the
+`report` extra) is imported only here, through its object-oriented API, so no global backend is changed.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass, field
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from ft_cli.errors import UserError
+from ft_cli.progress import fmt_duration
+from ft_cli.run_dir import RunDir, write_text_atomic
+
+REPORT_DIR = "report"
+LOSS_PNG = "loss.png"
+SUMMARY_MD = "summary.md"
+
+
+@dataclass
+class Metrics:
+    train: list[dict[str, Any]] = field(default_factory=list)  # sorted by step, one line per step
+    eval: list[dict[str, Any]] = field(default_factory=list)
+
+    @property
+    def best_eval(self) -> dict[str, Any] | None:
+        finite = [r for r in self.eval if _finite(r.get("eval_loss"))]
+        return min(finite, key=lambda r: r["eval_loss"]) if finite else None
+
+
+def write_report(run_dir: str | Path) -> Path:
+    """Write RUN_DIR/report/{loss.png, summary.md}; returns the report directory."""
+    run = RunDir(Path(run_dir).expanduser())
+    metrics = read_metrics(run)
+    _require_matplotlib()
+    out = run.root / REPORT_DIR
+    out.mkdir(exist_ok=True)
+    recipe = _read_yaml(run.recipe)
+    manifest = run.read_manifest()
+    eval_result = _read_json(run.eval_json)
+    title = run.root.resolve().name
+    if recipe or manifest:
+        title += f": {Path(_model_name(recipe, manifest)).name} ({_method(recipe, manifest)})"
+    plot_curves(metrics, out / LOSS_PNG, title=title)
+    summary = render_summary(run, metrics, recipe, manifest, eval_result)
+    write_text_atomic(out / SUMMARY_MD, summary)
+    print(f"wrote {out / LOSS_PNG}")
+    print(f"wrote {out / SUMMARY_MD}")
+    return out
+
+
+# Reading ---------------------------------------------------------------------------------------------------------
+
+def read_metrics(run: RunDir) -> Metrics:
+    """Train and eval lines of metrics.jsonl, sorted by step (the last line wins when a step repeats)."""
+    root = run.root
+    if not root.is_dir():
+        raise UserError(f"{root}: no such run directory")
+    if not run.metrics.is_file():
+        what = "an ft run directory" if run.recipe.is_file() or run.manifest.is_file() else "not an ft run directory"
+        raise UserError(f"{root}: no metrics.jsonl ({what}; ft train writes metrics.jsonl from its first logged step)")
+    lines = run.metrics.read_text(encoding="utf-8").splitlines()
+    train: dict[int, dict[str, Any]] = {}
+    evals: dict[int, dict[str, Any]] = {}
+    for i, line in enumerate(lines, start=1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except ValueError:
+            if i == len(lines):  # a run killed mid-write can leave a partial last line: ignore it
+                continue
+            raise UserError(f"{run.metrics}:{i}: not a JSON object; metrics.jsonl holds one JSON object per line") from None
+        if not isinstance(record, dict) or not isinstance(record.get("step"), int):
+            raise UserError(f"{run.metrics}:{i}: expected a JSON object with an integer 'step'")
+        if "loss" in record:
+            train[record["step"]] = record
+        if "eval_loss" in record:
+            evals[record["step"]] = record
+    if not train and not evals:
+        raise UserError(f"{run.metrics}: no train or eval lines yet (the run has not logged a step); nothing to report")
+    return Metrics(train=[train[s] for s in sorted(train)], eval=[evals[s] for s in sorted(evals)])
+
+
+def _read_yaml(path: Path) -> dict[str, Any]:
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except (OSError, yaml.YAMLError):
+        return {}
+    return data if isinstance(data, dict) else {}
+
+
+def _read_json(path: Path) -> dict[str, Any] | None:
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    return data if isinstance(data, dict) else None
+
+
+def _require_matplotlib() -> None:
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError:
+        raise UserError("ft report draws its plots with matplotlib, which is not installed: "
+                        "pip install 'ft-cli[report]'") from None
+
+
+# Plots -----------------------------------------------------------------------------------------------------------
+
+def plot_curves(metrics: Metrics, path: Path, title: str = "") -> None:
+    """One PNG, two panels sharing the step axis: loss (train, smoothed train, eval, best eval) and learning rate."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+    from matplotlib.ticker import MaxNLocator
+
+    fig = Figure(figsize=(9, 7), dpi=110, layout="constrained")
+    FigureCanvasAgg(fig)
+    loss_ax, lr_ax = fig.subplots(2, 1, sharex=True, height_ratios=[3, 1.4])
+
+    steps = [r["step"] for r in metrics.train if _finite(r.get("loss"))]
+    losses = [r["loss"] for r in metrics.train if _finite(r.get("loss"))]
+    if steps:
+        smooth = len(steps) >= 20
+        loss_ax.plot(steps, losses, color="tab:blue", lw=1, alpha=0.35 if smooth else 1.0,
+                     marker="" if len(steps) > 40 else ".", label="train loss")
+        if smooth:
+            loss_ax.plot(steps, _ema(losses, alpha=2 / (1 + max(5, len(steps) // 20))), color="tab:blue", lw=2,
+                         label="train loss (smoothed)")
+    eval_points = [(r["step"], r["eval_loss"]) for r in metrics.eval if _finite(r.get("eval_loss"))]
+    if eval_points:
+        loss_ax.plot(*zip(*eval_points, strict=True), color="tab:orange", lw=2, marker="o", ms=5, label="eval loss")
+        best = metrics.best_eval
+        assert best is not None
+        loss_ax.plot([best["step"]], [best["eval_loss"]], marker="*", ms=16, color="tab:red", ls="",
+                     label=f"best eval {best['eval_loss']:.4f} (step {best['step']})")
+    loss_ax.set_ylabel("loss (per trained token)")
+    loss_ax.grid(alpha=0.3)
+    loss_ax.legend(loc="best")
+    if title:
+        loss_ax.set_title(title)
+
+    lr_points = [(r["step"], r["lr"]) for r in metrics.train if _finite(r.get("lr"))]
+    if lr_points:
+        lr_ax.plot(*zip(*lr_points, strict=True), color="tab:green", lw=1.5)
+    else:
+        lr_ax.text(0.5, 0.5, "no learning rate logged", ha="center", va="center", transform=lr_ax.transAxes)
+    lr_ax.set_ylabel("learning rate")
+    lr_ax.set_xlabel("optimizer step")
+    lr_ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    lr_ax.ticklabel_format(axis="y", style="sci", scilimits=(-2, 3))
+    lr_ax.grid(alpha=0.3)
+    fig.savefig(path, format="png")
+
+
+def _ema(values: list[float], alpha: float) -> list[float]:
+    out, acc = [], values[0]
+    for v in values:
+        acc = alpha * v + (1 - alpha) * acc
+        out.append(acc)
+    return out
+
+
+def _finite(x: Any) -> bool:
+    return isinstance(x, int | float) and math.isfinite(x)
+
+
+# Summary ---------------------------------------------------------------------------------------------------------
+
+def render_summary(run: RunDir, metrics: Metrics, recipe: dict[str, Any], manifest: dict[str, Any],
+                   eval_result: dict[str, Any] | None) -> str:
+    name = run.root.resolve().name
+    status = manifest.get("status", "unknown (no run.json)")
+    final_step = manifest.get("final_step") or (metrics.train[-1]["step"] if metrics.train else None)
+    total = manifest.get("total_steps")
+    md = [f"# Run report: {name}", "",
+          f"**Status:** {status}" + (f", step {final_step} of {total}" if final_step and total else ""), ""]
+    if manifest.get("error"):
+        md += [f"**Error:** `{manifest['error'].splitlines()[0][:300]}`", ""]
+    md += ["![loss and learning rate](loss.png)", ""]
+    md += ["## Recipe", "", *_table(["", ""], _recipe_rows(recipe, manifest)), ""]
+    md += ["## Metrics", "", *_table(["metric", "value", "step"], _metric_rows(metrics)), ""]
+    if eval_result is not None:
+        rows = [[k, _fmt(v)] for k, v in eval_result.items() if isinstance(v, int | float | str | bool) or v is None]
+        md += [f"## Evaluation ({run.eval_json.name})", "", *_table(["key", "value"], rows), ""]
+    md += ["## Timing", "", *_table(["", ""], _timing_rows(metrics, manifest)), ""]
+    md += ["Files: `metrics.jsonl` (every logged value), `run.json` (manifest), `recipe.yaml` (the resolved recipe).",
+           ""]
+    return "\n".join(md)
+
+
+def _recipe_rows(recipe: dict[str, Any], manifest: dict[str, Any]) -> list[list[str]]:
+    model = recipe.get("model") or {}
+    method = _method(recipe, manifest)
+    rows = [["model", f"`{_model_name(recipe, manifest)}`" + (f" ({model['dtype']})" if model.get("dtype") else "")],
+            ["method", method + _method_detail(recipe, method)]]
+    q = recipe.get("quantization") or {}
+    if q.get("bits"):
+        kind = f"{q.get('quant_type', 'nf4')}" + (" + double quant" if q.get("double_quant") else "") \
+            if q["bits"] == 4 else "int8"
+        rows.append(["quantization", f"{q['bits']}-bit {kind}, compute {q.get('compute_dtype', '?')}"])
+    else:
+        rows.append(["quantization", "none"])
+    data = recipe.get("data") or {}
+    if data:
+        rows.append(["data", f"{_sources(data.get('train'))} ({data.get('format', '?')})"])
+        rows.append(["eval data", _sources(data["eval"]) if data.get("eval")
+                     else f"{data.get('val_split', 0):g} of train held out"])
+        rows.append(["sequence", f"max_seq_len {data.get('max_seq_len', '?')}, packing "
+                                 f"{'on' if data.get('packing') else 'off'}, train_on_inputs "
+                                 f"{'on' if data.get('train_on_inputs') else 'off'}"])
+        stats = (manifest.get("data") or {}).get("train") or {}
+        if stats.get("rows") is not None:
+            rows.append(["train rows", f"{stats['rows']:,}" + (f", {stats['tokens']:,} tokens" if stats.get("tokens")
+                                                              else "")])
+    t = recipe.get("train") or {}
+    if t:
+        length = f"max_steps {t['max_steps']}" if t.get("max_steps") else f"{t.get('epochs', '?')} epochs"
+        rows.append(["steps", f"{length} ({manifest['total_steps']} optimizer steps)" if manifest.get("total_steps")
+                     else length])
+        rows.append(["batch", f"micro_batch_size {t.get('micro_batch_size')} x grad_accum {t.get('grad_accum')}"
+                              f" x processes {manifest.get('num_processes', 1)}"])
+        rows.append(["optimizer", f"{t.get('optimizer', '?')}, lr {t.get('lr', '?')} {t.get('scheduler', '')}, "
+                                  f"warmup_ratio {t.get('warmup_ratio', '?')}, weight_decay {t.get('weight_decay', '?')}"])
+    if manifest.get("trainable_params") is not None:
+        tr, tot = manifest["trainable_params"], manifest.get("total_params") or 0
+        pct = f" ({100 * tr / tot:.3f}%)" if tot else ""
+        rows.append(["trainable parameters", f"{tr:,} of {tot:,}{pct}"])
+    return rows
+
+
+def _method_detail(recipe: dict[str, Any], method: str) -> str:
+    if method in ("lora", "qlora", "dora") and recipe.get("lora"):
+        lo = recipe["lora"]
+        targets = lo.get("target_modules")
+        targets = ", ".join(targets) if isinstance(targets, list) else targets
+        return f": rank {lo.get('rank')}, alpha {lo.get('alpha')}, dropout {lo.get('dropout')}, targets {targets}"
+    if method == "freeze" and recipe.get("freeze"):
+        fr = recipe["freeze"]
+        return f": last {fr.get('trainable_layers')} blocks + {fr.get('trainable_modules') or 'no extra modules'}"
+    if method in ("prompt_tuning", "prefix_tuning") and recipe.get("prompt"):
+        return f": {recipe['prompt'].get('num_virtual_tokens')} virtual tokens"
+    if method == "adapter" and recipe.get("bottleneck"):
+        return f": bottleneck size {recipe['bottleneck'].get('size')}"
+    return ""
+
+
+def _metric_rows(metrics: Metrics) -> list[list[str]]:
+    rows: list[list[str]] = []
+    finite = [r for r in metrics.train if _finite(r.get("loss"))]
+    if finite:
+        first, last = finite[0], finite[-1]
+        best = min(finite, key=lambda r: r["loss"])
+        rows.append(["final train loss", f"{last['loss']:.4f}", str(last["step"])])
+        rows.append(["first train loss", f"{first['loss']:.4f}", str(first["step"])])
+        rows.append(["lowest train loss", f"{best['loss']:.4f}", str(best["step"])])
+        if _finite(last.get("grad_norm")):
+            rows.append(["final grad norm", f"{last['grad_norm']:.4g}", str(last["step"])])
+    if metrics.eval:
+        last = metrics.eval[-1]
+        rows.append(["final eval loss", _fmt(last.get("eval_loss")), str(last["step"])])
+        if last.get("eval_perplexity") is not None:
+            rows.append(["final eval perplexity", _fmt(last["eval_perplexity"]), str(last["step"])])
+        best = metrics.best_eval
+        if best is not None:
+            rows.append(["best eval loss", f"{best['eval_loss']:.4f}", str(best["step"])])
+            if best.get("eval_perplexity") is not None:
+                rows.append(["best eval perplexity", _fmt(best["eval_perplexity"]), str(best["step"])])
+    return rows
+
+
+def _timing_rows(metrics: Metrics, manifest: dict[str, Any]) -> list[list[str]]:
+    rows: list[list[str]] = []
+    started, finished = manifest.get("started_at"), manifest.get("finished_at")
+    if started:
+        rows.append(["started", started])
+    if manifest.get("resumed_at"):
+        rows.append(["resumed", f"{manifest['resumed_at']} (from step {manifest.get('resumed_from_step')})"])
+    if finished:
+        rows.append(["finished", finished])
+    duration = _seconds_between(started, finished)
+    if duration is not None:
+        rows.append(["duration", f"{fmt_duration(duration)} ({duration:,.0f} s wall clock, after loading)"])
+    tps = [r["tokens_per_s"] for r in metrics.train if _finite(r.get("tokens_per_s"))]
+    if tps:
+        rows.append(["throughput", f"{sum(tps) / len(tps):,.0f} tokens/s average over {len(tps)} logged windows "
+                                   f"(min {min(tps):,.0f}, max {max(tps):,.0f})"])
+    env = manifest.get("environment") or {}
+    if env.get("device"):
+        gpus = f" ({', '.join(env['gpus'])})" if env.get("gpus") else ""
+        rows.append(["device", f"{env['device']}{gpus} x {manifest.get('num_processes', 1)} process(es)"])
+    if not rows:
+        rows.append(["", "no run.json: timings unknown"])
+    return rows
+
+
+def _seconds_between(start: str | None, end: str | None) -> float | None:
+    if not start or not end:
+        return None
+    try:
+        return (_parse_time(end) - _parse_time(start)).total_seconds()
+    except ValueError:
+        return None
+
+
+def _parse_time(text: str) -> datetime:
+    try:
+        return datetime.strptime(text, "%Y-%m-%dT%H:%M:%S%z")
+    except ValueError:
+        return datetime.fromisoformat(text)
+
+
+def _model_name(recipe: dict[str, Any], manifest: dict[str, Any]) -> str:
+    return str((recipe.get("model") or {}).get("name_or_path") or manifest.get("base_model") or "?")
+
+
+def _method(recipe: dict[str, Any], manifest: dict[str, Any]) -> str:
+    return str(recipe.get("method") or manifest.get("method") or "?")
+
+
+def _sources(value: Any) -> str:
+    if isinstance(value, list):
+        return ", ".join(f"`{s.get('path')}`" + (f" x{s['weight']:g}" if s.get("weight") else "") for s in value
+                         if isinstance(s, dict))
+    return f"`{value}`" if value else "?"
+
+
+def _fmt(value: Any) -> str:
+    if isinstance(value, float):
+        return f"{value:.4f}" if abs(value) < 1e5 else f"{value:.4g}"
+    if isinstance(value, int) and not isinstance(value, bool):
+        return f"{value:,}"
+    return "" if value is None else str(value)
+
+
+def _table(header: list[str], rows: list[list[str]]) -> list[str]:
+    def esc(cell: str) -> str:
+        return str(cell).replace("|", "\\|").replace("\n", " ")
+
+    out = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    out += ["| " + " | ".join(esc(c) for c in row) + " |" for row in rows]
+    return out

@@ -1,0 +1,146 @@
+"""`ft train RECIPE --smoke`: run a real recipe end to end in seconds, offline, e.g. in CI.
+
+Everything that decides *how* training runs is kept: method and its settings, quantization, data format,
+chat template, masking (train_on_inputs), packing, optimizer family, scheduler. What makes it big is swapped:
+
+- the model becomes the built-in tiny random model of the same architecture family (llama, qwen2, mistral,
+  gemma, phi3, gpt2, ...), found from the model's config.json when it is available offline (local directory
+  or Hugging Face cache) and from its name otherwise;
+- a few optimizer steps on the first rows of the real data, short sequences, small batches;
+- float32 on the CPU; trackers off; the run goes to `<output_dir>-smoke`.
+"""
+
+from __future__ import annotations
+
+import re
+import sys
+from typing import Any
+
+from ft_cli.errors import UserError
+from ft_cli.recipe import Recipe
+
+SMOKE_STEPS = 4
+SMOKE_ROWS = 64
+SMOKE_MAX_SEQ_LEN = 256
+SMOKE_MICRO_BATCH = 2
+
+# config.json model_type -> the tiny built-in family that exercises the same code paths.
+_FAMILY_OF_MODEL_TYPE = {
+    "mixtral": "mistral",
+    "qwen2_moe": "qwen2",
+    "qwen3_moe": "qwen3",
+    "gemma3": "gemma2",
+    "gemma3_text": "gemma2",
+    "phi": "phi3",
+    "phimoe": "phi3",
+}
+# Checked in order against the lower-cased model name when no config is available offline.
+_FAMILY_OF_NAME = (
+    (r"qwen-?3", "qwen3"),
+    (r"qwen", "qwen2"),
+    (r"gemma-?[23]", "gemma2"),
+    (r"gemma", "gemma"),
+    (r"mi[sx]tral", "mistral"),
+    (r"phi", "phi3"),
+    (r"gpt-?2", "gpt2"),
+    (r"llama|vicuna|tinyllama|smollm", "llama"),
+)
+
+
+def smoke_recipe(recipe: Recipe, *, echo: Any = None) -> Recipe:
+    """A copy of `recipe` that runs in seconds on the CPU; prints what was swapped (to stderr by default)."""
+    import torch
+
+    echo = echo or (lambda line: print(line, file=sys.stderr, flush=True))
+    cuda = torch.cuda.is_available()
+    r = recipe.model_copy(deep=True)
+    changes: list[tuple[str, Any, Any]] = []
+
+    def swap(path: str, value: Any) -> None:
+        section, _, key = path.rpartition(".")
+        target = _section(r, section)
+        old = getattr(target, key)
+        if old != value:
+            setattr(target, key, value)
+            changes.append((path, old, value))
+
+    model_type, how = model_family(recipe)
+    from ft_cli.builtin_models import tiny_model_dir_for
+
+    tiny_dir = tiny_model_dir_for(model_type)
+    swap("model.name_or_path", str(tiny_dir))
+    swap("model.revision", None)
+    swap("model.trust_remote_code", False)
+    if not cuda:
+        swap("model.dtype", "float32")
+        if r.model.attn_implementation == "flash_attention_2":
+            swap("model.attn_implementation", None)
+        if r.quantization is not None and r.quantization.bits is not None:
+            swap("quantization.compute_dtype", "float32")
+        if r.train.optimizer == "paged_adamw_8bit":
+            swap("train.optimizer", "adamw_8bit")  # paging needs CUDA; same 8-bit state otherwise
+        swap("train.compile", False)
+        swap("train.liger_kernel", False)
+
+    d, t = r.data, r.train
+    swap("data.limit", min(d.limit or SMOKE_ROWS, SMOKE_ROWS))
+    swap("data.max_seq_len", min(d.max_seq_len, SMOKE_MAX_SEQ_LEN))
+    swap("train.max_steps", min(t.max_steps or SMOKE_STEPS, SMOKE_STEPS))
+    swap("train.micro_batch_size", min(t.micro_batch_size, SMOKE_MICRO_BATCH))
+    if t.eval_batch_size is not None:
+        swap("train.eval_batch_size", min(t.eval_batch_size, SMOKE_MICRO_BATCH))
+    swap("train.grad_accum", 1)
+    swap("train.eval_every", 2)
+    swap("train.save_every", 2)
+    swap("train.log_every", 1)
+    if t.warmup_steps is not None:
+        swap("train.warmup_steps", min(t.warmup_steps, 1))
+    swap("train.early_stopping_patience", None)
+    swap("logging.trackers", [])
+    swap("output_dir", f"{(recipe.output_dir or 'runs/run').rstrip('/')}-smoke")
+
+    # The swaps must leave a recipe that validates exactly as a hand-written one would.
+    try:
+        smoked = Recipe.model_validate(r.model_dump())
+    except Exception as exc:  # pragma: no cover - a bug in the swaps above, not the user's recipe
+        raise RuntimeError(f"--smoke produced an invalid recipe: {exc}") from exc
+
+    echo(f"smoke: {recipe.method} on a tiny random {model_type} (2 layers, hidden 64) instead of "
+         f"{recipe.model.name_or_path} [family from {how}]; kept: method, quantization, data format, chat "
+         f"template, masking, packing")
+    for path, old, new in changes:
+        if path != "model.name_or_path":
+            echo(f"smoke:   {path}: {_show(old)} -> {_show(new)}")
+    return smoked
+
+
+def model_family(recipe: Recipe) -> tuple[str, str]:
+    """(tiny built-in model_type, how it was found) for the recipe's model, without the network."""
+    from ft_cli.model_config import find_model_config
+
+    name = recipe.model.name_or_path
+    found = find_model_config(recipe.model)
+    if found is not None and found.model_type:
+        model_type = found.model_type
+        family = _FAMILY_OF_MODEL_TYPE.get(model_type, model_type)
+        how = f"model_type {model_type!r} in the {found.source} config.json"
+        return family, how if family == model_type else how + f", closest built-in: {family}"
+    lowered = name.lower()
+    for pattern, family in _FAMILY_OF_NAME:
+        if re.search(pattern, lowered):
+            return family, f"the model name (no config.json offline; matched {pattern!r})"
+    raise UserError(f"--smoke: cannot tell the architecture of model.name_or_path {name!r}: its config.json is not "
+                    "in the local Hugging Face cache and the name mentions no known family (llama, qwen, mistral, "
+                    "gemma, phi, gpt2); download its config once (huggingface-cli download "
+                    f"{name} config.json) or use a local model directory")
+
+
+def _section(recipe: Recipe, dotted: str) -> Any:
+    node: Any = recipe
+    for part in filter(None, dotted.split(".")):
+        node = getattr(node, part)
+    return node
+
+
+def _show(value: Any) -> str:
+    return "null" if value is None else repr(value) if isinstance(value, str) else str(value)

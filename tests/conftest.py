@@ -1,0 +1,95 @@
+"""Shared test set-up: offline, a throwaway ft cache, tiny data, GPU tests skipped without CUDA."""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# Built-in models and tokenized-data caches go to one directory per test session unless the caller chose one.
+os.environ.setdefault("FT_CACHE_DIR", tempfile.mkdtemp(prefix="ft-test-cache-"))
+
+ROOT = Path(__file__).resolve().parents[1]
+SHARED_DATA = ROOT.parent / "shared" / "data"
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    import torch
+
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA GPU")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)
+
+
+@pytest.fixture(scope="session")
+def alpaca_file() -> Path:
+    """200 synthetic alpaca rows that ship with ft (examples/data)."""
+    return ROOT / "examples" / "data" / "quickstart_alpaca.json"
+
+
+@pytest.fixture(scope="session")
+def chat_file() -> Path:
+    return ROOT / "examples" / "data" / "quickstart_chat.jsonl"
+
+
+@pytest.fixture(scope="session")
+def shared_data() -> Path:
+    """The public sample data beside the checkout (../shared/data); tests using it skip when it is absent."""
+    if not SHARED_DATA.is_dir():
+        pytest.skip("../shared/data not present")
+    return SHARED_DATA
+
+
+# Data pipeline (tests/test_data_*.py) ------------------------------------------------------------------------------
+
+@pytest.fixture(scope="session")
+def tiny_llama_dir() -> Path:
+    """The built-in tiny-llama model directory (ChatML template, eos <|im_end|>, no BOS added on encode)."""
+    from ft_cli.builtin_models import resolve_builtin
+
+    return resolve_builtin("builtin:tiny-llama")
+
+
+@pytest.fixture
+def data_tokenizer(tiny_llama_dir):
+    """A fresh copy of the built-in tokenizer per test (tests change its chat template)."""
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(tiny_llama_dir)
+
+
+@pytest.fixture
+def bos_tokenizer(tiny_llama_dir):
+    """The built-in tokenizer changed to add <|begin_of_text|> on encode, as Llama tokenizers do."""
+    from tokenizers import processors
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(tiny_llama_dir)
+    tok.backend_tokenizer.post_processor = processors.Sequence([
+        processors.ByteLevel(trim_offsets=False),
+        processors.TemplateProcessing(single=f"{tok.bos_token} $A", special_tokens=[(tok.bos_token, tok.bos_token_id)]),
+    ])
+    return tok
+
+
+@pytest.fixture
+def data_recipe():
+    """make(train, **data_fields) -> Recipe for builtin:tiny-llama; no cache and no eval split unless asked."""
+    from ft_cli.recipe import recipe_from_dict
+
+    def make(train, train_section: dict | None = None, **data):
+        data = {"train": train, "val_split": 0.0, "cache": False, **data}
+        raw = {"model": {"name_or_path": "builtin:tiny-llama"}, "data": data}
+        if train_section:
+            raw["train"] = train_section
+        return recipe_from_dict(raw)
+
+    return make
