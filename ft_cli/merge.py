@@ -65,8 +65,9 @@ def merge_run(run_dir: Path, out: Path, *, force: bool = False, dtype: str | Non
     tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
     if tmp.exists():
         shutil.rmtree(tmp)
+    whole = recipe.method in WHOLE_MODEL_METHODS
+    bits = recipe.quantization.bits if recipe.quantization else None
     try:
-        whole = recipe.method in WHOLE_MODEL_METHODS
         report = _merge_into(target.output, recipe, tmp, out_dtype, run_dir=target.path,
                              base_path=None if whole else run_base_path(target))
         parity = report["parity"]
@@ -76,7 +77,7 @@ def merge_run(run_dir: Path, out: Path, *, force: bool = False, dtype: str | Non
               f"({parity['tokens']} tokens, {parity['compute_dtype']}): {Parity(**parity).line()}; "
               f"tolerance {report['tolerance']:g} relative -> {'OK' if ok else 'FAILED'}")
         if "vs_quantized_training_model" in report:
-            _echo(f"information: merged vs the 4-bit model used in training: "
+            _echo(f"information: merged vs the {bits}-bit model used in training: "
                   f"{Parity(**report['vs_quantized_training_model']).line()} (the quantization error the merge "
                   "removes, not a merge error)")
         if not ok and not force:
@@ -123,10 +124,14 @@ def _merge_into(output: Path, recipe: Recipe, tmp: Path, out_dtype: str, *, run_
                               "tolerance": TOLERANCE[out_dtype]}
     quantized_logits = None
     if recipe.quantized:
-        _echo(f"scoring the 4-bit training-time model on {len(samples)} rows (information only)")
-        qmodel = load_run_model(recipe, output, quantize=True, base_path=base_path)
-        quantized_logits = logits_of(qmodel, samples)
-        del qmodel
+        bits = recipe.quantization.bits  # type: ignore[union-attr]
+        _echo(f"scoring the {bits}-bit training-time model on {len(samples)} rows (information only)")
+        try:
+            qmodel = load_run_model(recipe, output, quantize=True, base_path=base_path)
+            quantized_logits = logits_of(qmodel, samples)
+            del qmodel
+        except Exception as exc:  # information only: never block a merge on it (e.g. no bitsandbytes kernel here)
+            _echo(f"  skipped: {type(exc).__name__}: {exc}")
         gc.collect()
 
     # The reference: exactly the function training produced, on the unquantized base, in compute precision.
@@ -136,7 +141,7 @@ def _merge_into(output: Path, recipe: Recipe, tmp: Path, out_dtype: str, *, run_
     else:
         model = load_base(recipe, quantize=False, path=base_path)
         report["reference"] = (f"the adapter on the unquantized {recipe.model.dtype} base"
-                               + (" (QLoRA trained it on a 4-bit base; merging needs 16-bit weights)"
+                               + (f" (QLoRA trained it on a {bits}-bit base; merging needs 16-bit weights)"
                                   if recipe.quantized else ""))
     compute = "float32" if _fits_in_memory(_param_bytes(model, 4)) else out_dtype
     model.to(torch_dtype(compute))

@@ -9,6 +9,7 @@ from __future__ import annotations
 import math
 import os
 import signal
+import sys
 import time
 from contextlib import nullcontext
 from dataclasses import dataclass, field
@@ -126,6 +127,12 @@ def fit(s: Session) -> Path:
     acc, t, model = s.accelerator, s.recipe.train, s.model
     main = acc.is_main_process
     world = acc.num_processes
+    if s.start_step >= s.total_steps:
+        _finish_manifest(s, "completed", s.start_step)
+        if main:
+            print(f"{s.run.root} already finished {s.start_step} of {s.total_steps} steps: nothing to do "
+                  "(raise train.max_steps or epochs to continue training)", file=sys.stderr)
+        return s.run.root
     metrics = MetricsWriter(s.run.metrics, keep_until_step=s.start_step) if main else None
     reporter = Reporter(s.total_steps, start=s.start_step, enabled=main)
     if s.start_step:
@@ -178,12 +185,14 @@ def fit(s: Session) -> Path:
                 last_eval_step = step
                 if _evaluate(s, step, epoch, metrics, reporter):
                     stopped_early = True
-            if t.save_every and step % t.save_every == 0 and step < s.total_steps and not stopped_early:
-                _checkpoint(s, step)
+            if t.save_every and (step % t.save_every == 0 or step == s.total_steps):
+                _checkpoint(s, step)  # also at the end, so a finished run can be extended with --resume
             if _reduce_sum(acc, int(stop.signum is not None)):
                 _checkpoint(s, step)
                 raise _interrupted(s, step, stop.signum or signal.SIGTERM)
             if stopped_early:
+                if t.save_every and step % t.save_every:
+                    _checkpoint(s, step)
                 reporter.message(f"early stopping at step {step}: eval_loss has not improved for "
                                  f"{t.early_stopping_patience} evaluations (best {s.state['best_eval_loss']:.4f} "
                                  f"at step {s.state['best_step']})")

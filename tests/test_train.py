@@ -72,7 +72,7 @@ def test_qlora_loss_falls_and_run_dir_follows_spec(qlora_run: Path) -> None:
     assert (adapter / "adapter_config.json").is_file() and (adapter / "adapter_model.safetensors").is_file()
     assert "im_start" in json.loads((adapter / "tokenizer_config.json").read_text()).get("chat_template", "") or \
         (adapter / "chat_template.jinja").is_file()
-    assert sorted(p.name for p in (qlora_run / "checkpoints").iterdir()) == ["step-10", "step-20"]
+    assert sorted(p.name for p in (qlora_run / "checkpoints").iterdir()) == ["step-20", "step-30"]
     manifest = json.loads((qlora_run / "run.json").read_text())
     assert manifest["status"] == "completed" and manifest["final_step"] == 30
     assert manifest["environment"]["packages"]["bitsandbytes"]
