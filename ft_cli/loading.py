@@ -161,17 +161,14 @@ def load_run_model(recipe: Recipe, output: Path, *, device: Any = "cpu", merged:
 
 
 def load_base(recipe: Recipe, *, device: Any = "cpu", quantize: bool | None = None, path: str | None = None) -> Any:
-    """The run's base model as training saw it: quantized bases get the fp32 norms/embeddings that
-    prepare_model_for_kbit_training gave them, so scores match the ones logged during training."""
+    """The run's base model as training saw it, so scores match the ones logged during training: in model.dtype,
+    with bitsandbytes layers when quantized and everything else (embeddings, head, norms) left in model.dtype, as
+    ft.methods.prepare_quantized leaves it. (Runs trained before that change had those upcast to float32; their
+    scores now differ from the logged ones by bf16 rounding.)"""
     from ft_cli.model import load_base_model, resolve_model_path
 
     quantize = recipe.quantized if quantize is None else quantize
-    base = load_base_model(recipe, path or resolve_model_path(recipe.model), device=device, quantize=quantize)
-    if quantize and recipe.quantized:
-        from peft import prepare_model_for_kbit_training
-
-        base = prepare_model_for_kbit_training(base, use_gradient_checkpointing=False)
-    return base
+    return load_base_model(recipe, path or resolve_model_path(recipe.model), device=device, quantize=quantize)
 
 
 def load_peft_adapter(base: Any, adapter_dir: Path) -> Any:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -31,20 +32,54 @@ def resolve_model_path(model: ModelSection) -> str:
     if path.is_dir():
         if not (path / "config.json").is_file():
             raise UserError(f"model.name_or_path: {path} is a directory but has no config.json (not a model directory)")
+        _check_model_config(path / "config.json", model)
         return str(path)
     if path.exists() or name.startswith(("/", "./", "../", "~")):
         raise UserError(f"model.name_or_path: local model directory not found: {path}")
-    _check_hub_reachable(name, model.revision)
+    cached = _check_hub_reachable(name, model.revision)
+    if cached is not None:
+        _check_model_config(Path(cached), model)
     return name
 
 
-def _check_hub_reachable(repo_id: str, revision: str | None) -> None:
-    """Fail fast, with a clear message, when a hub id is neither cached nor downloadable."""
+def remote_code_refused(path: str) -> UserError:
+    return UserError(f"model.trust_remote_code: {path} ships its own Python code (auto_map in config.json), which "
+                     "ft does not run unless the recipe says model.trust_remote_code: true; set it only if you "
+                     "trust the model's author")
+
+
+def _check_model_config(config_file: Path, model: ModelSection) -> None:
+    """Fail before the tokenizer and the data load when transformers could not load this config: invalid JSON, a
+    model_type it does not know, or custom code (auto_map) without model.trust_remote_code."""
+    try:
+        config = json.loads(config_file.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as exc:
+        raise UserError(f"model.name_or_path: {config_file} is not valid JSON ({exc})") from None
+    model_type = config.get("model_type") if isinstance(config, dict) else None
+    if not isinstance(model_type, str):
+        return  # transformers guesses the architecture from the name; let it try
+    from transformers.models.auto.configuration_auto import CONFIG_MAPPING
+
+    if model_type in CONFIG_MAPPING:
+        return  # built into transformers: loads without running the model's own code, auto_map or not
+    if config.get("auto_map"):
+        if not model.trust_remote_code:
+            raise remote_code_refused(str(config_file.parent))
+        return
+    import transformers
+
+    raise UserError(f"model.name_or_path: {config_file} has model_type {model_type!r}, which transformers "
+                    f"{transformers.__version__} does not know; upgrade transformers or check the model directory")
+
+
+def _check_hub_reachable(repo_id: str, revision: str | None) -> str | None:
+    """Fail fast, with a clear message, when a hub id is neither cached nor downloadable; the cached config.json,
+    if any."""
     from huggingface_hub import try_to_load_from_cache
 
     cached = try_to_load_from_cache(repo_id, "config.json", revision=revision)
     if isinstance(cached, str):
-        return
+        return cached
     offline = os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes")
     hint = ("download it first (huggingface-cli download) or point model.name_or_path at a local directory; "
             "builtin:tiny-llama needs no network")
@@ -72,8 +107,7 @@ def load_tokenizer(recipe: Recipe, path: str | None = None):
                                             revision=recipe.model.revision)
     except ValueError as exc:
         if "trust_remote_code" in str(exc):
-            raise UserError(f"model.name_or_path: {path} needs custom code; set model.trust_remote_code: true "
-                            "only if you trust its author") from None
+            raise remote_code_refused(path) from None
         raise
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token if tok.eos_token is not None else tok.unk_token
@@ -93,13 +127,14 @@ class BuiltModel:
     total_params: int
 
 
-def load_base_model(recipe: Recipe, path: str, device: Any = None, quantize: bool = True):
-    """The pretrained base model in the recipe's dtype, quantized with bitsandbytes when the recipe says so."""
+def load_base_model(recipe: Recipe, path: str, device: Any = None, quantize: bool = True, dtype: str | None = None):
+    """The pretrained base model in the recipe's dtype (or `dtype`), quantized with bitsandbytes when the recipe
+    says so."""
     import torch
     from transformers import AutoModelForCausalLM
 
     kwargs: dict[str, Any] = {
-        "dtype": torch_dtype(recipe.model.dtype),
+        "dtype": torch_dtype(dtype or recipe.model.dtype),
         "trust_remote_code": recipe.model.trust_remote_code,
         "revision": recipe.model.revision,
     }
@@ -112,8 +147,7 @@ def load_base_model(recipe: Recipe, path: str, device: Any = None, quantize: boo
         model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
     except ValueError as exc:
         if "trust_remote_code" in str(exc):
-            raise UserError(f"model.name_or_path: {path} needs custom code; set model.trust_remote_code: true "
-                            "only if you trust its author") from None
+            raise remote_code_refused(path) from None
         raise
     except ImportError as exc:
         raise UserError(f"cannot load {path}: {exc}") from None
@@ -142,7 +176,8 @@ def build_model(recipe: Recipe, device: Any = None) -> BuiltModel:
     from ft_cli.methods import apply_method
 
     path = resolve_model_path(recipe.model)
-    model = load_base_model(recipe, path, device=device)
+    # float32 master weights under mixed precision (train.py runs them under autocast), model.dtype otherwise
+    model = load_base_model(recipe, path, device=device, dtype=recipe.weights_dtype)
     if recipe.train.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         model.config.use_cache = False

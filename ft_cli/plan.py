@@ -5,18 +5,25 @@ so parameter counts are exact. Bytes per parameter follow what `ft train` actual
 
 - weights: the model dtype; with quantization, bitsandbytes replaces every linear layer but the output head
   (4-bit: 0.5 byte/param + one absmax per 64 weights, itself 8-bit with double quant; 8-bit: 1 byte + an fp32
-  scale per row) and peft's prepare_model_for_kbit_training upcasts everything else (embeddings, head, norms)
-  to float32;
-- PEFT adapters are kept in float32 (autocast_adapter_dtype); full/freeze train the weights in the model dtype
-  (no float32 master copy);
+  scale per row) and everything else (embeddings, head, norms) stays in the model dtype
+  (ft.methods.prepare_quantized does not upcast it);
+- PEFT adapters are kept in float32 (autocast_adapter_dtype); full/freeze with a 16-bit dtype and
+  train.mixed_precision hold float32 master weights (so float32 gradients and AdamW state) and compute under
+  autocast, which holds a 16-bit copy of each linear weight through the forward (counted with the activations);
+  with mixed_precision false they train in the model dtype;
 - gradients: one per trainable parameter, in its dtype; AdamW: two states in the parameter's dtype
   (bitsandbytes 8-bit AdamW: 2 bytes + block constants, for tensors of 4096+ elements);
 - activations per transformer block, after Korthikanti et al. 2022 ("Reducing activation recomputation in large
   transformer models"), re-derived for the block's real widths (GQA, gated MLPs): the tensors autograd keeps
   for backward. With SDPA/flash attention the s^2 attention-probability term disappears. With gradient
   checkpointing only each block's input is kept, plus one block's activations while it is recomputed.
-  QLoRA's activations are float32 because the upcast embeddings make the residual stream float32;
-- logits: batch x seq x vocab, in the activation dtype, plus the float32 copy and log-softmax of the loss;
+  Activations are in the model dtype (QLoRA included: bitsandbytes returns its input's dtype), LoRA's own in
+  float32; under mixed precision the residual stream (block inputs, norm inputs) is float32, as the float32
+  embeddings and norms are not autocast;
+- logits: batch x seq x vocab: the logits the model returns (the activation dtype; float32 under mixed precision,
+  where accelerate converts outputs) plus, at the start of backward, three float32 tensors of the loss: the
+  log-softmax saved for backward, the gradient arriving at it and the one it computes (measured: 14 bytes per
+  logit for bfloat16 logits, 16 for float32, on the CPU where freed memory is returned at once);
 - overhead: CUDA context and library workspaces, plus allocator fragmentation.
 
 These are estimates of the worst case (every row max_seq_len tokens long); measured peaks differ by kernels,
@@ -200,8 +207,8 @@ def count_params(config: Any, recipe: Recipe) -> ParamCounts:
     from ft_cli.methods import apply_method
     from ft_cli.model import torch_dtype
 
-    with torch.device("meta"):
-        model = AutoModelForCausalLM.from_config(config, dtype=torch_dtype(recipe.model.dtype),
+    with torch.device("meta"):  # float32 master weights under mixed precision
+        model = AutoModelForCausalLM.from_config(config, dtype=torch_dtype(recipe.weights_dtype),
                                                  trust_remote_code=recipe.model.trust_remote_code)
     skip = _modules_not_quantized(model)
     quantizable = rows = 0
@@ -219,9 +226,8 @@ def count_params(config: Any, recipe: Recipe) -> ParamCounts:
         model = apply_method(model, meta_recipe)
     except NotImplementedError as exc:
         raise UserError(f"method: ft plan cannot size {recipe.method!r} yet ({exc})") from None
-    upcast = recipe.quantized  # prepare_model_for_kbit_training: every float parameter left becomes float32
-    for p in model.parameters():
-        size = max(p.element_size(), 4) if upcast else p.element_size()
+    for p in model.parameters():  # PEFT adapters are float32 already (autocast_adapter_dtype)
+        size = p.element_size()
         if p.requires_grad:
             counts.trainable.append((p.numel(), size))
         if id(p) not in base_ids:
@@ -270,20 +276,23 @@ def _plan(recipe: Recipe, shape: ModelShape, counts: ParamCounts, b: int) -> Mem
     s = recipe.data.max_seq_len
     static = weight_rows(recipe, counts) + training_state_rows(recipe, counts)
     act_bytes = activation_dtype_bytes(recipe)
+    stream = stream_dtype_bytes(recipe)
     eager = recipe.model.attn_implementation == "eager"
     full = activation_bytes(shape, counts, recipe, b, s, checkpointing=False)
     ckpt = activation_bytes(shape, counts, recipe, b, s, checkpointing=True)
     attn = "eager attention keeps the s^2 probabilities" if eager else "SDPA/flash: no s^2 attention term"
-    dtype = f"{act_bytes}-byte activations" + (" (float32: QLoRA's upcast residual stream)" if recipe.quantized
-                                               else "")
+    dtype = f"{act_bytes}-byte activations"
+    if stream != act_bytes:
+        dtype += f", {stream}-byte residual stream, + {recipe.model.dtype} autocast copies of the linear weights"
     ckpt_row = Row("activations (gradient checkpointing)", ckpt,
                    f"{shape.layers} block inputs + one block recomputed; {b} x {s} tokens, {dtype}")
     full_row = Row("activations (no checkpointing)", full,
                    f"{shape.layers} blocks x tensors kept for backward; {b} x {s} tokens, {dtype}; {attn}")
     on = recipe.train.gradient_checkpointing
-    logits = Row("logits and loss", logits_bytes(shape, b, s, act_bytes),
-                 f"{b} x {s} x vocab {shape.vocab:,}: logits" + (" + float32 copy" if act_bytes < 4 else "")
-                 + " + log-softmax of the loss")
+    held = 4 if recipe.autocast_dtype else act_bytes  # accelerate returns autocast outputs in float32
+    logits = Row("logits and loss", logits_bytes(shape, b, s, held),
+                 f"{b} x {s} x vocab {shape.vocab:,}: {held}-byte logits + the loss's float32 log-softmax and its "
+                 "two gradients in backward")
     subtotal = sum(r.bytes for r in static) + (ckpt if on else full) + logits.bytes
     overhead = Row("CUDA context + allocator", _overhead(subtotal),
                    f"{CUDA_CONTEXT_BYTES / GIB:.1f} GiB context and workspaces + {FRAGMENTATION:.0%} fragmentation")
@@ -296,6 +305,9 @@ def weight_rows(recipe: Recipe, c: ParamCounts) -> list[Row]:
     dtype = recipe.model.dtype
     q = recipe.quantization
     if not recipe.quantized or q is None:
+        if recipe.autocast_dtype:
+            return [Row("base weights", c.base_bytes, f"{c.total:,} params in float32: master weights "
+                        f"(train.mixed_precision; computed and saved in {dtype})")]
         return [Row("base weights", c.base_bytes, f"{c.total:,} params in {dtype}")]
     other = c.total - c.quantizable
     if q.bits == 4:
@@ -306,9 +318,8 @@ def weight_rows(recipe: Recipe, c: ParamCounts) -> list[Row]:
     else:
         quant = Row("base weights, 8-bit", c.quantizable + 4 * c.quantizable_rows,
                     f"{c.quantizable:,} linear-layer params in int8 + one float32 scale per row")
-    rest = Row("base weights, not quantized", other * 4,
-               f"{other:,} params (embeddings, head, norms) in float32: upcast by peft's "
-               "prepare_model_for_kbit_training")
+    rest = Row("base weights, not quantized", other * DTYPE_BYTES[dtype],
+               f"{other:,} params (embeddings, head, norms) in {dtype}, not upcast")
     return [quant, rest]
 
 
@@ -317,7 +328,7 @@ def training_state_rows(recipe: Recipe, c: ParamCounts) -> list[Row]:
     n = c.trainable_count
     if c.added:
         rows.append(Row("adapter weights", c.added_bytes,
-                        f"{c.added:,} params the method adds ({'float32' if recipe.is_peft else recipe.model.dtype})"))
+                        f"{c.added:,} params the method adds ({'float32' if recipe.is_peft else recipe.weights_dtype})"))
     grads = sum(k * size for k, size in c.trainable)
     rows.append(Row("gradients", grads, f"one per trainable param ({n:,}), in its dtype"))
     opt = recipe.train.optimizer
@@ -334,9 +345,16 @@ def training_state_rows(recipe: Recipe, c: ParamCounts) -> list[Row]:
 
 
 def activation_dtype_bytes(recipe: Recipe) -> int:
-    # QLoRA: the upcast (float32) embeddings make the residual stream float32, and bitsandbytes returns
-    # outputs in its input's dtype, so activations are float32 whatever the compute dtype.
-    return 4 if recipe.quantized else DTYPE_BYTES[recipe.model.dtype]
+    """Bytes per activation element: the model dtype, which is also autocast's under mixed precision. QLoRA too:
+    embeddings and norms stay in the model dtype and bitsandbytes returns outputs in its input's dtype."""
+    return DTYPE_BYTES[recipe.model.dtype]
+
+
+def stream_dtype_bytes(recipe: Recipe) -> int:
+    """Bytes per element of the residual stream. Under mixed precision it is float32: the embedding lookup and
+    the norms are not autocast and run on float32 master weights, and a 16-bit block output added to a float32
+    stream stays float32 (only matmul inputs and outputs are 16-bit)."""
+    return 4 if recipe.autocast_dtype else activation_dtype_bytes(recipe)
 
 
 def activation_bytes(shape: ModelShape, c: ParamCounts, recipe: Recipe, b: int, s: int, *,
@@ -344,29 +362,39 @@ def activation_bytes(shape: ModelShape, c: ParamCounts, recipe: Recipe, b: int, 
     """Bytes autograd keeps for backward. Per token and block (elements): both norms' inputs 2h; attention:
     q/k/v input h, q, k, v, context (o_proj input); MLP: input h plus, gated, gate, up, act and product (4 I) or,
     not gated, fc1 output and activation (2 I). Korthikanti et al.'s 34 s b h (16-bit, GPT MLP, dropout) is
-    this count for h = q = kv width and I = 4h, plus dropout masks. LoRA adds its rank-r intermediates and, with
-    dropout, a dropped copy of each wrapped layer's input and its mask."""
+    this count for h = q = kv width and I = 4h, plus dropout masks. LoRA adds its rank-r intermediates and a
+    float32 copy of each wrapped layer's input (peft casts it to the adapter's float32; with dropout, the dropped
+    copy, plus its mask), all float32. Under mixed precision the residual stream (norm and block inputs) is
+    float32, and there is a 16-bit copy of every linear weight: autocast caches the copy of each trainable weight
+    until the forward (loss included) ends, checkpointed or not, and autograd keeps them for backward."""
     h, tokens = shape.hidden, b * s
     q, kv = shape.heads * shape.head_dim, shape.kv_heads * shape.head_dim
-    act = activation_dtype_bytes(recipe)
+    act, stream = activation_dtype_bytes(recipe), stream_dtype_bytes(recipe)
     mlp = h + (4 if shape.gated_mlp else 2) * shape.intermediate
-    elements = 2 * h + (h + 2 * q + 2 * kv) + mlp + c.lora_rank_per_layer
-    mask_bytes = 0
-    if recipe.method in LORA_METHODS and recipe.lora is not None and recipe.lora.dropout > 0:
-        elements += c.lora_inputs_per_layer
-        mask_bytes = c.lora_inputs_per_layer  # bool mask, one byte per element
-    per_layer = tokens * (elements * act + mask_bytes)
+    elements = (h + 2 * q + 2 * kv) + mlp
+    lora_bytes = 4 * c.lora_rank_per_layer  # float32 adapters
+    if recipe.method in LORA_METHODS and recipe.lora is not None:
+        dropout = recipe.lora.dropout > 0
+        if dropout or act != 4:  # without dropout and already float32, lora_A keeps the input counted above
+            lora_bytes += 4 * c.lora_inputs_per_layer
+        if dropout:
+            lora_bytes += c.lora_inputs_per_layer  # bool mask, one byte per element
+    per_layer = tokens * (2 * h * stream + elements * act + lora_bytes)  # 2 h: both norms' inputs
     if recipe.model.attn_implementation == "eager":
         per_layer += tokens * shape.heads * s * (4 + act)  # float32 softmax output + its cast copy
-    outside = tokens * 2 * h * act  # embedding output and final norm input
+    outside = tokens * 2 * h * stream  # embedding output and final norm input
+    weight_copies = act * (c.quantizable + shape.vocab * h) if recipe.autocast_dtype else 0  # blocks' + head
     if checkpointing:
-        return shape.layers * tokens * h * act + per_layer + outside
-    return shape.layers * per_layer + outside
+        return shape.layers * tokens * h * stream + per_layer + outside + weight_copies
+    return shape.layers * per_layer + outside + weight_copies
 
 
-def logits_bytes(shape: ModelShape, b: int, s: int, act_bytes: int) -> int:
-    per_logit = act_bytes + 4 + (4 if act_bytes < 4 else 0)  # logits, (float32 copy), log-softmax for the loss
-    return b * s * shape.vocab * per_logit
+def logits_bytes(shape: ModelShape, b: int, s: int, logit_bytes: int) -> int:
+    """The returned logits, alive until the step ends, plus the loss's peak at the start of backward: transformers
+    computes cross-entropy on a float32 copy (freed once the loss is computed: it peaks at 10 bytes per logit in
+    the forward), autograd keeps the float32 log-softmax, and its backward holds the incoming float32 gradient
+    and the outgoing one at once: logit_bytes + 12 per logit."""
+    return b * s * shape.vocab * (logit_bytes + 12)
 
 
 def format_bytes(n: float) -> str:

@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from ft_cli.errors import UserError
 
@@ -34,7 +34,10 @@ class ModelSection(Section):
         description="Hub id (e.g. meta-llama/Llama-3.1-8B), a local model directory (relative paths resolve "
         "against the recipe file), or a built-in offline model such as builtin:tiny-llama."
     )
-    dtype: DType = Field("bfloat16", description="Dtype the weights are loaded and trained in.")
+    dtype: DType = Field(
+        "bfloat16", description="Dtype of the base weights and of the saved model. PEFT methods train float32 "
+        "adapters on a base in this dtype; full/freeze compute in it (see train.mixed_precision)."
+    )
     trust_remote_code: bool = Field(
         False, description="Allow running Python code shipped with the model. Off unless you trust the model."
     )
@@ -42,6 +45,18 @@ class ModelSection(Section):
     attn_implementation: Literal["sdpa", "eager", "flash_attention_2"] | None = Field(
         None, description="Attention kernel; default: sdpa (flash_attention_2 on CUDA when installed and packing)."
     )
+
+    @field_validator("name_or_path")
+    @classmethod
+    def _known_builtin(cls, value: str) -> str:
+        if value.startswith("builtin:"):  # checked by name only (no torch), so ft validate --no-data catches typos
+            from ft_cli.builtin_models import builtin_spec
+
+            try:
+                builtin_spec(value)
+            except UserError as exc:
+                raise ValueError(exc.message) from None
+        return value
 
 
 class LoraSection(Section):
@@ -167,6 +182,11 @@ class TrainSection(Section):
     layerwise_lr_decay: float | None = Field(
         None, gt=0, le=1, description="full/freeze: each block below the top gets lr x this factor once more."
     )
+    mixed_precision: bool = Field(
+        True, description="For full/freeze with bfloat16/float16: keep float32 master weights and run forward/backward "
+        "under autocast in model.dtype - accurate, 2x weight memory; false: train the weights in model.dtype directly "
+        "(pure bf16; less memory, small updates may be lost). PEFT methods always train float32 adapters."
+    )
     gradient_checkpointing: bool = Field(True, description="Recompute activations in backward to save memory.")
     seed: int = Field(42, ge=0, description="Seed for weights init, data order and dropout.")
     eval_every: int | None = Field(100, gt=0, description="Evaluate every N optimizer steps (and at the end).")
@@ -245,6 +265,10 @@ class Recipe(Section):
             raise _FieldError("lora.loraplus_lr_ratio", "only applies to LoRA methods")
         if self.train.layerwise_lr_decay is not None and m not in WHOLE_MODEL_METHODS:
             raise _FieldError("train.layerwise_lr_decay", f"applies to method full or freeze, not {m!r}")
+        if m not in WHOLE_MODEL_METHODS and "mixed_precision" in self.train.model_fields_set \
+                and not self.train.mixed_precision:
+            raise _FieldError("train.mixed_precision", f"applies to method full or freeze, not {m!r} (PEFT methods "
+                              "always train float32 adapters on a model.dtype base); remove it")
         if self.freeze is not None and self.freeze.trainable_layers == 0 and not self.freeze.trainable_modules:
             raise _FieldError("freeze", "trains nothing: set trainable_layers > 0 or list trainable_modules")
         if self.prompt is not None and self.prompt.init_text is not None and m != "prompt_tuning":
@@ -275,6 +299,20 @@ class Recipe(Section):
     def is_peft(self) -> bool:
         return self.method in PEFT_METHODS
 
+    @property
+    def autocast_dtype(self) -> str | None:
+        """bfloat16/float16 when training keeps float32 master weights and computes under autocast in that dtype
+        (full/freeze with train.mixed_precision and a 16-bit model.dtype); None when it computes in model.dtype."""
+        if self.method in WHOLE_MODEL_METHODS and self.model.dtype != "float32" and self.train.mixed_precision:
+            return self.model.dtype
+        return None
+
+    @property
+    def weights_dtype(self) -> str:
+        """The dtype the base weights are held in while training: float32 master weights under mixed precision,
+        model.dtype otherwise (PEFT adapters are float32 either way)."""
+        return "float32" if self.autocast_dtype else self.model.dtype
+
     def training_fingerprint(self) -> dict[str, Any]:
         """The fields whose change makes resuming produce a different run than the checkpoint's.
 
@@ -286,6 +324,8 @@ class Recipe(Section):
         for key in ("max_steps", "epochs", "eval_every", "save_every", "keep_last", "log_every",
                     "early_stopping_patience", "eval_batch_size", "compile"):
             d["train"].pop(key, None)
+        if self.method not in WHOLE_MODEL_METHODS or self.model.dtype == "float32":
+            d["train"].pop("mixed_precision", None)  # changes nothing here (and runs from before the field resume)
         return _flatten(d)
 
     def fingerprint_hash(self) -> str:
@@ -319,10 +359,12 @@ def load_recipe(path: str | os.PathLike, overrides: list[str] | None = None) -> 
     path = Path(path)
     if not path.is_file():
         raise UserError(f"{path}: recipe file not found")
-    text = path.read_text(encoding="utf-8")
-    raw, lines = _parse_yaml(text, path)
-    for item in overrides or []:
-        _apply_override(raw, item)
+    raw, lines = _parse_yaml(_read_utf8(path), path)
+    if isinstance(raw, dict):  # a list or a scalar is refused by recipe_from_dict
+        for item in overrides or []:
+            _apply_override(raw, item)
+        if not raw:
+            raise UserError(f"{path}: the recipe is empty; it needs at least model.name_or_path and data.train")
     recipe = recipe_from_dict(raw, source=str(path), lines=lines)
     resolve_paths(recipe, path.parent)
     if recipe.output_dir is None:
@@ -337,6 +379,15 @@ def recipe_from_dict(raw: Any, source: str = "recipe", lines: dict[tuple, int] |
         return Recipe.model_validate(raw)
     except ValidationError as exc:
         raise UserError("\n".join(format_errors(exc, source, lines or {}))) from None
+
+
+def _read_utf8(path: Path) -> str:
+    data = path.read_bytes()
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        line = data.count(b"\n", 0, exc.start) + 1
+        raise UserError(f"{path}:{line}: not valid UTF-8 (byte 0x{data[exc.start]:02x}); save the recipe as UTF-8") from None
 
 
 class _LineLoader(yaml.SafeLoader):
@@ -431,8 +482,7 @@ _MESSAGES = {
 def format_errors(exc: ValidationError, source: str, lines: dict[tuple, int]) -> list[str]:
     out: list[str] = []
     seen: set[str] = set()
-    for err in exc.errors(include_url=False):
-        loc, msg = _describe(err)
+    for loc, msg in _problems(exc.errors(include_url=False)):
         dotted = ".".join(str(p) for p in loc)
         line = _line_for(loc, lines)
         where = f"{source}:{line}" if line else source
@@ -451,9 +501,32 @@ def _line_for(loc: tuple, lines: dict[tuple, int]) -> int | None:
     return None
 
 
+def _is_branch(part: Any) -> bool:
+    """pydantic's union-branch markers in an error location (e.g. 'list[DatasetSource]', 'literal[...]', 'str')."""
+    return isinstance(part, str) and ("[" in part or part in ("str", "int", "float"))
+
+
+def _problems(errors: list[dict]) -> list[tuple[tuple, str]]:
+    """(location, message) per problem. A union field (str | list[...], 'all-linear' | list[str]) gets one error per
+    branch: when the input had one branch's shape, only that branch's errors (inside it) are kept; otherwise the
+    field gets one line saying what it may be."""
+    groups: dict[tuple, list[dict]] = {}
+    for err in errors:
+        cut = next((i for i, p in enumerate(err["loc"]) if _is_branch(p)), None)
+        groups.setdefault(err["loc"] if cut is None else err["loc"][:cut], []).append(err)
+    out: list[tuple[tuple, str]] = []
+    for key, group in groups.items():
+        inner = [e for e in group if len(e["loc"]) > len(key) + 1]
+        if len(group) == 1 or inner or not all(len(e["loc"]) > len(key) for e in group):
+            out.extend(_describe(e) for e in (inner or group))
+            continue
+        wants = [_describe(e)[1].split(", got ")[0].removeprefix("must be ") for e in group]
+        out.append((_describe(group[0])[0], f"must be {' or '.join(wants)}, got {group[0].get('input')!r}"))
+    return out
+
+
 def _describe(err: dict) -> tuple[tuple, str]:
-    # Drop pydantic's union-branch markers (e.g. 'list[DatasetSource]', 'literal[...]') from the location.
-    loc = tuple(p for p in err["loc"] if not (isinstance(p, str) and ("[" in p or p in ("str", "int", "float"))))
+    loc = tuple(p for p in err["loc"] if not _is_branch(p))
     typ, ctx = err["type"], err.get("ctx") or {}
     if typ == "extra_forbidden":
         return loc, "unknown key" + _did_you_mean(loc)

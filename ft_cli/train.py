@@ -55,7 +55,6 @@ def train_from_recipe(recipe_path: Path, overrides: list[str], *, output_dir: Pa
 
 def setup(recipe: Recipe, recipe_path: Path, *, resume: bool, overwrite: bool) -> Session:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    from accelerate import Accelerator
     from accelerate.utils import set_seed
 
     from ft_cli.batches import MicroBatches
@@ -64,7 +63,7 @@ def setup(recipe: Recipe, recipe_path: Path, *, resume: bool, overwrite: bool) -
     from ft_cli.optim import build_optimizer, build_scheduler, check_optimizer_supported
 
     run = RunDir(Path(recipe.output_dir or "runs/run"))
-    accelerator = Accelerator(log_with=_trackers(recipe, run), project_dir=str(run.root))
+    accelerator = _accelerator(recipe, run)
     check_optimizer_supported(recipe, accelerator.device.type)
     _check_dtype(recipe, accelerator.device.type)
     # Every rank checks the run directory before any rank changes it, so a refusal is raised everywhere. The
@@ -120,7 +119,6 @@ def fit(s: Session) -> Path:
     micro-batches and processes, so grad_accum and the number of processes do not change the maths."""
     import torch
 
-    from ft_cli.methods import save_trained
     from ft_cli.progress import MetricsWriter, Reporter
     from ft_cli.scoring import count_targets, model_inputs
 
@@ -158,12 +156,16 @@ def fit(s: Session) -> Path:
                     out = model(**model_inputs(batch, acc.device), num_items_in_batch=denom)
                     acc.backward(out.loss)
                 loss_sum += out.loss.detach().float()
+            # Unscales float16 gradients first (accelerate's GradScaler), so the norm and the clipping are real.
             grad_norm = acc.clip_grad_norm_(params, t.max_grad_norm or float("inf"))
             loss = _reduce_sum(acc, loss_sum) / world
-            if not (math.isfinite(loss) and math.isfinite(float(grad_norm))):
+            # Under float16 loss scaling an overflowing gradient is routine: the scaler skips that step and lowers
+            # the scale. Without a scaler, a non-finite gradient means the run diverged.
+            if not math.isfinite(loss) or (not math.isfinite(float(grad_norm)) and acc.scaler is None):
                 raise _diverged(s, step + 1, loss, float(grad_norm))
             s.optimizer.step()
-            s.scheduler.step()
+            if not s.optimizer.step_was_skipped:  # keep the schedule aligned with the updates actually made
+                s.scheduler.step()
             s.optimizer.zero_grad(set_to_none=True)
             step += 1
 
@@ -200,9 +202,7 @@ def fit(s: Session) -> Path:
         if s.data.eval is not None and last_eval_step != step and step > s.start_step:
             _evaluate(s, step, s.batches.epoch_of(step * t.grad_accum), metrics, reporter)
         out_dir = s.run.output(whole_model=s.recipe.method in ("full", "freeze"))
-        if main:
-            save_trained(acc.unwrap_model(model), s.tokenizer, out_dir, s.recipe)
-        acc.wait_for_everyone()
+        _save_trained(s, out_dir)
         _finish_manifest(s, "completed", step)
         reporter.close()
         reporter.message(_summary(s, step, out_dir))
@@ -246,7 +246,6 @@ def _reduce_sum(acc: Any, value: Any) -> float:
 
 def _evaluate(s: Session, step: int, epoch: float, metrics: Any, reporter: Any) -> bool:
     """Evaluate, log, keep the best output; returns True when early stopping says stop."""
-    from ft_cli.methods import save_trained
     from ft_cli.scoring import token_loss
 
     acc, t = s.accelerator, s.recipe.train
@@ -264,9 +263,7 @@ def _evaluate(s: Session, step: int, epoch: float, metrics: Any, reporter: Any) 
     reporter.message(f"step {step}: eval_loss {eval_loss:.4f}" + (" (best)" if improved else ""))
     if improved:
         s.state.update(best_eval_loss=eval_loss, best_step=step, evals_without_improvement=0)
-        if acc.is_main_process:
-            _replace_dir(s.run.best, lambda tmp: save_trained(acc.unwrap_model(s.model), s.tokenizer, tmp, s.recipe))
-        acc.wait_for_everyone()
+        _save_trained(s, s.run.best, replace=True)
         return False
     s.state["evals_without_improvement"] += 1
     patience = t.early_stopping_patience
@@ -280,6 +277,31 @@ def _checkpoint(s: Session, step: int) -> None:
              "recipe_fields": s.recipe.training_fingerprint(), "total_steps": s.total_steps}
     save_checkpoint(s.run, step, model=s.model, optimizer=s.optimizer, scheduler=s.scheduler, state=state,
                     accelerator=s.accelerator, keep_last=s.recipe.train.keep_last)
+
+
+def _save_trained(s: Session, out_dir: Path, *, replace: bool = False) -> None:
+    """Rank 0 writes the adapter (or model) to `out_dir`; `replace` swaps a whole new copy in for an old one.
+    Under FSDP every rank holds only shards of each weight, so all ranks first gather whole tensors to rank 0
+    (a collective) and the savers, which call model.state_dict(), are handed those."""
+    from accelerate.utils import DistributedType
+
+    from ft_cli.methods import save_trained
+
+    acc = s.accelerator
+    model = acc.unwrap_model(s.model)
+    full = acc.get_state_dict(s.model) if acc.distributed_type == DistributedType.FSDP else None
+    if acc.is_main_process:
+        if full is not None:
+            model.state_dict = lambda *args, **kwargs: full  # instance attribute: shadows the method until del
+        try:
+            if replace:
+                _replace_dir(out_dir, lambda tmp: save_trained(model, s.tokenizer, tmp, s.recipe))
+            else:
+                save_trained(model, s.tokenizer, out_dir, s.recipe)
+        finally:
+            if full is not None:
+                del model.state_dict
+    acc.wait_for_everyone()
 
 
 def _replace_dir(target: Path, write: Any) -> None:
@@ -365,6 +387,51 @@ def _refuse_existing(run: RunDir, overwrite: bool) -> None:
         status = run.read_manifest().get("status", "unknown")
         raise UserError(f"output_dir {root} already holds a run (status: {status}); use --resume to continue it, "
                         "--overwrite to replace it, or --output-dir for a new one")
+
+
+def _accelerator(recipe: Recipe, run: RunDir) -> Any:
+    """accelerate's Accelerator with the recipe's precision, not `accelerate launch --mixed_precision`'s: autocast
+    in model.dtype over float32 master weights (plus a GradScaler for float16) for whole-model mixed precision,
+    none otherwise (PEFT methods compute in model.dtype with float32 adapters)."""
+    from accelerate import Accelerator
+    from accelerate.state import AcceleratorState
+
+    mixed = {"bfloat16": "bf16", "float16": "fp16"}.get(recipe.autocast_dtype or "", "no")
+    state = AcceleratorState._shared_state
+    if state and state.get("_mixed_precision") != mixed:
+        # An earlier run in this process (tests, notebooks) fixed another precision in accelerate's process-wide
+        # state, which refuses a change; the distributed setup (PartialState) is kept.
+        AcceleratorState._reset_state()
+    accelerator = Accelerator(log_with=_trackers(recipe, run), project_dir=str(run.root), mixed_precision=mixed,
+                              cpu=_cpu_processes())
+    if accelerator.is_main_process:
+        for warning in _launch_warnings(accelerator):
+            print(f"warning: {warning}", file=sys.stderr)
+    return accelerator
+
+
+def _cpu_processes() -> bool:
+    """True when launched as several processes (torchrun, `accelerate launch --multi_gpu`) on a machine with no
+    GPU: accelerate then needs cpu=True to set up gloo, or every process silently trains alone."""
+    import torch
+
+    launched = int(os.environ.get("WORLD_SIZE", "1")) > 1 or "LOCAL_RANK" in os.environ
+    return launched and not torch.accelerator.is_available()
+
+
+def _launch_warnings(accelerator: Any) -> list[str]:
+    """Launches that accelerate quietly turns into something else than what was asked for."""
+    from accelerate.utils import DistributedType
+
+    env, warnings = os.environ, []
+    if (accelerator.num_processes == 1 and "MASTER_PORT" in env
+            and env.get("ACCELERATE_USE_CPU", "").lower() in ("1", "true", "yes")):
+        warnings.append("`accelerate launch --cpu` starts one process unless given an MPI hostfile: this run uses 1 "
+                        "process. For several CPU processes: torchrun --nproc_per_node N -m ft_cli.cli train ...")
+    if env.get("ACCELERATE_USE_FSDP", "").lower() == "true" and accelerator.distributed_type != DistributedType.FSDP:
+        warnings.append(f"FSDP needs GPUs; accelerate runs this as {accelerator.distributed_type.value} (plain data "
+                        "parallel: every process holds the whole model)")
+    return warnings
 
 
 def _check_dtype(recipe: Recipe, device_type: str) -> None:

@@ -30,7 +30,7 @@ def _alpaca_messages(ex: dict) -> list[dict]:
     return [{"role": "user", "content": user}, {"role": "assistant", "content": ex["output"]}]
 
 
-def _baseline(tokenizer, rows: list[dict], *, masked: bool) -> float:
+def _baseline(tokenizer, rows: list[dict], *, masked: bool) -> tuple[float, float]:
     """Per-example datasets.map over apply_chat_template. masked=True also computes labels the usual way
     (tokenize the prompt with add_generation_prompt=True and mask that many tokens): the same output as ft's."""
     import datasets
@@ -46,21 +46,21 @@ def _baseline(tokenizer, rows: list[dict], *, masked: bool) -> float:
                                                return_dict=True)["input_ids"]
         return {"input_ids": ids, "labels": [-100] * len(prompt) + ids[len(prompt):]}
 
-    start = time.perf_counter()
+    start, cpu = time.perf_counter(), time.process_time()
     ds.map(one, remove_columns=ds.column_names, load_from_cache_file=False)
-    return time.perf_counter() - start
+    return time.perf_counter() - start, time.process_time() - cpu
 
 
-def _ft(tokenizer, path: Path, *, packing: bool, max_seq_len: int = 2048) -> tuple[float, object]:
+def _ft(tokenizer, path: Path, *, packing: bool, max_seq_len: int = 2048) -> tuple[tuple[float, float], object]:
     from ft_cli.data.pipeline import build_datasets
     from ft_cli.recipe import recipe_from_dict
 
     recipe = recipe_from_dict({"model": {"name_or_path": "builtin:tiny-llama"},
                                "data": {"train": str(path), "format": "alpaca", "val_split": 0.0, "cache": False,
                                         "packing": packing, "max_seq_len": max_seq_len}})
-    start = time.perf_counter()
+    start, cpu = time.perf_counter(), time.process_time()
     bundle = build_datasets(recipe, tokenizer)
-    return time.perf_counter() - start, bundle
+    return (time.perf_counter() - start, time.process_time() - cpu), bundle
 
 
 def bench_data(args: argparse.Namespace) -> None:
@@ -78,12 +78,15 @@ def bench_data(args: argparse.Namespace) -> None:
     rows = [dict(r, instruction=f"{r['instruction']} (#{i})") for i, r in
             ((i, demo[i % len(demo)]) for i in range(args.rows))]
     print(f"data: {len(rows):,} alpaca rows (alpaca_en_demo repeated, each unique); tokenizer builtin:tiny-llama; "
-          f"{os.cpu_count()} CPUs; TOKENIZERS_PARALLELISM={os.environ.get('TOKENIZERS_PARALLELISM', '(unset)')}")
+          f"{os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.2f}")
 
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / "rows.json"
         path.write_text(json.dumps(rows))
-        _ft(tokenizer, Path(tmp) / "rows.json", packing=False)  # warm-up (jinja compile, imports)
+        warm = Path(tmp) / "warm.json"
+        warm.write_text(json.dumps(rows[:1000]))
+        _ft(tokenizer, warm, packing=True)  # warm-up: imports, jinja compile
+        _baseline(tokenizer, rows[:1000], masked=True)
         times = {"ft (file -> tokens + labels + packed rows)": [], "baseline map, apply_chat_template only": [],
                  "baseline map, apply_chat_template + prompt mask": []}
         for _ in range(args.repeat):  # interleaved, so load from other processes hits every method alike
@@ -91,10 +94,12 @@ def bench_data(args: argparse.Namespace) -> None:
             times["ft (file -> tokens + labels + packed rows)"].append(t)
             times["baseline map, apply_chat_template only"].append(_baseline(tokenizer, rows, masked=False))
             times["baseline map, apply_chat_template + prompt mask"].append(_baseline(tokenizer, rows, masked=True))
-    best = {k: min(v) for k, v in times.items()}
-    ft_time = best["ft (file -> tokens + labels + packed rows)"]
-    for name, t in best.items():
-        print(f"  {name:<52} {t:7.2f} s  {len(rows) / t:9,.0f} rows/s  x{t / ft_time:.2f} of ft's time")
+    best = {k: min(v) for k, v in times.items()}  # (wall, cpu) of the fastest run
+    ft_time = best["ft (file -> tokens + labels + packed rows)"][0]
+    for name, (t, cpu) in best.items():
+        print(f"  {name:<50} {t:7.2f} s wall ({cpu:6.1f} s CPU)  {len(rows) / t:7,.0f} rows/s  "
+              f"x{t / ft_time:.2f} of ft's time")
+    print(f"  load average (1 min) at the end: {os.getloadavg()[0]:.2f} on {os.cpu_count()} CPUs")
     s = bundle.train_stats
     print(f"  ft: {s.rows:,} examples, {s.tokens:,} tokens, {s.packed_rows:,} packed rows")
 
@@ -107,7 +112,7 @@ def bench_data(args: argparse.Namespace) -> None:
           f"{len(packed):,} rows of 2048 in {pack_time:.2f} s, efficiency "
           f"{packing_efficiency(lengths, len(packed), 2048):.4f}")
 
-    t, bundle = _ft(tokenizer, data_dir / "alpaca_en_demo.json", packing=True, max_seq_len=1024)
+    _, bundle = _ft(tokenizer, data_dir / "alpaca_en_demo.json", packing=True, max_seq_len=1024)
     s = bundle.train_stats
     print(f"packing efficiency on alpaca_en_demo.json at max_seq_len 1024: {s.packing_efficiency:.4f} "
           f"({s.rows} examples, {s.tokens:,} tokens -> {s.packed_rows} rows)")

@@ -8,6 +8,7 @@ An entry is written to a temporary directory and renamed into place, so it is ei
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -54,6 +55,20 @@ def make_key(parts: dict[str, Any]) -> str:
     return hashlib.sha256(blob.encode()).hexdigest()[:24]
 
 
+@contextlib.contextmanager
+def quiet_datasets():
+    """No "Saving the dataset" / "Loading" progress bars from datasets while ft reads and writes its own files."""
+    from datasets.utils import are_progress_bars_disabled, disable_progress_bars, enable_progress_bars
+
+    was_disabled = are_progress_bars_disabled()
+    disable_progress_bars()
+    try:
+        yield
+    finally:
+        if not was_disabled:
+            enable_progress_bars()
+
+
 def load_entry(key: str) -> tuple[Any, dict[str, Any]] | None:
     """(DatasetDict, metadata) of a cache entry, or None when absent or unreadable."""
     path = cache_root() / key
@@ -64,7 +79,8 @@ def load_entry(key: str) -> tuple[Any, dict[str, Any]] | None:
 
     try:
         meta = json.loads(meta_file.read_text())
-        return load_from_disk(str(path / "dataset")), meta
+        with quiet_datasets():
+            return load_from_disk(str(path / "dataset")), meta
     except Exception:  # a damaged entry is rebuilt, never trusted
         return None
 
@@ -75,7 +91,8 @@ def save_entry(key: str, dataset_dict: Any, meta: dict[str, Any]) -> None:
     final = root / key
     tmp = root / f".tmp-{key}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
     try:
-        dataset_dict.save_to_disk(str(tmp / "dataset"))
+        with quiet_datasets():
+            dataset_dict.save_to_disk(str(tmp / "dataset"))
         (tmp / "meta.json").write_text(json.dumps(meta))
         if final.exists():  # another process finished first; its entry is just as good
             return

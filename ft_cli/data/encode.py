@@ -69,11 +69,12 @@ def encode_examples(examples: list[Example | None], tokenizer: Any, settings: En
     if renderer is None and any(ex.text is None for ex in live):
         renderer = ChatRenderer(tokenizer)
     labeler = _Labeler(tokenizer, settings, rows_in=len(examples), dropped_empty=len(examples) - len(live))
+    encode = _BatchEncoder(tokenizer)
     with _tokenizer_threads(), ThreadPoolExecutor(max_workers=1) as pool:
         pending = None
         for start in range(0, len(live), CHUNK):
             texts, spans = _render(live[start:start + CHUNK], renderer)
-            job = (pool.submit(_batch_encode, tokenizer, texts), texts, spans)
+            job = (pool.submit(encode, texts), texts, spans)
             if pending is not None:
                 labeler.add(pending[0].result(), *pending[1:])
             pending = job
@@ -96,8 +97,35 @@ def _render(chunk: list[Example], renderer: ChatRenderer | None) -> tuple[list[s
     return texts, spans
 
 
-def _batch_encode(tokenizer: Any, texts: list[str]) -> Any:
-    return tokenizer(texts, add_special_tokens=False, return_attention_mask=False, verbose=False)
+class _BatchEncoder:
+    """One tokenizer call per chunk -> (ids per text, tokenizers.Encoding per text or None for slow tokenizers).
+
+    A fast tokenizer's own `__call__` only configures the Rust tokenizer (no truncation or padding, special
+    tokens kept whole) and converts its output to lists; after the first call has done the configuring, the
+    Rust `encode_batch` is called directly, once it gave the same ids on the first texts."""
+
+    def __init__(self, tokenizer: Any):
+        self.tokenizer = tokenizer
+        self.backend = tokenizer.backend_tokenizer if getattr(tokenizer, "is_fast", False) else None
+        self.checked = False
+
+    def __call__(self, texts: list[str]) -> tuple[list[list[int]], list[Any] | None]:
+        if self.backend is not None:
+            if not self.checked:
+                self.checked = True
+                expected = self._via_transformers(texts[:4])[0]
+                encodings = self.backend.encode_batch(texts, add_special_tokens=False)
+                if [e.ids for e in encodings[:4]] == expected:
+                    return [e.ids for e in encodings], encodings
+                self.backend = None  # the tokenizer class adds something of its own: always go through it
+            else:
+                encodings = self.backend.encode_batch(texts, add_special_tokens=False)
+                return [e.ids for e in encodings], encodings
+        return self._via_transformers(texts)
+
+    def _via_transformers(self, texts: list[str]) -> tuple[list[list[int]], list[Any] | None]:
+        enc = self.tokenizer(texts, add_special_tokens=False, return_attention_mask=False, verbose=False)
+        return enc["input_ids"], enc.encodings
 
 
 @contextmanager
@@ -180,10 +208,10 @@ class _Labeler:
         return out
 
 
-def _token_ranges(tokenizer: Any, enc: Any, texts: list[str], spans: list[Any]):
+def _token_ranges(tokenizer: Any, enc: tuple[list[list[int]], list[Any] | None], texts: list[str], spans: list[Any]):
     """Yield (token ids, token ranges of the assistant spans, or None for a text example) per text."""
-    encodings = enc.encodings
-    for i, ids in enumerate(enc["input_ids"]):
+    all_ids, encodings = enc
+    for i, ids in enumerate(all_ids):
         if spans[i] is None:
             yield ids, None
             continue

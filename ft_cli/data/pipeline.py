@@ -328,7 +328,8 @@ def preprocess_to_disk(recipe_path: str | os.PathLike, overrides: list[str], out
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.parent / f".{out.name}.tmp-{uuid.uuid4().hex[:8]}"
     try:
-        _dataset_dict(bundle).save_to_disk(str(tmp))
+        with cache.quiet_datasets():
+            _dataset_dict(bundle).save_to_disk(str(tmp))
         (tmp / "stats.json").write_text(json.dumps(_meta(bundle), indent=2))
         if out.exists():
             out.rmdir()  # empty, checked above

@@ -65,18 +65,33 @@ def load_source(path: str, split: str | None, convert: Converter, where: str) ->
 
 def read_records(path: Path) -> Iterator[tuple[dict[str, Any], Origin]]:
     suffix = path.suffix.lower()
-    if suffix == ".jsonl":
-        yield from _jsonl(path, path.read_text(encoding="utf-8-sig"))
-    elif suffix == ".json":
-        yield from _json(path)
-    elif suffix == ".csv":
-        yield from _csv(path)
-    else:
-        yield from _parquet(path)
+    try:
+        if suffix == ".jsonl":
+            yield from _jsonl(path, path.read_text(encoding="utf-8-sig"))
+        elif suffix == ".json":
+            yield from _json(path)
+        elif suffix == ".csv":
+            yield from _csv(path)
+        else:
+            yield from _parquet(path)
+    except UnicodeDecodeError:
+        raise _not_utf8(path) from None
+
+
+def _not_utf8(path: Path) -> UserError:
+    data = path.read_bytes()
+    try:
+        data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        line = data.count(b"\n", 0, exc.start) + 1
+        return UserError(f"{path}:{line}: not valid UTF-8 (byte 0x{data[exc.start]:02x}); save the file as UTF-8")
+    return UserError(f"{path}: not valid UTF-8; save the file as UTF-8")
 
 
 def _json(path: Path) -> Iterator[tuple[dict[str, Any], Origin]]:
     text = path.read_text(encoding="utf-8-sig")
+    if not text.strip():
+        return  # an empty file has no records (reported as such by the caller)
     try:
         data = json.loads(text)
     except json.JSONDecodeError as exc:

@@ -50,15 +50,30 @@ def apply_method(model: Any, recipe: Recipe) -> Any:
 
 
 def prepare_quantized(model: Any, recipe: Recipe) -> Any:
-    """peft's k-bit preparation: freezes the quantized base and casts its 16-bit norms and embeddings to float32 for
-    stable training (ft.loading does the same before evaluating, so scores match)."""
-    from peft import prepare_model_for_kbit_training
+    """Ready a bitsandbytes-quantized base for adapter training: freeze every base parameter and leave everything
+    that is not quantized (embeddings, output head, norms) in model.dtype. ft.loading loads bases the same way, so
+    eval scores match the ones logged during training.
 
-    return prepare_model_for_kbit_training(
-        model,
-        use_gradient_checkpointing=recipe.train.gradient_checkpointing,
-        gradient_checkpointing_kwargs={"use_reentrant": False},
-    )
+    This replaces peft's `prepare_model_for_kbit_training`, which casts every non-quantized parameter to float32.
+    bitsandbytes layers return their output in their input's dtype, so float32 embeddings make the whole residual
+    stream float32 and the head makes float32 logits: on Llama-3.1-8B that is 2 GiB more weights and twice the
+    activation and logits memory (`ft plan recipes/llama-3.1-8b/qlora.yaml`, micro-batch 4 x 4096: 43.9 GiB with
+    the upcast, 24.1 GiB without). The field keeps them in the 16-bit dtype too: axolotl's `embeddings_skip_upcast`
+    skips the embedding upcast, and for LoRA/QLoRA axolotl casts norms and embeddings back to the model dtype after
+    peft's preparation; Unsloth keeps embeddings and head in bf16.
+
+    Norms stay 16-bit on evidence, not by analogy. Llama-style RMSNorm already normalises in float32 and casts back
+    to its input's dtype before multiplying by its weight, so a float32 weight adds nothing to the normalisation;
+    what it does is promote its output (bf16 x fp32 -> fp32). With float32 norms and bf16 embeddings on the tiny
+    Llama in bfloat16, the first norm's output, every bitsandbytes output and every block output are float32, and
+    the bf16 head then fails ("expected m1 and m2 to have the same dtype"). With this preparation every block
+    output and the logits are bfloat16 (tests/test_methods.py checks it with forward hooks).
+
+    Precision stays where it matters: LoRA weights are float32 (autocast_adapter_dtype) and peft runs them on a
+    float32 copy of their input, casting only their output back; the loss upcasts the logits to float32.
+    Gradient checkpointing is enabled (non-reentrant) by ft.model.build_model, which needs no input-grad hook."""
+    model.requires_grad_(False)
+    return model
 
 
 def get_peft_model_for(model: Any, config: Any, field: str) -> Any:

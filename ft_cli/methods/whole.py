@@ -44,19 +44,28 @@ def apply_freeze(model: Any, recipe: Recipe) -> Any:
 
 
 def save_whole_model(model: Any, out: Path, recipe: Recipe) -> None:
-    """safetensors in the recipe's dtype, with `use_cache` back on (training turned it off for checkpointing)."""
-    import copy
+    """safetensors in the recipe's dtype, with `use_cache` back on (training turned it off for checkpointing).
 
+    Under mixed precision the trained weights are float32 master weights: they are written in model.dtype, cast
+    tensor by tensor on the CPU, so the trained model is untouched and no second copy is made on the GPU."""
     from ft_cli.model import torch_dtype
 
     dtype = torch_dtype(recipe.model.dtype)
+    state = None
     if any(p.is_floating_point() and p.dtype != dtype for p in model.parameters()):
-        # Never write float32 weights for a bf16 recipe by accident; cast a copy, the trained model stays as is.
-        model = copy.deepcopy(model).to(dtype)
-        model.config.dtype = dtype
-    use_cache = model.config.use_cache
+        cast: dict[tuple, Any] = {}  # tied weights (one tensor under two names) stay one tensor
+
+        def to_dtype(t: Any) -> Any:
+            key = (t.data_ptr(), t.shape, t.stride())
+            return cast.setdefault(key, t.detach().to("cpu", dtype)) if t.is_floating_point() else t
+
+        state = {name: to_dtype(t) for name, t in model.state_dict().items()}
+    use_cache, config_dtype = model.config.use_cache, model.config.dtype
     model.config.use_cache = True
     try:
-        model.save_pretrained(out, safe_serialization=True)
+        model.save_pretrained(out, state_dict=state, safe_serialization=True)
+        if state is not None:  # save_pretrained records the dtype of the model in memory, not of what it wrote
+            model.config.dtype = dtype
+            model.config.save_pretrained(out)
     finally:
-        model.config.use_cache = use_cache
+        model.config.use_cache, model.config.dtype = use_cache, config_dtype
