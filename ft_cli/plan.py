@@ -328,7 +328,8 @@ def training_state_rows(recipe: Recipe, c: ParamCounts) -> list[Row]:
     n = c.trainable_count
     if c.added:
         rows.append(Row("adapter weights", c.added_bytes,
-                        f"{c.added:,} params the method adds ({'float32' if recipe.is_peft else recipe.weights_dtype})"))
+                        f"{c.added:,} params the method adds "
+                        f"({'float32' if recipe.is_peft else recipe.weights_dtype})"))
     grads = sum(k * size for k, size in c.trainable)
     rows.append(Row("gradients", grads, f"one per trainable param ({n:,}), in its dtype"))
     opt = recipe.train.optimizer

@@ -112,8 +112,10 @@ class DatasetSource(Section):
     format: Format | None = Field(None, description="Format of this source; default: data.format.")
     columns: dict[str, str] | None = Field(None, description="Column renames for this source; default: data.columns.")
     weight: float | None = Field(
-        None, gt=0, description="Mixing weight: sample this source in proportion to weight (with replacement "
-        "when upsampled). Default: every row once."
+        None, gt=0, description="Mixing weight. The mixed set has as many rows as all sources together; each source "
+        "fills weight/sum(weights) of it (no weight counts as 1), without replacement when it has enough rows, else "
+        "every row k times plus a seeded random remainder. No weights: every row once. Eval is split off each "
+        "source before mixing; weights don't apply to eval."
     )
     split: str | None = Field(None, description="Split of a hub dataset (default: train).")
 

@@ -15,7 +15,12 @@ def count_targets(batch: dict[str, Any]) -> int:
 
 
 def model_inputs(batch: dict[str, Any], device: Any) -> dict[str, Any]:
-    return {k: v.to(device) for k, v in batch.items() if k in ("input_ids", "attention_mask", "position_ids", "labels")}
+    """The model's keyword arguments for a collated batch. use_cache=False always: transformers only derives the
+    block-diagonal mask of packed rows from position_ids when no KV cache is in play (else examples would attend
+    to each other), and training/scoring never needs the cache."""
+    inputs = {k: v.to(device) for k, v in batch.items() if k in ("input_ids", "attention_mask", "position_ids", "labels")}
+    inputs["use_cache"] = False
+    return inputs
 
 
 def token_loss(model: Any, dataset: Any, collate: Callable, batch_size: int, *, device: Any,

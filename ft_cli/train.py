@@ -64,6 +64,7 @@ def setup(recipe: Recipe, recipe_path: Path, *, resume: bool, overwrite: bool) -
 
     run = RunDir(Path(recipe.output_dir or "runs/run"))
     accelerator = _accelerator(recipe, run)
+    _check_deepspeed(recipe, accelerator, resume)
     check_optimizer_supported(recipe, accelerator.device.type)
     _check_dtype(recipe, accelerator.device.type)
     # Every rank checks the run directory before any rank changes it, so a refusal is raised everywhere. The
@@ -158,11 +159,13 @@ def fit(s: Session) -> Path:
                 loss_sum += out.loss.detach().float()
             # Unscales float16 gradients first (accelerate's GradScaler), so the norm and the clipping are real.
             grad_norm = acc.clip_grad_norm_(params, t.max_grad_norm or float("inf"))
+            grad_norm = None if grad_norm is None else float(grad_norm)  # DeepSpeed clips inside; may not say
             loss = _reduce_sum(acc, loss_sum) / world
             # Under float16 loss scaling an overflowing gradient is routine: the scaler skips that step and lowers
             # the scale. Without a scaler, a non-finite gradient means the run diverged.
-            if not math.isfinite(loss) or (not math.isfinite(float(grad_norm)) and acc.scaler is None):
-                raise _diverged(s, step + 1, loss, float(grad_norm))
+            if not math.isfinite(loss) or (grad_norm is not None and not math.isfinite(grad_norm)
+                                           and acc.scaler is None):
+                raise _diverged(s, step + 1, loss, grad_norm)
             s.optimizer.step()
             if not s.optimizer.step_was_skipped:  # keep the schedule aligned with the updates actually made
                 s.scheduler.step()
@@ -176,7 +179,7 @@ def fit(s: Session) -> Path:
                 elapsed = time.perf_counter() - window_t0
                 tps = _reduce_sum(acc, window_tokens) / max(elapsed, 1e-9)
                 record = {"step": step, "epoch": round(epoch, 4), "loss": loss, "lr": lr,
-                          "grad_norm": float(grad_norm), "tokens_per_s": round(tps, 1)}
+                          "grad_norm": grad_norm, "tokens_per_s": round(tps, 1)}
                 if metrics:
                     metrics.write(record)
                 acc.log(record, step=step)
@@ -281,15 +284,16 @@ def _checkpoint(s: Session, step: int) -> None:
 
 def _save_trained(s: Session, out_dir: Path, *, replace: bool = False) -> None:
     """Rank 0 writes the adapter (or model) to `out_dir`; `replace` swaps a whole new copy in for an old one.
-    Under FSDP every rank holds only shards of each weight, so all ranks first gather whole tensors to rank 0
-    (a collective) and the savers, which call model.state_dict(), are handed those."""
+    Under FSDP (and DeepSpeed ZeRO-3) every rank holds only shards of each weight, so all ranks first gather whole
+    tensors to rank 0 (a collective) and the savers, which call model.state_dict(), are handed those."""
     from accelerate.utils import DistributedType
 
     from ft_cli.methods import save_trained
 
     acc = s.accelerator
     model = acc.unwrap_model(s.model)
-    full = acc.get_state_dict(s.model) if acc.distributed_type == DistributedType.FSDP else None
+    sharded = acc.distributed_type in (DistributedType.FSDP, DistributedType.DEEPSPEED)
+    full = acc.get_state_dict(s.model) if sharded else None
     if acc.is_main_process:
         if full is not None:
             model.state_dict = lambda *args, **kwargs: full  # instance attribute: shadows the method until del
@@ -348,7 +352,7 @@ def _interrupted(s: Session, step: int, signum: int) -> RunInterrupted:
                           f"Resume with: {cmd}", exit_code=128 + int(signum))
 
 
-def _diverged(s: Session, step: int, loss: float, grad_norm: float) -> CheckFailed:
+def _diverged(s: Session, step: int, loss: float, grad_norm: float | None) -> CheckFailed:
     last = s.run.latest_checkpoint()
     keep = f"the last good checkpoint is {last}" if last else "no checkpoint had been written yet"
     what = "loss" if not math.isfinite(loss) else "gradient norm"
@@ -432,6 +436,28 @@ def _launch_warnings(accelerator: Any) -> list[str]:
         warnings.append(f"FSDP needs GPUs; accelerate runs this as {accelerator.distributed_type.value} (plain data "
                         "parallel: every process holds the whole model)")
     return warnings
+
+
+def _check_deepspeed(recipe: Recipe, accelerator: Any, resume: bool) -> None:
+    """Launched with a DeepSpeed config: DeepSpeed steps the optimizer inside each backward and partitions the
+    optimizer state, so ft's own gradient accumulation and resumable checkpoints are refused (FSDP has both), and
+    the micro-batch and clipping it needs are taken from the recipe."""
+    from accelerate.utils import DistributedType
+
+    if accelerator.distributed_type != DistributedType.DEEPSPEED:
+        return
+    t = recipe.train
+    fsdp = "or launch with recipes/accelerate/fsdp.yaml, which supports it"
+    if t.grad_accum != 1:
+        raise UserError(f"train.grad_accum: must be 1 under DeepSpeed (got {t.grad_accum}); raise micro_batch_size, "
+                        f"use more GPUs, {fsdp}")
+    if t.save_every or resume:
+        raise UserError(f"train.save_every: resumable checkpoints are not supported under DeepSpeed yet; set "
+                        f"save_every: null (the final adapter is still written), {fsdp}")
+    config = accelerator.state.deepspeed_plugin.deepspeed_config
+    config["train_micro_batch_size_per_gpu"] = t.micro_batch_size
+    config["gradient_accumulation_steps"] = 1
+    config["gradient_clipping"] = t.max_grad_norm or 0.0
 
 
 def _check_dtype(recipe: Recipe, device_type: str) -> None:

@@ -25,6 +25,7 @@ def validate_recipe(recipe_path: Path, overrides: list[str], *, show: int = 0, c
     derived.add_row("effective batch (rows per optimizer step)",
                     f"{t.micro_batch_size * t.grad_accum * world} = micro_batch_size {t.micro_batch_size} "
                     f"x grad_accum {t.grad_accum} x processes {world}")
+    derived.add_row("precision", precision_summary(recipe))
     if recipe.quantized:
         q = recipe.quantization
         assert q is not None
@@ -50,6 +51,18 @@ def validate_recipe(recipe_path: Path, overrides: list[str], *, show: int = 0, c
     console.print(derived)
     print_data_report(bundle, tokenizer, console, show=show)
     return recipe
+
+
+def precision_summary(recipe: Recipe) -> str:
+    """What training holds and computes in, in one line."""
+    dtype = recipe.model.dtype
+    if recipe.autocast_dtype:
+        return f"float32 master weights, forward/backward under {dtype} autocast; saved in {dtype}"
+    if recipe.is_peft:
+        return f"base in {dtype}, trained adapters in float32"
+    if dtype != "float32":
+        return f"weights trained in {dtype} directly (train.mixed_precision: false)"
+    return "float32"
 
 
 def count_trainable(recipe: Recipe, path: str) -> tuple[int, int]:

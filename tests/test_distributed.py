@@ -252,3 +252,61 @@ def test_fsdp2_checkpoint_round_trip(tmp_path: Path, tiny_llama_dir: Path) -> No
     assert result["saved_keys_match"] and result["saved_max_diff"] == 0.0 and result["loaded_max_diff"] == 0.0
     assert result["resumed"] == pytest.approx(result["losses"], rel=1e-6)
     assert result["final_max_diff"] < 1e-6
+
+
+# Launch checks (milliseconds) ----------------------------------------------------------------------------------------
+
+def _fake_accelerator(kind: str, num_processes: int = 2):
+    from types import SimpleNamespace
+
+    from accelerate.utils import DistributedType
+
+    plugin = SimpleNamespace(deepspeed_config={"train_micro_batch_size_per_gpu": "auto"})
+    return SimpleNamespace(distributed_type=DistributedType(kind), num_processes=num_processes,
+                           state=SimpleNamespace(deepspeed_plugin=plugin))
+
+
+def test_cpu_processes_need_accelerates_cpu_flag(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Under torchrun without a GPU, accelerate must be told cpu=True or every process trains alone."""
+    from ft_cli.train import _cpu_processes
+
+    for var in ("WORLD_SIZE", "LOCAL_RANK"):
+        monkeypatch.delenv(var, raising=False)
+    assert not _cpu_processes()
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("LOCAL_RANK", "1")
+    import torch
+
+    assert _cpu_processes() == (not torch.accelerator.is_available())
+
+
+def test_launches_accelerate_changes_are_warned(monkeypatch: pytest.MonkeyPatch) -> None:
+    from ft_cli.train import _launch_warnings
+
+    monkeypatch.setenv("ACCELERATE_USE_CPU", "True")
+    monkeypatch.setenv("MASTER_PORT", "29500")
+    monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")
+    warnings = _launch_warnings(_fake_accelerator("NO", num_processes=1))
+    assert len(warnings) == 2 and "torchrun" in warnings[0] and "FSDP needs GPUs" in warnings[1]
+    monkeypatch.delenv("ACCELERATE_USE_CPU")
+    monkeypatch.delenv("ACCELERATE_USE_FSDP")
+    assert _launch_warnings(_fake_accelerator("MULTI_CPU")) == []
+
+
+def test_deepspeed_limits_are_user_errors(alpaca_file: Path, tmp_path: Path) -> None:
+    from ft_cli.errors import UserError
+    from ft_cli.recipe import load_recipe
+    from ft_cli.train import _check_deepspeed
+
+    recipe = load_recipe(write_recipe(tmp_path, alpaca_file, train={"grad_accum": 2}))
+    with pytest.raises(UserError, match="train.grad_accum: must be 1 under DeepSpeed"):
+        _check_deepspeed(recipe, _fake_accelerator("DEEPSPEED"), resume=False)
+    recipe = load_recipe(write_recipe(tmp_path, alpaca_file, train={"grad_accum": 1}))
+    with pytest.raises(UserError, match="train.save_every: resumable checkpoints"):
+        _check_deepspeed(recipe, _fake_accelerator("DEEPSPEED"), resume=False)
+    recipe = load_recipe(write_recipe(tmp_path, alpaca_file, train={"grad_accum": 1, "save_every": None}))
+    acc = _fake_accelerator("DEEPSPEED")
+    _check_deepspeed(recipe, acc, resume=False)
+    assert acc.state.deepspeed_plugin.deepspeed_config == {
+        "train_micro_batch_size_per_gpu": 4, "gradient_accumulation_steps": 1, "gradient_clipping": 1.0}
+    _check_deepspeed(load_recipe(write_recipe(tmp_path, alpaca_file)), _fake_accelerator("MULTI_GPU"), resume=True)

@@ -307,8 +307,12 @@ def test_qlora_merges_through_the_16bit_base(tmp_path: Path, rows: list[dict]) -
     recipe = write_recipe(tmp_path, write_rows(tmp_path / "train.json", rows), method="qlora",
                           model={"name_or_path": "builtin:tiny-llama", "dtype": "bfloat16"},
                           quantization={"bits": 4, "compute_dtype": "bfloat16"},
-                          train={"max_steps": 6, "eval_every": None})
+                          train={"max_steps": 6, "eval_every": 6})
     run = train(recipe)
+    # ft eval loads the 4-bit base as training used it (nothing upcast to float32): the same eval loss.
+    logged = [json.loads(ln) for ln in (run / "metrics.jsonl").read_text().splitlines() if "eval_loss" in ln][-1]
+    assert invoke("eval", run).exit_code == 0
+    assert json.loads((run / "eval.json").read_text())["loss"] == pytest.approx(logged["eval_loss"], rel=1e-4)
     out = tmp_path / "merged"
     result = invoke("merge", run, "--out", out)
     assert result.exit_code == 0, result.output

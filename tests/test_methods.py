@@ -32,8 +32,11 @@ RUNS: dict[str, tuple[dict[str, Any], float, str]] = {
     "dora": ({"method": "dora"}, 1e-2, r"\.lora_(A|B|magnitude_vector)\."),
     "dora-4bit": ({"method": "dora", "quantization": {"bits": 4, "compute_dtype": "float32"}}, 1e-2,
                   r"\.lora_(A|B|magnitude_vector)\."),
-    # bf16 weights take no update smaller than half their spacing (2^-8 at 1.0): lr 1e-2 moves even the norms
-    "full-bf16": ({"method": "full", "model": {"dtype": "bfloat16"}}, 1e-2, r"."),
+    # QLoRA as on a GPU: bf16 base and compute, fp32 adapters
+    "qlora-bf16": ({"method": "qlora", "model": {"dtype": "bfloat16"},
+                    "quantization": {"bits": 4, "compute_dtype": "bfloat16"}}, 1e-2, r"\.lora_[AB]\."),
+    # bf16 with float32 master weights (train.mixed_precision, the default): a small lr still moves every weight
+    "full-bf16": ({"method": "full", "model": {"dtype": "bfloat16"}}, 1e-4, r"."),
     "freeze": ({"method": "freeze", "freeze": {"trainable_layers": 1, "trainable_modules": ["lm_head"]}}, 1e-3,
                r"^(model\.layers\.1\.|lm_head\.)"),
     "ia3": ({"method": "ia3"}, 0.3, r"\.ia3_l\."),
@@ -43,6 +46,13 @@ RUNS: dict[str, tuple[dict[str, Any], float, str]] = {
     "prefix_tuning": ({"method": "prefix_tuning", "prompt": {"num_virtual_tokens": 8}}, 0.1, r"^prompt_encoder\."),
     "adapter": ({"method": "adapter", "bottleneck": {"size": 16, "dropout": 0.1}}, 0.1,
                 r"\.(self_attn|mlp)\.bottleneck_adapter\.(down|up)\."),
+}
+
+# Negative controls: trained like RUNS, but not held to every method's checks.
+CONTROLS: dict[str, tuple[dict[str, Any], float, str]] = {
+    # pure bf16: a weight near 1.0 takes no update smaller than half its spacing (2^-8), so lr 1e-4 rounds away
+    "full-bf16-pure": ({"method": "full", "model": {"dtype": "bfloat16"}, "train": {"mixed_precision": False}},
+                       1e-4, r"."),
 }
 
 WORDS = ["apple", "river", "lamp", "cloud", "stone", "green", "seven", "music"]
@@ -85,13 +95,14 @@ class Trained:
     loss_after: float
     batch: dict[str, torch.Tensor]
     run: Path
+    dtypes: dict[str, set[torch.dtype]]  # output dtypes seen while training: "blocks" (residual stream), "logits"
 
 
 def train_run(tmp: Path, data: Path, name: str) -> Trained:
     from ft_cli.scoring import token_loss
     from ft_cli.train import fit, setup
 
-    sections, lr, _ = RUNS[name]
+    sections, lr, _ = {**RUNS, **CONTROLS}[name]
     path = write_recipe(tmp, data, lr, **sections)
     session = setup(load_recipe(path), path, resume=False, overwrite=True)
     model = session.accelerator.unwrap_model(session.model)
@@ -104,11 +115,21 @@ def train_run(tmp: Path, data: Path, name: str) -> Trained:
         return total / tokens
 
     loss_before = loss()
+    dtypes: dict[str, set[torch.dtype]] = {"blocks": set(), "logits": set()}
+
+    def record(kind: str) -> Any:
+        return lambda module, args, out: dtypes[kind].add((out[0] if isinstance(out, tuple) else out).dtype)
+
+    blocks = [m for n, m in model.named_modules() if re.search(r"\.layers\.\d+$", n)]
+    hooks = [m.register_forward_hook(record("blocks")) for m in blocks]
+    hooks.append(model.get_output_embeddings().register_forward_hook(record("logits")))
     run = fit(session)
+    for hook in hooks:
+        hook.remove()
     lines = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     batch = session.collate([session.data.train[i] for i in range(4)])
     return Trained(session.recipe, model, session.optimizer, before, trainable,
-                   [ln["loss"] for ln in lines if "loss" in ln], loss_before, loss(), batch, run)
+                   [ln["loss"] for ln in lines if "loss" in ln], loss_before, loss(), batch, run, dtypes)
 
 
 @pytest.fixture(scope="module")
@@ -132,14 +153,10 @@ def logits(model: Any, batch: dict[str, torch.Tensor]) -> torch.Tensor:
 
 
 def base_model(t: Trained) -> Any:
-    from peft import prepare_model_for_kbit_training
+    """The base as training saw it: quantized layers beside model.dtype embeddings, norms and head."""
+    from ft_cli.loading import load_base
 
-    from ft_cli.model import load_base_model, resolve_model_path
-
-    base = load_base_model(t.recipe, resolve_model_path(t.recipe.model))
-    if t.recipe.quantized:  # as in training: norms and embeddings in float32 beside the quantized weights
-        base = prepare_model_for_kbit_training(base, use_gradient_checkpointing=False)
-    return base
+    return load_base(t.recipe)
 
 
 def reload(t: Trained) -> Any:
@@ -189,7 +206,63 @@ def test_saved_output_reloads_to_the_trained_logits(trained, name: str) -> None:
     loaded = reload(t)
     expected = logits(t.model, t.batch)
     assert not torch.equal(expected, logits(base_model(t), t.batch))  # training changed the model
+    if t.recipe.autocast_dtype:
+        # float32 master weights, saved in bf16: the file holds each trained weight rounded, and the saved model
+        # scores (in pure bf16) what training scored (bf16 autocast on the float32 weights) up to that rounding.
+        trained_weights = dict(t.model.named_parameters())
+        for n, p in loaded.named_parameters():
+            assert p.dtype == torch.bfloat16 and torch.equal(p, trained_weights[n].to(torch.bfloat16)), n
+        total, tokens = token_loss_of(loaded, t)
+        assert total / tokens == pytest.approx(t.loss_after, rel=1e-2)
+        return
     torch.testing.assert_close(logits(loaded, t.batch), expected, atol=1e-5, rtol=0)
+
+
+def token_loss_of(model: Any, t: Trained) -> tuple[float, int]:
+    from ft_cli.data.pipeline import build_datasets, make_collator
+    from ft_cli.model import load_tokenizer
+    from ft_cli.scoring import token_loss
+
+    tok = load_tokenizer(t.recipe)
+    data = build_datasets(t.recipe, tok).train
+    return token_loss(model, data, make_collator(tok, packed=t.recipe.data.packing), 8, device="cpu")
+
+
+def test_qlora_in_bf16_keeps_the_stream_and_logits_bf16_and_adapters_fp32(trained) -> None:
+    """ft's k-bit preparation leaves embeddings, norms and head in model.dtype (peft's upcast them to float32,
+    which made every block output and the logits float32)."""
+    t = trained("qlora-bf16")
+    assert t.dtypes == {"blocks": {torch.bfloat16}, "logits": {torch.bfloat16}}
+    params = dict(t.model.named_parameters())
+    assert {p.dtype for n, p in params.items() if ".lora_" in n} == {torch.float32}
+    not_quantized = {n: p.dtype for n, p in params.items() if ".lora_" not in n and type(p).__name__ != "Params4bit"}
+    assert any("embed_tokens" in n for n in not_quantized) and any("norm" in n for n in not_quantized)
+    assert set(not_quantized.values()) == {torch.bfloat16}, not_quantized
+    assert t.model.get_base_model().is_activation_checkpointing
+
+
+def test_mixed_precision_keeps_small_updates_that_pure_bf16_loses(trained) -> None:
+    """lr 1e-4 moves a norm weight of 1.0 by about 1e-4 a step, under half the bf16 spacing there (2^-8): pure
+    bf16 rounds every such update away; float32 master weights (the default) keep them."""
+    mixed, pure = trained("full-bf16"), trained("full-bf16-pure")
+
+    def norms_moved(t: Trained) -> tuple[set[str], set[str]]:
+        after = t.model.state_dict()
+        norms = {k for k in t.before if "norm" in k}
+        return norms, {k for k in norms if not torch.equal(after[k], t.before[k])}
+
+    norms, moved = norms_moved(mixed)
+    assert len(norms) == 5 and moved == norms  # 2 blocks x 2 norms + the final norm
+    assert norms_moved(pure)[1] == set()  # the negative control: not one norm weight moved
+    assert mixed.model.dtype == torch.float32 and pure.model.dtype == torch.bfloat16
+    # Under autocast the matmuls (logits included) run in bf16; the stream over float32 weights is float32.
+    assert mixed.dtypes == {"blocks": {torch.float32}, "logits": {torch.bfloat16}}
+    assert pure.dtypes == {"blocks": {torch.bfloat16}, "logits": {torch.bfloat16}}
+    assert mixed.loss_after < pure.loss_after - 0.5, (mixed.loss_after, pure.loss_after)
+    for t in (mixed, pure):  # both write bf16, whatever they trained in
+        with safe_open(str(t.run / "model" / "model.safetensors"), "pt") as f:
+            assert {str(f.get_slice(k).get_dtype()) for k in f.keys()} == {"BF16"}
+        assert json.loads((t.run / "model" / "config.json").read_text())["dtype"] == "bfloat16"
 
 
 def test_every_method_keeps_gradient_checkpointing_on_but_prefix_tuning(trained) -> None:
@@ -259,6 +332,62 @@ def test_bottleneck_adapter_dir(trained) -> None:
     assert bottleneck.MERGEABLE is False
     with pytest.raises(UserError, match="not a bottleneck adapter"):
         bottleneck.load_bottleneck_adapter(tiny_model("llama"), out.parent)
+
+
+# On a CUDA GPU (skipped without one) -------------------------------------------------------------------------------
+
+@pytest.mark.gpu
+def test_float16_mixed_precision_trains_through_loss_scaling(tmp_path: Path) -> None:
+    """fp16 autocast over float32 master weights with accelerate's GradScaler: steps whose scaled gradients
+    overflow are skipped by the scaler (not reported as divergence), the loss falls, the model is saved fp16."""
+    from ft_cli.train import train_from_recipe
+
+    path = write_recipe(tmp_path, write_data(tmp_path / "train.json"), 1e-4, method="full",
+                        model={"dtype": "float16"})
+    run = train_from_recipe(path, [], overwrite=True)
+    losses = [r["loss"] for r in map(json.loads, (run / "metrics.jsonl").read_text().splitlines()) if "loss" in r]
+    assert len(losses) == 15 and sum(losses[-3:]) < sum(losses[:3]), losses
+    with safe_open(str(run / "model" / "model.safetensors"), "pt") as f:
+        assert {str(f.get_slice(k).get_dtype()) for k in f.keys()} == {"F16"}
+
+
+@pytest.mark.gpu
+def test_qlora_without_the_fp32_upcast_is_bf16_and_smaller_on_cuda(tmp_path: Path,
+                                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    """The same QLoRA step with ft's preparation and with peft's prepare_model_for_kbit_training: ft's keeps the
+    logits bf16 and peaks lower (float32 stream and logits under peft's)."""
+    from peft import prepare_model_for_kbit_training
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    import ft_cli.methods
+    from ft_cli.model import build_model
+
+    config = AutoConfig.for_model("llama", hidden_size=512, intermediate_size=1024, num_hidden_layers=2,
+                                  num_attention_heads=8, num_key_value_heads=2, vocab_size=32000, pad_token_id=0)
+    AutoModelForCausalLM.from_config(config).to(torch.bfloat16).save_pretrained(tmp_path / "model")
+    r = recipe(model={"name_or_path": str(tmp_path / "model"), "dtype": "bfloat16"}, method="qlora",
+               quantization={"bits": 4, "compute_dtype": "bfloat16"})
+
+    def step() -> tuple[torch.dtype, int]:
+        model = build_model(r, device=torch.device("cuda")).model.train()
+        ids = torch.randint(1, 32000, (4, 512), device="cuda")
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        start = torch.cuda.memory_allocated()
+        out = model(input_ids=ids, labels=ids)
+        out.loss.backward()
+        peak = torch.cuda.max_memory_allocated() - start
+        dtype = out.logits.dtype
+        del model, out
+        torch.cuda.empty_cache()
+        return dtype, peak
+
+    ft_dtype, ft_peak = step()
+    monkeypatch.setattr(ft_cli.methods, "prepare_quantized", lambda model, recipe: prepare_model_for_kbit_training(
+        model, use_gradient_checkpointing=True, gradient_checkpointing_kwargs={"use_reentrant": False}))
+    peft_dtype, peft_peak = step()
+    assert (ft_dtype, peft_dtype) == (torch.bfloat16, torch.float32)
+    assert ft_peak < 0.9 * peft_peak, (ft_peak, peft_peak)
 
 
 # Mechanics on several architectures (models built from a config: milliseconds) ---------------------------------
@@ -390,10 +519,26 @@ def test_lora_target_modules_that_match_nothing_name_the_field() -> None:
      "train.gradient_checkpointing: does not work with prefix_tuning"),
     ({"method": "ia3", "ia3": {"target_modules": ["q_proj"], "feedforward_modules": ["down_proj"]}},
      "ia3.feedforward_modules: down_proj not in ia3.target_modules"),
+    ({"method": "lora", "train": {"mixed_precision": False}},
+     "train.mixed_precision: applies to method full or freeze"),
 ])
 def test_recipe_rules(sections: dict, expected: str) -> None:
     with pytest.raises(UserError, match=re.escape(expected)):
         recipe_from_dict({"model": {"name_or_path": "x"}, "data": {"train": "x"}, **sections})
+
+
+def test_mixed_precision_applies_to_16bit_whole_model_training_only() -> None:
+    def r(method: str, dtype: str, **train: Any) -> Any:
+        return recipe(method=method, model={"name_or_path": "x", "dtype": dtype}, train=train)
+
+    assert (r("full", "bfloat16").autocast_dtype, r("full", "bfloat16").weights_dtype) == ("bfloat16", "float32")
+    assert r("freeze", "float16").autocast_dtype == "float16"
+    assert r("full", "bfloat16", mixed_precision=False).weights_dtype == "bfloat16"
+    for plain in (r("full", "float32"), r("lora", "bfloat16"), r("qlora", "bfloat16")):
+        assert plain.autocast_dtype is None and plain.weights_dtype == plain.model.dtype
+        assert "train.mixed_precision" not in plain.training_fingerprint()  # no effect: resuming ignores it
+    assert r("lora", "bfloat16", mixed_precision=True).train.mixed_precision  # true is harmless anywhere
+    assert r("full", "bfloat16").training_fingerprint()["train.mixed_precision"] is True
 
 
 def test_prefix_tuning_turns_gradient_checkpointing_off_by_default() -> None:

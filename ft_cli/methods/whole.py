@@ -56,8 +56,12 @@ def save_whole_model(model: Any, out: Path, recipe: Recipe) -> None:
         cast: dict[tuple, Any] = {}  # tied weights (one tensor under two names) stay one tensor
 
         def to_dtype(t: Any) -> Any:
+            if not t.is_floating_point():
+                return t
             key = (t.data_ptr(), t.shape, t.stride())
-            return cast.setdefault(key, t.detach().to("cpu", dtype)) if t.is_floating_point() else t
+            if key not in cast:
+                cast[key] = t.detach().to("cpu", dtype)
+            return cast[key]
 
         state = {name: to_dtype(t) for name, t in model.state_dict().items()}
     use_cache, config_dtype = model.config.use_cache, model.config.dtype
