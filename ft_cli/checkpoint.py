@@ -108,7 +108,11 @@ def _clean_name(name: str) -> str:
 
 def _gather_sharded(model: Any, optimizer: Any) -> tuple[dict[str, Any], dict[str, Any]]:
     """Whole trainable weights and optimizer state on rank 0 (empty dicts elsewhere)."""
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict, get_optimizer_state_dict
+    from torch.distributed.checkpoint.state_dict import (
+        StateDictOptions,
+        get_model_state_dict,
+        get_optimizer_state_dict,
+    )
 
     full = StateDictOptions(full_state_dict=True, cpu_offload=True, ignore_frozen_params=True)
     weights = get_model_state_dict(model, options=full)
@@ -117,7 +121,11 @@ def _gather_sharded(model: Any, optimizer: Any) -> tuple[dict[str, Any], dict[st
 
 
 def _load_sharded(model: Any, optimizer: Any, weights: dict[str, Any], optim_state: dict[str, Any]) -> None:
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict, set_optimizer_state_dict
+    from torch.distributed.checkpoint.state_dict import (
+        StateDictOptions,
+        set_model_state_dict,
+        set_optimizer_state_dict,
+    )
 
     full = StateDictOptions(full_state_dict=True, strict=False)
     set_model_state_dict(model, weights, options=full)

@@ -130,7 +130,6 @@ class BuiltModel:
 def load_base_model(recipe: Recipe, path: str, device: Any = None, quantize: bool = True, dtype: str | None = None):
     """The pretrained base model in the recipe's dtype (or `dtype`), quantized with bitsandbytes when the recipe
     says so."""
-    import torch
     from transformers import AutoModelForCausalLM
 
     kwargs: dict[str, Any] = {

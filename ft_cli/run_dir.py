@@ -91,8 +91,9 @@ class RunDir:
         write_text_atomic(self.manifest, json.dumps(data, indent=2, default=str) + "\n")
 
 
-def prepare_run_dir(run: RunDir, *, resume: bool, overwrite: bool) -> None:
-    """Refuse to clobber an existing run unless told to (--resume continues it, --overwrite replaces it)."""
+def check_run_dir(run: RunDir, *, resume: bool, overwrite: bool) -> None:
+    """Refuse to clobber an existing run unless told to (--resume continues it, --overwrite replaces it).
+    Read-only, so every process of a multi-process run can check before any of them changes anything."""
     root = run.root
     if resume and overwrite:
         raise UserError("--resume and --overwrite contradict each other; pick one")
@@ -101,12 +102,16 @@ def prepare_run_dir(run: RunDir, *, resume: bool, overwrite: bool) -> None:
             raise UserError(f"--resume: run directory {root} does not exist")
         if run.latest_checkpoint() is None:
             raise UserError(f"--resume: {root} has no whole checkpoint to resume from (checkpoints/step-N/)")
-        return
-    if root.exists() and (not root.is_dir() or any(root.iterdir())):
-        if not overwrite:
-            status = run.read_manifest().get("status", "unknown")
-            raise UserError(f"output_dir {root} already holds a run (status: {status}); use --resume to continue it, "
-                            "--overwrite to replace it, or --output-dir for a new one")
+    elif root.exists() and (not root.is_dir() or any(root.iterdir())) and not overwrite:
+        status = run.read_manifest().get("status", "unknown")
+        raise UserError(f"output_dir {root} already holds a run (status: {status}); use --resume to continue it, "
+                        "--overwrite to replace it, or --output-dir for a new one")
+
+
+def prepare_run_dir(run: RunDir, *, resume: bool) -> None:
+    """Make the directory a run writes into (after check_run_dir): a new one, or the old one cleared."""
+    root = run.root
+    if not resume and root.exists():
         if root.is_dir():
             shutil.rmtree(root)
         else:

@@ -37,7 +37,7 @@ def token_loss(model: Any, dataset: Any, collate: Callable, batch_size: int, *, 
     with torch.no_grad():
         for start in range(0, len(indices), batch_size):
             rows = dataset[indices[start:start + batch_size]]
-            batch = collate([dict(zip(rows, vals)) for vals in zip(*rows.values())])
+            batch = collate([dict(zip(rows, vals, strict=True)) for vals in zip(*rows.values(), strict=True)])
             n = count_targets(batch)
             if on_batch is not None:
                 on_batch(len(batch["input_ids"]))

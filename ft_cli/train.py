@@ -18,7 +18,7 @@ from typing import Any
 
 from ft_cli.errors import CheckFailed, RunInterrupted, UserError
 from ft_cli.recipe import Recipe, dump_recipe, load_recipe
-from ft_cli.run_dir import RunDir, now_iso, prepare_run_dir, write_text_atomic
+from ft_cli.run_dir import RunDir, check_run_dir, now_iso, prepare_run_dir, write_text_atomic
 
 
 @dataclass
@@ -69,9 +69,8 @@ def setup(recipe: Recipe, recipe_path: Path, *, resume: bool, overwrite: bool) -
     _check_dtype(recipe, accelerator.device.type)
     # Every rank checks the run directory before any rank changes it, so a refusal is raised everywhere. The
     # directory itself is only touched once tokenizer, data and model have loaded: bad input writes nothing.
+    check_run_dir(run, resume=resume, overwrite=overwrite)
     saved_state = _check_resume(run, recipe) if resume else None
-    if not resume:
-        _refuse_existing(run, overwrite)
 
     set_seed(recipe.train.seed)
     tokenizer = load_tokenizer(recipe)
@@ -90,7 +89,7 @@ def setup(recipe: Recipe, recipe_path: Path, *, resume: bool, overwrite: bool) -
     collate = make_collator(tokenizer, packed=recipe.data.packing)
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
-        prepare_run_dir(run, resume=resume, overwrite=overwrite)
+        prepare_run_dir(run, resume=resume)
     accelerator.wait_for_everyone()
 
     session = Session(recipe=recipe, recipe_path=recipe_path, run=run, accelerator=accelerator, tokenizer=tokenizer,
@@ -227,7 +226,7 @@ def fit(s: Session) -> Path:
 
 def _rows(dataset: Any, indices: list[int]) -> list[dict[str, Any]]:
     cols = dataset[indices]
-    return [dict(zip(cols, vals)) for vals in zip(*cols.values())]
+    return [dict(zip(cols, vals, strict=True)) for vals in zip(*cols.values(), strict=True)]
 
 
 def _real_tokens(batch: dict[str, Any]) -> int:
@@ -372,25 +371,14 @@ def _check_resume(run: RunDir, recipe: Recipe) -> dict[str, Any]:
 
     from ft_cli.checkpoint import STATE_FILE, recipe_changes
 
-    if not run.root.is_dir():
-        raise UserError(f"--resume: run directory {run.root} does not exist")
     ckpt = run.latest_checkpoint()
-    if ckpt is None:
-        raise UserError(f"--resume: {run.root} has no whole checkpoint to resume from (checkpoints/step-N/)")
+    assert ckpt is not None  # check_run_dir made sure
     state = json.loads((ckpt / STATE_FILE).read_text())
     changes = recipe_changes(state.get("recipe_fields", {}), recipe.training_fingerprint())
     if changes:
         raise UserError(f"--resume: the recipe changed in fields that change training since {ckpt.name}:\n  "
                         + "\n  ".join(changes) + "\nrevert them, or start a new run with --output-dir")
     return state
-
-
-def _refuse_existing(run: RunDir, overwrite: bool) -> None:
-    root = run.root
-    if root.exists() and (not root.is_dir() or any(root.iterdir())) and not overwrite:
-        status = run.read_manifest().get("status", "unknown")
-        raise UserError(f"output_dir {root} already holds a run (status: {status}); use --resume to continue it, "
-                        "--overwrite to replace it, or --output-dir for a new one")
 
 
 def _accelerator(recipe: Recipe, run: RunDir) -> Any:

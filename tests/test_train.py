@@ -135,7 +135,8 @@ def test_grad_accum_equals_bigger_micro_batch(tmp_path: Path, alpaca_file: Path)
     a = train(write_recipe(tmp_path / "a", alpaca_file, train={"micro_batch_size": 8, "grad_accum": 1, "max_steps": 4}))
     b = train(write_recipe(tmp_path / "b", alpaca_file, train={"micro_batch_size": 4, "grad_accum": 2, "max_steps": 4}))
     la, lb = metrics(a)[0], metrics(b)[0]
-    for x, y in zip(la, lb):
+    assert len(la) == len(lb) == 4
+    for x, y in zip(la, lb, strict=True):
         assert x["loss"] == pytest.approx(y["loss"], rel=1e-5)
     from safetensors.torch import load_file
 
