@@ -36,8 +36,20 @@ def run_doctor() -> list[tuple[str, str, str]]:
     flash = importlib.util.find_spec("flash_attn") is not None
     rows.append(("flash-attn", versions.get("flash-attn") or "not installed",
                  "attn_implementation flash_attention_2 for packed rows" if flash else "sdpa is used (fine)"))
-    rows.append(("liger-kernel", versions.get("liger-kernel") or "not installed",
-                 "train.liger_kernel: true available" if versions.get("liger-kernel") else "train.liger_kernel unavailable"))
+    liger = versions.get("liger-kernel")
+    if liger and torch.cuda.is_available():
+        liger_meaning = "train.liger_kernel: true available"
+    elif liger:
+        liger_meaning = "train.liger_kernel needs a CUDA GPU"
+    else:
+        liger_meaning = "optional, for train.liger_kernel (CUDA): pip install liger-kernel"
+    rows.append(("liger-kernel", liger or "not installed", liger_meaning))
+    from ft_cli.model import compile_problem
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    problem = compile_problem(device)
+    rows.append(("torch.compile", f"unavailable on {device}" if problem else f"available on {device}",
+                 problem or "train.compile: true compiles the transformer blocks (the first steps are slower)"))
     for dist, extra, use in (("matplotlib", "report", "ft report (plots)"),
                              ("tensorboard", "tensorboard", "logging.trackers: [tensorboard]"),
                              ("wandb", "wandb", "logging.trackers: [wandb]"),

@@ -125,6 +125,7 @@ class BuiltModel:
     base_path: str
     trainable_params: int
     total_params: int
+    liger_kernels: list[str] | None = None  # train.liger_kernel: the kernels applied
 
 
 def load_base_model(recipe: Recipe, path: str, device: Any = None, quantize: bool = True, dtype: str | None = None):
@@ -177,6 +178,8 @@ def build_model(recipe: Recipe, device: Any = None) -> BuiltModel:
     path = resolve_model_path(recipe.model)
     # float32 master weights under mixed precision (train.py runs them under autocast), model.dtype otherwise
     model = load_base_model(recipe, path, device=device, dtype=recipe.weights_dtype)
+    # on the base's own modules, before an adapter wraps them
+    liger = apply_liger_kernel(model, recipe) if recipe.train.liger_kernel else None
     if recipe.train.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         model.config.use_cache = False
@@ -184,7 +187,8 @@ def build_model(recipe: Recipe, device: Any = None) -> BuiltModel:
     trainable, total = count_parameters(model)
     if trainable == 0:
         raise UserError(f"method {recipe.method}: no parameter is trainable (check target_modules / trainable_modules)")
-    return BuiltModel(model=model, base_path=path, trainable_params=trainable, total_params=total)
+    return BuiltModel(model=model, base_path=path, trainable_params=trainable, total_params=total,
+                      liger_kernels=liger)
 
 
 def count_parameters(model) -> tuple[int, int]:
@@ -198,3 +202,109 @@ def count_parameters(model) -> tuple[int, int]:
         if p.requires_grad:
             trainable += n
     return trainable, total
+
+
+# train.compile and train.liger_kernel -------------------------------------------------------------------------
+
+def compile_problem(device_type: str) -> str | None:
+    """Why torch.compile cannot run on `device_type` here (None when it can): its inductor backend generates C++
+    on the CPU and Triton kernels on CUDA, and fails only at the first step without them."""
+    if device_type == "cuda":
+        from torch.utils._triton import has_triton
+
+        return None if has_triton() else "torch.compile on CUDA needs triton, which is not installed (pip install triton)"
+    if device_type == "cpu":
+        try:
+            from torch._inductor.cpp_builder import get_cpp_compiler
+
+            get_cpp_compiler()
+        except ImportError:
+            return None  # another torch layout: let torch.compile say what it misses
+        except Exception as exc:  # InvalidCxxCompiler
+            return (f"torch.compile on the CPU needs a C++ compiler (g++ or clang++ on PATH, or CXX=...) and found "
+                    f"none ({type(exc).__name__})")
+    return None
+
+
+def compile_blocks(model: Any) -> int:
+    """train.compile: torch.compile every transformer block in place; returns how many.
+
+    - In place (`nn.Module.compile`), so parameter and state-dict names do not change: checkpoints, the adapter and
+      resume see the same model as without compile. `torch.compile(model)`, and accelerate's `dynamo_backend`, wrap
+      the model instead and prefix every name with `_orig_mod.`.
+    - The blocks, not the whole model ("regional compilation"): the blocks share their code, so the first one is
+      compiled and the others reuse it (compile time does not grow with depth), and the outer forward code of peft
+      and transformers, which dynamo cannot trace as one graph, stays eager. Embeddings, final norm, head and loss
+      run eagerly.
+    - dynamic=True: rows are padded to the longest in each micro-batch, so the sequence length changes every step;
+      compiled for symbolic shapes once, not once per length. Evaluation (no_grad, eval mode) compiles once more.
+    Gradient checkpointing is traced inside the compiled block (transformers checkpoints the block's forward)."""
+    from ft_cli.methods.blocks import transformer_blocks
+
+    try:
+        _, blocks = transformer_blocks(model)
+    except UserError as exc:
+        raise UserError(f"train.compile: {exc.message}; set train.compile: false") from None
+    for block in blocks:
+        block.compile(dynamic=True)
+    return len(blocks)
+
+
+LIGER_KERNELS = ("rope", "rms_norm", "swiglu", "geglu", "layer_norm")
+
+
+def apply_liger_kernel(model: Any, recipe: Recipe) -> list[str]:
+    """train.liger_kernel: swap in liger-kernel's Triton kernels on this model instance (liger's
+    `_apply_liger_kernel_to_instance`, which Hugging Face's Trainer uses too); returns the kernels asked for.
+
+    RMSNorm / LayerNorm, SwiGLU / GeGLU MLP and RoPE replace the base's own computation and keep its module and
+    parameter names, so an adapter added afterwards wraps the same Linear layers. The fused linear cross-entropy
+    computes the loss from the last hidden states and lm_head's weight in chunks, never materialising the logits.
+    It fits ft's loss: training passes num_items_in_batch (the step's trained tokens), with which liger returns
+    sum / num_items_in_batch as transformers does, and only the loss is used; evaluation runs in eval mode, where
+    liger computes the logits and transformers' loss as usual. It reads lm_head.weight directly, so it is left out
+    when the method puts an adapter on the output head (lora.target_modules / modules_to_save, ia3.target_modules
+    naming it, or the tied input embeddings), which it would ignore; the plain loss is used then."""
+    import importlib.metadata
+    import inspect
+
+    from liger_kernel.transformers import _apply_liger_kernel_to_instance
+
+    try:
+        from liger_kernel.transformers.monkey_patch import MODEL_TYPE_TO_APPLY_LIGER_FN as supported
+    except ImportError:
+        supported = None
+    model_type = getattr(model.config, "model_type", None)
+    if supported is not None and model_type not in supported:
+        version = importlib.metadata.version("liger-kernel")
+        raise UserError(f"train.liger_kernel: liger-kernel {version} has no kernels for model type {model_type!r} "
+                        f"(it has {', '.join(sorted(supported))}); set train.liger_kernel: false")
+    fused = not _output_head_adapted(model, recipe)
+    kernels = {k: True for k in LIGER_KERNELS}
+    try:
+        _apply_liger_kernel_to_instance(model=model, **kernels, cross_entropy=False, fused_linear_cross_entropy=fused)
+    except NotImplementedError:  # no fused loss for this architecture (e.g. granite scales its logits)
+        fused = False
+        _apply_liger_kernel_to_instance(model=model, **kernels, cross_entropy=False, fused_linear_cross_entropy=False)
+    takes = inspect.signature(supported[model_type]).parameters if supported else kernels
+    return [k for k in LIGER_KERNELS if k in takes] + (["fused_linear_cross_entropy"] if fused else [])
+
+
+def _output_head_adapted(model: Any, recipe: Recipe) -> bool:
+    """Whether the recipe's method wraps the output head (or the input embeddings tied to it) in adapter layers."""
+    names = {id(m): n for n, m in model.named_modules()}
+    head = model.get_output_embeddings()
+    if head is None or id(head) not in names:
+        return True  # cannot tell: keep the plain loss
+    heads = [names[id(head)]]
+    embeddings = model.get_input_embeddings()
+    if getattr(model.config, "tie_word_embeddings", False) and id(embeddings) in names:
+        heads.append(names[id(embeddings)])
+    keys: list[str] = []
+    if recipe.lora is not None:
+        if isinstance(recipe.lora.target_modules, list):  # "all-linear" never includes the output layer
+            keys += recipe.lora.target_modules
+        keys += recipe.lora.modules_to_save or []
+    if recipe.ia3 is not None:
+        keys += recipe.ia3.target_modules or []
+    return any(h == k or h.endswith("." + k) for h in heads for k in keys)

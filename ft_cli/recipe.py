@@ -199,8 +199,17 @@ class TrainSection(Section):
     early_stopping_patience: int | None = Field(
         None, gt=0, description="Stop after this many evaluations without a new best eval_loss."
     )
-    compile: bool = Field(False, description="torch.compile the model (GPU; first steps are slower).")
-    liger_kernel: bool = Field(False, description="Use liger-kernel fused kernels when installed (CUDA).")
+    compile: bool = Field(
+        False, description="torch.compile each transformer block in place (inductor: triton on CUDA, a C++ compiler "
+        "on the CPU; refused where missing). Shapes are dynamic, so padding and packing do not recompile; the first "
+        "step and the first evaluation compile. Saved weights, checkpoints and resume are unchanged (resuming may "
+        "switch it)."
+    )
+    liger_kernel: bool = Field(
+        False, description="Swap in liger-kernel's Triton kernels (CUDA only; pip install liger-kernel; refused "
+        "otherwise): RMSNorm/LayerNorm, SwiGLU/GeGLU, RoPE, and the fused linear cross-entropy, which never "
+        "materialises the training logits (same token-normalised loss; left out when an adapter is on lm_head)."
+    )
 
 
 class LoggingSection(Section):

@@ -7,7 +7,8 @@ chat template, masking (train_on_inputs), packing, optimizer family, scheduler. 
   gemma, phi3, gpt2, ...), found from the model's config.json when it is available offline (local directory
   or Hugging Face cache) and from its name otherwise;
 - a few optimizer steps on the first rows of the real data, short sequences, small batches;
-- float32 on the CPU; trackers off; the run goes to `<output_dir>-smoke`.
+- float32 on the CPU, without liger-kernel (CUDA only; train.compile stays on where a C++ compiler is found);
+  trackers off; the run goes to `<output_dir>-smoke`.
 """
 
 from __future__ import annotations
@@ -79,8 +80,12 @@ def smoke_recipe(recipe: Recipe, *, echo: Any = None) -> Recipe:
             swap("quantization.compute_dtype", "float32")
         if r.train.optimizer == "paged_adamw_8bit":
             swap("train.optimizer", "adamw_8bit")  # paging needs CUDA; same 8-bit state otherwise
-        swap("train.compile", False)
-        swap("train.liger_kernel", False)
+        if r.train.compile:
+            from ft_cli.model import compile_problem
+
+            if compile_problem("cpu"):  # kept where it runs: compiling is part of how the recipe trains
+                swap("train.compile", False)
+        swap("train.liger_kernel", False)  # Triton kernels: CUDA only
 
     d, t = r.data, r.train
     swap("data.limit", min(d.limit or SMOKE_ROWS, SMOKE_ROWS))

@@ -59,7 +59,7 @@ def setup(recipe: Recipe, recipe_path: Path, *, resume: bool, overwrite: bool) -
 
     from ft_cli.batches import MicroBatches
     from ft_cli.data.pipeline import build_datasets, make_collator
-    from ft_cli.model import build_model, load_tokenizer
+    from ft_cli.model import build_model, compile_blocks, load_tokenizer
     from ft_cli.optim import build_optimizer, build_scheduler, check_optimizer_supported
 
     run = RunDir(Path(recipe.output_dir or "runs/run"))
@@ -67,6 +67,7 @@ def setup(recipe: Recipe, recipe_path: Path, *, resume: bool, overwrite: bool) -
     _check_deepspeed(recipe, accelerator, resume)
     check_optimizer_supported(recipe, accelerator.device.type)
     _check_dtype(recipe, accelerator.device.type)
+    _check_kernels(recipe, accelerator.device.type)
     # Every rank checks the run directory before any rank changes it, so a refusal is raised everywhere. The
     # directory itself is only touched once tokenizer, data and model have loaded: bad input writes nothing.
     check_run_dir(run, resume=resume, overwrite=overwrite)
@@ -78,6 +79,13 @@ def setup(recipe: Recipe, recipe_path: Path, *, resume: bool, overwrite: bool) -
     set_seed(recipe.train.seed)  # data building must not shift the model's initial weights
     built = build_model(recipe, device=accelerator.device)
     model = built.model
+    if recipe.train.compile:  # lazily: the first forward compiles
+        blocks = compile_blocks(model)
+        if accelerator.is_main_process:
+            print(f"train.compile: {blocks} transformer blocks compiled with torch.compile on first use (the first "
+                  "step and the first evaluation are slow)", file=sys.stderr)
+    if built.liger_kernels and accelerator.is_main_process:
+        print(f"train.liger_kernel: liger-kernel {', '.join(built.liger_kernels)}", file=sys.stderr)
     optimizer = build_optimizer(model, recipe)
     t = recipe.train
     batches = MicroBatches(len(data.train), t.micro_batch_size, world_size=accelerator.num_processes,
@@ -394,8 +402,10 @@ def _accelerator(recipe: Recipe, run: RunDir) -> Any:
         # An earlier run in this process (tests, notebooks) fixed another precision in accelerate's process-wide
         # state, which refuses a change; the distributed setup (PartialState) is kept.
         AcceleratorState._reset_state()
+    # dynamo_backend "no": `accelerate launch --dynamo_backend` would wrap the model and rename every weight
+    # `_orig_mod.*` in checkpoints; train.compile compiles the blocks in place instead (ft_cli.model.compile_blocks).
     accelerator = Accelerator(log_with=_trackers(recipe, run), project_dir=str(run.root), mixed_precision=mixed,
-                              cpu=_cpu_processes())
+                              cpu=_cpu_processes(), dynamo_backend="no")
     if accelerator.is_main_process:
         for warning in _launch_warnings(accelerator):
             print(f"warning: {warning}", file=sys.stderr)
@@ -420,6 +430,10 @@ def _launch_warnings(accelerator: Any) -> list[str]:
             and env.get("ACCELERATE_USE_CPU", "").lower() in ("1", "true", "yes")):
         warnings.append("`accelerate launch --cpu` starts one process unless given an MPI hostfile: this run uses 1 "
                         "process. For several CPU processes: torchrun --nproc_per_node N -m ft_cli.cli train ...")
+    dynamo = env.get("ACCELERATE_DYNAMO_BACKEND", "no")
+    if dynamo.lower() not in ("no", ""):
+        warnings.append(f"accelerate launch --dynamo_backend {dynamo} is ignored (it would rename the saved weights); "
+                        "set train.compile: true in the recipe to compile the model")
     if env.get("ACCELERATE_USE_FSDP", "").lower() == "true" and accelerator.distributed_type != DistributedType.FSDP:
         warnings.append(f"FSDP needs GPUs; accelerate runs this as {accelerator.distributed_type.value} (plain data "
                         "parallel: every process holds the whole model)")
@@ -446,6 +460,31 @@ def _check_deepspeed(recipe: Recipe, accelerator: Any, resume: bool) -> None:
     config["train_micro_batch_size_per_gpu"] = t.micro_batch_size
     config["gradient_accumulation_steps"] = 1
     config["gradient_clipping"] = t.max_grad_norm or 0.0
+
+
+def _check_kernels(recipe: Recipe, device_type: str) -> None:
+    """train.compile and train.liger_kernel: refuse, before anything loads or is written, what cannot run here."""
+    import importlib.util
+
+    t = recipe.train
+    if t.liger_kernel:
+        if importlib.util.find_spec("liger_kernel") is None:
+            raise UserError("train.liger_kernel: liger-kernel is not installed; pip install liger-kernel (or set "
+                            "train.liger_kernel: false)")
+        if device_type != "cuda":
+            raise UserError(f"train.liger_kernel: liger-kernel's Triton kernels need a CUDA GPU and this run is on "
+                            f"the {device_type}; set train.liger_kernel: false")
+        try:
+            import liger_kernel.transformers  # noqa: F401
+        except ImportError as exc:  # e.g. a liger-kernel too old or too new for this transformers
+            raise UserError(f"train.liger_kernel: liger-kernel does not load here ({exc}); upgrade liger-kernel or "
+                            "set train.liger_kernel: false") from None
+    if t.compile:
+        from ft_cli.model import compile_problem
+
+        problem = compile_problem(device_type)
+        if problem:
+            raise UserError(f"train.compile: {problem}; or set train.compile: false")
 
 
 def _check_dtype(recipe: Recipe, device_type: str) -> None:

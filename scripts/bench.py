@@ -1,11 +1,20 @@
 """Benchmarks. One subcommand per area; each prints its numbers side by side.
 
-    python scripts/bench.py data [--rows 50000] [--pack-rows 100000] [--data-dir ../shared/data]
+    python scripts/bench.py data  [--rows 50000] [--pack-rows 100000] [--data-dir ../shared/data]
+    python scripts/bench.py train [--steps 8] [--packed-steps 4] [--repeat 1] [--json PATH]
+    python scripts/bench.py gpu   [--shape 8b] [--methods lora,qlora] [--seq 2048]   (CUDA; see bench_gpu.py)
 
 `data`: ft's data pipeline (render + tokenize + mask + pack, from a file on disk) against a per-example
 `datasets.map` over `tokenizer.apply_chat_template`, on alpaca rows (the demo rows repeated, each made unique so
 no cache can help); packing time for 100k examples; packing efficiency on alpaca_en_demo at max_seq_len 1024.
 Uses the built-in tiny-llama tokenizer (offline).
+
+`train`: ft against HF Trainer + peft (same model, data, LoRA config, optimizer, schedule, effective batch and max
+length; `DataCollatorForSeq2Seq` dynamic padding) on builtin:small-llama (~21M params) and alpaca_en_demo.json, CPU,
+float32. Each run is its own subprocess (peak RSS, time to first step from process start), the runs are interleaved
+`--repeat` times and the best of each is kept. Prints effective tokens/s (real, non-pad tokens) and padding waste
+for: ft unpacked, ft packed, the baseline, and a bare PyTorch loop over ft's packed batches (framework overhead);
+the loss parity of ft unpacked vs the baseline (same rows in the same order, same LoRA init); `ft --help` time.
 """
 
 from __future__ import annotations
@@ -13,6 +22,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import subprocess
 import sys
 import tempfile
 import time
@@ -20,6 +30,9 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "scripts"))
+from bench_gpu import add_parser as add_gpu_parser  # noqa: E402
+
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 
@@ -118,6 +131,274 @@ def bench_data(args: argparse.Namespace) -> None:
           f"({s.rows} examples, {s.tokens:,} tokens -> {s.packed_rows} rows)")
 
 
+# train -----------------------------------------------------------------------------------------------------------
+
+TRAIN_VARIANTS = ("ft", "ft-packed", "bare-packed", "baseline")
+TRAIN_MODEL = "builtin:small-llama"  # ~21M parameters
+
+
+def _train_recipe(args: argparse.Namespace, out: Path, *, packed: bool) -> dict:
+    """The ft recipe every ft variant runs; the baseline mirrors it by hand."""
+    return {
+        "model": {"name_or_path": args.model, "dtype": "float32"},
+        "method": "lora",
+        "lora": {"rank": 16, "alpha": 32, "dropout": 0.0, "target_modules": "all-linear"},
+        "data": {"train": str(Path(args.data_dir) / "alpaca_en_demo.json"), "format": "alpaca", "val_split": 0.0,
+                 "max_seq_len": args.max_seq_len, "packing": packed, "shuffle": False,
+                 "cache": False},  # no tokenized cache: preprocessing counts in the time to the first step
+        "train": {"max_steps": args.packed_steps if packed else args.steps, "micro_batch_size": args.micro_batch,
+                  "grad_accum": args.grad_accum, "lr": 2e-4, "scheduler": "cosine", "warmup_steps": 0,
+                  "weight_decay": 0.0, "max_grad_norm": 1.0, "gradient_checkpointing": False, "seed": 42,
+                  "eval_every": None, "save_every": None, "log_every": 1},
+        "output_dir": str(out / "run"),
+    }
+
+
+class _Meter:
+    """Counts the tokens of every collated micro-batch and stamps every optimizer step."""
+
+    def __init__(self) -> None:
+        self.real = self.slots = self.trained = 0
+        self.steps: list[tuple[float, int, int, int]] = []  # (time, real, slots, trained) after each step
+
+    def batch(self, batch: dict) -> dict:
+        ids = batch["input_ids"]
+        self.slots += ids.numel()
+        self.real += int(batch["num_tokens"]) if "num_tokens" in batch else int(batch["attention_mask"].sum())
+        self.trained += int((batch["labels"][:, 1:] != -100).sum())
+        return batch
+
+    def step(self) -> None:
+        self.steps.append((time.time(), self.real, self.slots, self.trained))
+
+
+def _one_ft(args: argparse.Namespace, out: Path, *, packed: bool, bare: bool) -> dict:
+    import torch
+
+    from ft_cli.recipe import recipe_from_dict
+    from ft_cli.scoring import count_targets
+    from ft_cli.train import _rows, fit, setup
+
+    recipe = recipe_from_dict(_train_recipe(args, out, packed=packed))
+    session = setup(recipe, out / "recipe.yaml", resume=False, overwrite=True)
+    meter, losses = _Meter(), []
+    collate = session.collate
+    session.collate = lambda rows: meter.batch(collate(rows))
+    if not bare:  # ft's own loop: stamp each optimizer step
+        step = session.optimizer.step
+
+        def timed_step(*a, **k):
+            result = step(*a, **k)
+            meter.step()
+            return result
+
+        session.optimizer.step = timed_step
+        fit(session)
+        losses = [json.loads(ln)["loss"] for ln in session.run.metrics.read_text().splitlines() if '"loss"' in ln]
+    else:  # the same model, optimizer, schedule and batches, in the plainest PyTorch loop
+        model, optimizer, scheduler = session.model, session.optimizer.optimizer, session.scheduler
+        params = [p for p in model.parameters() if p.requires_grad]
+        model.train()
+        for step in range(session.total_steps):
+            first = step * recipe.train.grad_accum
+            micro = [session.collate(_rows(session.data.train, session.batches.indices(m)))
+                     for m in range(first, first + recipe.train.grad_accum)]
+            n = torch.tensor(float(sum(count_targets(b) for b in micro)))
+            total = 0.0
+            for b in micro:
+                inputs = {k: b[k] for k in ("input_ids", "labels", "attention_mask", "position_ids") if k in b}
+                loss = model(**inputs, use_cache=False, num_items_in_batch=n).loss
+                loss.backward()
+                total += loss.item()
+            torch.nn.utils.clip_grad_norm_(params, 1.0)
+            optimizer.step()
+            scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
+            meter.step()
+            losses.append(total)
+    return {"steps": meter.steps, "losses": losses}
+
+
+def _one_baseline(args: argparse.Namespace, out: Path) -> dict:
+    """A typical hand-written HF script: Trainer + peft, apply_chat_template with the prompt masked,
+    DataCollatorForSeq2Seq dynamic padding. Rows in file order (train_sampling_strategy sequential) so that the
+    loss can be compared step by step with ft's (data.shuffle: false)."""
+    import datasets
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import (
+        AutoModelForCausalLM,
+        AutoTokenizer,
+        DataCollatorForSeq2Seq,
+        Trainer,
+        TrainerCallback,
+        TrainingArguments,
+        set_seed,
+    )
+
+    from ft_cli.builtin_models import resolve_builtin
+
+    datasets.disable_progress_bars()
+    path = resolve_builtin(args.model)
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    rows = json.loads((Path(args.data_dir) / "alpaca_en_demo.json").read_text())
+
+    def tokenize(ex: dict) -> dict:
+        messages = _alpaca_messages(ex)
+        ids = tokenizer.apply_chat_template(messages, tokenize=True, return_dict=True)["input_ids"]
+        prompt = tokenizer.apply_chat_template(messages[:-1], tokenize=True, add_generation_prompt=True,
+                                               return_dict=True)["input_ids"]
+        ids = ids[:args.max_seq_len]
+        return {"input_ids": ids, "attention_mask": [1] * len(ids),
+                "labels": ([-100] * len(prompt) + ids[len(prompt):])[:len(ids)]}
+
+    train = datasets.Dataset.from_list(rows).map(tokenize, remove_columns=list(rows[0]))
+    set_seed(42)
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+    model = get_peft_model(model, LoraConfig(r=16, lora_alpha=32, lora_dropout=0.0, target_modules="all-linear",
+                                             task_type="CAUSAL_LM"))
+    meter, losses = _Meter(), []
+    collator = DataCollatorForSeq2Seq(tokenizer, padding=True, label_pad_token_id=-100)
+
+    class Stamp(TrainerCallback):
+        def on_step_end(self, *a, **k):
+            meter.step()
+
+        def on_log(self, _args, _state, _control, logs=None, **k):
+            if logs and "loss" in logs:
+                losses.append(logs["loss"])
+
+    targs = TrainingArguments(
+        output_dir=str(out / "hf"), per_device_train_batch_size=args.micro_batch,
+        gradient_accumulation_steps=args.grad_accum, max_steps=args.steps, learning_rate=2e-4,
+        lr_scheduler_type="cosine", warmup_steps=0, weight_decay=0.0, max_grad_norm=1.0, optim="adamw_torch",
+        logging_steps=1, save_strategy="no", report_to=[], seed=42, use_cpu=True, dataloader_num_workers=0,
+        train_sampling_strategy="sequential", disable_tqdm=True, remove_unused_columns=False)
+    trainer = Trainer(model=model, args=targs, train_dataset=train, callbacks=[Stamp()],
+                      data_collator=lambda feats: meter.batch(collator(feats)))
+    trainer.train()
+    return {"steps": meter.steps, "losses": losses, "rows": len(train)}
+
+
+def _one_train(args: argparse.Namespace) -> None:
+    """Child process: one variant; writes its numbers to --json."""
+    import resource
+
+    with tempfile.TemporaryDirectory() as tmp:
+        v = args.variant
+        if v == "baseline":
+            result = _one_baseline(args, Path(tmp))
+        else:
+            result = _one_ft(args, Path(tmp), packed=v != "ft", bare=v == "bare-packed")
+    result["peak_rss_mib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    Path(args.json).write_text(json.dumps(result))
+
+
+def _summarise(result: dict, t0: float, warmup: int) -> dict:
+    steps = result["steps"]
+    (ta, ra, _, ka), (tb, rb, _, kb) = steps[warmup - 1], steps[-1]
+    return {"tokens_per_s": (rb - ra) / (tb - ta), "trained_per_s": (kb - ka) / (tb - ta),
+            "s_per_step": (tb - ta) / (len(steps) - warmup), "padding_waste": 1 - steps[-1][1] / steps[-1][2],
+            "first_step_s": steps[0][0] - t0, "peak_rss_mib": result["peak_rss_mib"], "losses": result["losses"],
+            "steps": len(steps)}
+
+
+def _help_time(repeat: int = 5) -> tuple[float, float]:
+    ft = Path(sys.executable).with_name("ft")
+    cmds = {"help": [str(ft), "--help"], "python": [sys.executable, "-c", "pass"]}
+    best = {}
+    for name, cmd in cmds.items():
+        times = []
+        for _ in range(repeat):
+            start = time.perf_counter()
+            subprocess.run(cmd, capture_output=True, check=True)
+            times.append(time.perf_counter() - start)
+        best[name] = min(times)
+    return best["help"], best["python"]
+
+
+def bench_train(args: argparse.Namespace) -> None:
+    from ft_cli.builtin_models import resolve_builtin
+
+    resolve_builtin(args.model)  # built once, outside the timings
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false", "PYTHONUNBUFFERED": "1"}
+    variants = [v for v in TRAIN_VARIANTS if v in args.variants.split(",")]
+    runs: dict[str, list[dict]] = {v: [] for v in variants}
+    print(f"train: {args.model}, LoRA r16 all-linear, float32, alpaca_en_demo.json, max_seq_len {args.max_seq_len}, "
+          f"micro-batch {args.micro_batch} x grad_accum {args.grad_accum}; {args.steps} steps unpacked, "
+          f"{args.packed_steps} packed, first {args.warmup} untimed; {os.cpu_count()} CPUs, "
+          f"load {os.getloadavg()[0]:.2f}")
+    with tempfile.TemporaryDirectory() as tmp:
+        for r in range(args.repeat):
+            for v in variants:
+                out = Path(tmp) / f"{v}-{r}.json"
+                cmd = [sys.executable, __file__, "_train_one", v, "--json", str(out), "--steps", str(args.steps),
+                       "--packed-steps", str(args.packed_steps), "--max-seq-len", str(args.max_seq_len),
+                       "--micro-batch", str(args.micro_batch), "--grad-accum", str(args.grad_accum),
+                       "--data-dir", args.data_dir, "--model", args.model]
+                t0 = time.time()
+                proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
+                if proc.returncode:
+                    sys.exit(f"{v} failed:\n{proc.stdout[-2000:]}\n{proc.stderr[-4000:]}")
+                runs[v].append(_summarise(json.loads(out.read_text()), t0, args.warmup))
+                print(f"  run {r + 1}/{args.repeat} {v:<12} {runs[v][-1]['tokens_per_s']:8,.0f} tok/s", flush=True)
+    best = {v: max(rs, key=lambda x: x["tokens_per_s"]) for v, rs in runs.items()}
+    first = {v: min(x["first_step_s"] for x in rs) for v, rs in runs.items()}
+    base = best.get("baseline")
+    print(f"\n  {'':<12} {'tokens/s':>9} {'x base':>7} {'pad waste':>9} {'s/step':>7} {'1st step':>9} {'peak RSS':>9}")
+    for v, b in best.items():
+        ratio = f"{b['tokens_per_s'] / base['tokens_per_s']:.2f}" if base else "-"
+        print(f"  {v:<12} {b['tokens_per_s']:9,.0f} {ratio:>7} {b['padding_waste']:9.1%} {b['s_per_step']:7.3f} "
+              f"{first[v]:8.1f}s {b['peak_rss_mib']:7.0f}MiB")
+    results: dict = {"config": {k: v for k, v in vars(args).items() if k != "func"}, "runs": runs}
+    checks = []
+    if base and "ft-packed" in best:
+        r = best["ft-packed"]["tokens_per_s"] / base["tokens_per_s"]
+        checks.append((f"ft packed vs baseline effective tokens/s: {r:.2f}x", r >= 1.3, "target >= 1.3x, stretch 1.6x"))
+        results["packed_speedup"] = r
+    if "ft-packed" in best:
+        w = best["ft-packed"]["padding_waste"]
+        checks.append((f"ft packed padding waste: {w:.1%}", w <= 0.05, "target <= 5 %"))
+    if base:
+        checks.append((f"baseline padding waste: {base['padding_waste']:.1%}", True, "for reference"))
+    if "ft-packed" in best and "bare-packed" in best:
+        o = best["ft-packed"]["s_per_step"] / best["bare-packed"]["s_per_step"] - 1
+        checks.append((f"ft loop overhead over a bare PyTorch loop on the same batches: {o:+.1%}", o <= 0.05,
+                       "target <= 5 %"))
+        results["overhead"] = o
+    if base and "ft" in best:
+        a, b = best["ft"]["losses"], base["losses"]
+        n = min(len(a), len(b))
+        rel = abs(a[n - 1] - b[n - 1]) / abs(b[n - 1])
+        worst = max(abs(x - y) / abs(y) for x, y in zip(a[:n], b[:n], strict=True))
+        checks.append((f"loss parity ft vs baseline (unpacked, same order): final {a[n - 1]:.4f} vs {b[n - 1]:.4f}, "
+                       f"rel {rel:.2e} (worst step {worst:.2e})", rel <= 0.01, "target <= 1 %"))
+        results["loss_parity"] = rel
+        ratio = first["ft"] / first["baseline"]
+        checks.append((f"time to first optimizer step: ft {first['ft']:.1f} s vs baseline {first['baseline']:.1f} s "
+                       f"({ratio:.2f}x)", ratio <= 1.0, "target: no worse than the baseline"))
+    help_s, python_s = _help_time()
+    checks.append((f"ft --help: {help_s:.2f} s (bare python start {python_s:.2f} s)", help_s < 0.5, "target < 0.5 s"))
+    results["help_s"] = help_s
+    print()
+    for text, ok, target in checks:
+        print(f"  {'PASS' if ok else 'MISS'}  {text}   [{target}]")
+    print(f"  load average (1 min) at the end: {os.getloadavg()[0]:.2f} on {os.cpu_count()} CPUs")
+    if args.json:
+        Path(args.json).write_text(json.dumps(results, indent=1))
+
+
+def _train_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--steps", type=int, default=8, help="optimizer steps of the unpacked runs")
+    p.add_argument("--packed-steps", type=int, default=4, help="optimizer steps of the packed runs")
+    p.add_argument("--max-seq-len", type=int, default=1024)
+    p.add_argument("--micro-batch", type=int, default=4)
+    p.add_argument("--grad-accum", type=int, default=2)
+    p.add_argument("--data-dir", default=str(ROOT.parent / "shared" / "data"))
+    p.add_argument("--model", default=TRAIN_MODEL, help="a built-in model (builtin:tiny-llama for a quick check)")
+    p.add_argument("--json", default=None, help="write the numbers here")
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -127,6 +408,17 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--repeat", type=int, default=1, help="runs per method; the best is reported")
     p.add_argument("--data-dir", default=str(ROOT.parent / "shared" / "data"))
     p.set_defaults(func=bench_data)
+    p = sub.add_parser("train", help="ft vs HF Trainer + peft: tokens/s, padding waste, overhead, loss parity")
+    _train_args(p)
+    p.add_argument("--repeat", type=int, default=1, help="interleaved runs per variant; the best is reported")
+    p.add_argument("--warmup", type=int, default=1, help="optimizer steps left out of the timings")
+    p.add_argument("--variants", default=",".join(TRAIN_VARIANTS))
+    p.set_defaults(func=bench_train)
+    add_gpu_parser(sub)  # scripts/bench_gpu.py
+    p = sub.add_parser("_train_one")  # internal: one run in its own process
+    p.add_argument("variant", choices=TRAIN_VARIANTS)
+    _train_args(p)
+    p.set_defaults(func=_one_train)
     args = parser.parse_args(argv)
     args.func(args)
 

@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import torch
 import yaml
 from typer.testing import CliRunner
 
@@ -317,6 +318,36 @@ def test_unknown_column_mapping(work: Path) -> None:
 def test_float16_on_cpu(work: Path) -> None:
     recipe = write_recipe(work, merged({"model": {"name_or_path": "builtin:tiny-llama", "dtype": "float16"}}))
     expect_user_error(run_ft(work, "train", recipe), "model.dtype: float16 training is not supported on the CPU")
+
+
+def test_liger_kernel_not_installed(work: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setitem(sys.modules, "liger_kernel", None)  # not importable, even where it is installed
+    recipe = write_recipe(work, merged({"train": {"liger_kernel": True}}))
+    expect_user_error(run_ft(work, "train", recipe),
+                      "train.liger_kernel: liger-kernel is not installed; pip install liger-kernel")
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the refusal on a machine without CUDA")
+def test_liger_kernel_needs_cuda(work: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import importlib.machinery
+    import types
+
+    installed = types.ModuleType("liger_kernel")  # as if installed: the device is checked next
+    installed.__spec__ = importlib.machinery.ModuleSpec("liger_kernel", None)
+    monkeypatch.setitem(sys.modules, "liger_kernel", installed)
+    recipe = write_recipe(work, merged({"train": {"liger_kernel": True}}))
+    expect_user_error(run_ft(work, "train", recipe), "train.liger_kernel:", "need a CUDA GPU", "on the cpu")
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the CPU backend's requirement")
+def test_compile_without_a_cxx_compiler(work: Path) -> None:
+    from torch._inductor import config
+
+    recipe = write_recipe(work, merged({"train": {"compile": True}}))
+    # config.patch, not monkeypatch: undoing a monkeypatch deletes the setting from torch's config module
+    with config.patch({"cpp.cxx": (None, str(work / "no-such-c++"))}):
+        result = run_ft(work, "train", recipe)
+    expect_user_error(result, "train.compile: torch.compile on the CPU needs a C++ compiler", "train.compile: false")
 
 
 # Bad data files (all through ft train) -----------------------------------------------------------------------------

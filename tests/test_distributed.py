@@ -290,6 +290,10 @@ def test_launches_accelerate_changes_are_warned(monkeypatch: pytest.MonkeyPatch)
     assert len(warnings) == 2 and "torchrun" in warnings[0] and "FSDP needs GPUs" in warnings[1]
     monkeypatch.delenv("ACCELERATE_USE_CPU")
     monkeypatch.delenv("ACCELERATE_USE_FSDP")
+    monkeypatch.setenv("ACCELERATE_DYNAMO_BACKEND", "INDUCTOR")  # accelerate launch --dynamo_backend inductor
+    (warning,) = _launch_warnings(_fake_accelerator("MULTI_CPU"))
+    assert "--dynamo_backend INDUCTOR is ignored" in warning and "train.compile: true" in warning
+    monkeypatch.setenv("ACCELERATE_DYNAMO_BACKEND", "NO")  # what accelerate launch sets by default
     assert _launch_warnings(_fake_accelerator("MULTI_CPU")) == []
 
 

@@ -69,6 +69,56 @@ def test_lora_bf16_on_cuda_loss_falls(tmp_path: Path, alpaca_file: Path) -> None
     _loads_in_peft(run)
 
 
+def _train_subprocess(recipe: Path, out_dir: Path) -> subprocess.CompletedProcess:
+    """`ft train` in its own process: liger-kernel patches transformers' modeling code process-wide, and compiled
+    code stays cached in a process; neither may leak into the other tests."""
+    out = subprocess.run([sys.executable, "-m", "ft_cli.cli", "train", str(recipe), "--output-dir", str(out_dir)],
+                         env=child_env(), capture_output=True, text=True, timeout=900, cwd=ROOT)
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-6000:]
+    return out
+
+
+def test_compile_on_cuda_trains_like_eager(tmp_path: Path, alpaca_file: Path) -> None:
+    """train.compile: true with inductor/triton: the eager run's losses, and an adapter with the same keys."""
+    section = {"max_steps": 20, "micro_batch_size": 8, "eval_every": 10, "save_every": 10, "log_every": 1,
+               "lr": 1e-2}
+    model = {"name_or_path": "builtin:tiny-llama", "dtype": "float32"}
+    recipe = write_recipe(tmp_path, alpaca_file, model=model, train={**section, "compile": True})
+    out = _train_subprocess(recipe, tmp_path / "compiled")
+    assert "train.compile: 2 transformer blocks" in out.stderr
+    eager = train(write_recipe(tmp_path / "eager", alpaca_file, model=model, train=section))
+    _loss_falls(tmp_path / "compiled", 20)
+    losses = [x["loss"] for x in metrics(tmp_path / "compiled")[0]]
+    assert losses == pytest.approx([x["loss"] for x in metrics(eager)[0]], rel=1e-3)
+    a, b = load_file(tmp_path / "compiled" / "adapter" / "adapter_model.safetensors"), \
+        load_file(eager / "adapter" / "adapter_model.safetensors")
+    assert a.keys() == b.keys()
+    _loads_in_peft(tmp_path / "compiled", torch.float32)
+
+
+@pytest.mark.skipif(importlib.util.find_spec("liger_kernel") is None, reason="liger-kernel is not installed")
+@pytest.mark.parametrize("compile_", [False, True], ids=["eager", "compiled"])
+def test_liger_kernel_on_cuda_trains_like_without(compile_: bool, tmp_path: Path, alpaca_file: Path) -> None:
+    """train.liger_kernel: true: liger's RMSNorm, SwiGLU, RoPE and fused linear cross-entropy (no adapter on lm_head)
+    on the tiny Llama, with and without train.compile; float32, so the losses must match the plain run's closely
+    (the fused loss is the same token-normalised sum / num_items_in_batch); the adapter loads in plain peft."""
+    section = {"max_steps": 30, "micro_batch_size": 8, "eval_every": 10, "save_every": 10, "log_every": 1,
+               "lr": 1e-2, "compile": compile_}
+    model = {"name_or_path": "builtin:tiny-llama", "dtype": "float32"}
+    recipe = write_recipe(tmp_path, alpaca_file, model=model, train={**section, "liger_kernel": True})
+    out = _train_subprocess(recipe, tmp_path / "liger")
+    assert "train.liger_kernel: liger-kernel rope, rms_norm, swiglu, fused_linear_cross_entropy" in out.stderr
+    plain = _train_subprocess(write_recipe(tmp_path / "plain", alpaca_file, model=model, train=section),
+                              tmp_path / "plain")
+    assert "liger" not in plain.stderr
+    run = tmp_path / "liger"
+    _loss_falls(run, 30)
+    (lines, evals), (want, want_evals) = metrics(run), metrics(tmp_path / "plain")
+    assert [x["loss"] for x in lines] == pytest.approx([x["loss"] for x in want], rel=1e-3)
+    assert [x["eval_loss"] for x in evals] == pytest.approx([x["eval_loss"] for x in want_evals], rel=1e-3)
+    _loads_in_peft(run, torch.float32)
+
+
 def _launch(config: str, recipe: Path, out_dir: Path, *extra: str) -> subprocess.CompletedProcess:
     cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file",
            str(ROOT / "recipes" / "accelerate" / config), "--num_processes", "2", "--main_process_port",

@@ -290,7 +290,8 @@ def test_smoke_recipe_swaps_size_and_keeps_the_method(tmp_path: Path) -> None:
     recipe = _recipe("mistralai/Mistral-7B-Instruct-v0.3", method="qlora",
                      data={"train": "x.jsonl", "format": "chat", "packing": True, "train_on_inputs": True,
                            "chat_template": "chatml", "max_seq_len": 8192},
-                     train={"micro_batch_size": 16, "grad_accum": 8, "optimizer": "paged_adamw_8bit"},
+                     train={"micro_batch_size": 16, "grad_accum": 8, "optimizer": "paged_adamw_8bit",
+                            "compile": True, "liger_kernel": True},
                      logging={"trackers": ["wandb"]}, output_dir=str(tmp_path / "big"))
     lines: list[str] = []
     smoked = smoke_recipe(recipe, echo=lines.append)
@@ -305,6 +306,12 @@ def test_smoke_recipe_swaps_size_and_keeps_the_method(tmp_path: Path) -> None:
     assert smoked.output_dir == str(tmp_path / "big") + "-smoke"
     assert recipe.model.name_or_path == "mistralai/Mistral-7B-Instruct-v0.3"  # the input is not modified
     assert any("train.micro_batch_size: 16 -> 2" in ln for ln in lines)
+    import torch
+
+    if not torch.cuda.is_available():  # liger-kernel is CUDA only; compile stays wherever it can run
+        from ft_cli.model import compile_problem
+
+        assert not t.liger_kernel and t.compile == (compile_problem("cpu") is None)
 
 
 # ft plan -----------------------------------------------------------------------------------------------------

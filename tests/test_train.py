@@ -182,3 +182,79 @@ def test_paged_optimizer_on_cpu_is_refused_before_loading(tmp_path: Path, alpaca
     recipe = write_recipe(tmp_path, alpaca_file, train={"optimizer": "paged_adamw_8bit"})
     result = runner.invoke(app, ["train", str(recipe)])
     assert result.exit_code == 2 and "needs a CUDA GPU" in result.output and "adamw_8bit" in result.output
+
+
+def test_compile_blocks_in_place_keeps_every_name(tmp_path: Path, alpaca_file: Path) -> None:
+    """train.compile compiles the transformer blocks in place (lazily: nothing compiles here), so checkpoints and the
+    adapter keep their key names; torch.compile(model) would prefix them all with `_orig_mod.`."""
+    from ft_cli.model import build_model, compile_blocks
+
+    model = build_model(load_recipe(write_recipe(tmp_path, alpaca_file, train={"compile": True}))).model
+    names = list(model.state_dict())
+    assert compile_blocks(model) == 2
+    assert list(model.state_dict()) == names and not any("_orig_mod" in n for n in names)
+    layers = model.get_base_model().model.layers
+    assert all(layer._compiled_call_impl is not None for layer in layers)
+
+
+@pytest.mark.parametrize(("method", "section", "adapted"), [
+    ("lora", {}, False),  # all-linear leaves the output layer out
+    ("lora", {"target_modules": ["q_proj", "lm_head"]}, True),
+    ("lora", {"modules_to_save": ["lm_head"]}, True),
+    ("lora", {"modules_to_save": ["embed_tokens"]}, False),  # not tied to lm_head in tiny-llama
+    ("ia3", {"target_modules": ["lm_head"], "feedforward_modules": []}, True),
+    ("full", {}, False),
+])
+def test_liger_fused_loss_is_left_out_when_an_adapter_wraps_lm_head(tmp_path: Path, alpaca_file: Path, method: str,
+                                                                     section: dict, adapted: bool) -> None:
+    """liger's fused linear cross-entropy reads lm_head.weight itself and would skip an adapter on the head."""
+    from ft_cli.model import _output_head_adapted, load_base_model, resolve_model_path
+
+    sections = {"lora": section} if method == "lora" else {"lora": None, **({method: section} if section else {})}
+    recipe = load_recipe(write_recipe(tmp_path, alpaca_file, method=method, **sections))
+    base = load_base_model(recipe, resolve_model_path(recipe.model))
+    assert _output_head_adapted(base, recipe) is adapted
+
+
+@pytest.mark.slow
+def test_compile_trains_like_eager_and_resumes(tmp_path: Path, alpaca_file: Path) -> None:
+    """train.compile: true (CPU inductor here) gives the eager run's losses for the same seed, writes an adapter and
+    checkpoints with the same keys that peft loads, and --resume from its checkpoint ends where it did."""
+    import shutil
+
+    from peft import PeftModel
+    from safetensors.torch import load_file
+    from transformers import AutoModelForCausalLM
+
+    from ft_cli.builtin_models import resolve_builtin
+
+    section = {"max_steps": 4, "micro_batch_size": 2, "eval_every": 2, "save_every": 2, "keep_last": None}
+    data = {"max_seq_len": 64}
+    recipe = write_recipe(tmp_path / "compiled", alpaca_file, train={**section, "compile": True}, data=data)
+    compiled = train(recipe)
+    eager = train(write_recipe(tmp_path / "eager", alpaca_file, train=section, data=data))
+    (c_lines, c_eval), (e_lines, e_eval) = metrics(compiled), metrics(eager)
+    assert [x["loss"] for x in c_lines] == pytest.approx([x["loss"] for x in e_lines], rel=1e-4)
+    assert [x["eval_loss"] for x in c_eval] == pytest.approx([x["eval_loss"] for x in e_eval], rel=1e-4)
+    for file in ("adapter/adapter_model.safetensors", "checkpoints/step-2/trainable.safetensors"):
+        a, b = load_file(compiled / file), load_file(eager / file)
+        assert a.keys() == b.keys(), file
+        # Gradients agree to ~1e-6, but Adam moves each weight by about lr whatever its gradient's size, so elements
+        # whose gradient is near zero can step either way: compare whole tensors.
+        assert max(((a[k] - b[k]).norm() / b[k].norm()).item() for k in a) < 2e-2, file
+
+    base = AutoModelForCausalLM.from_pretrained(resolve_builtin("builtin:tiny-llama"), dtype=torch.float32)
+    ids = torch.tensor([[1, 5, 9, 20, 33, 47]])
+    with torch.no_grad():
+        before = base(ids).logits.clone()
+        after = PeftModel.from_pretrained(base, compiled / "adapter")(ids).logits
+    assert (after - before).abs().max() > 1e-3
+
+    resumed = tmp_path / "resumed"  # as if killed after the step-2 checkpoint
+    shutil.copytree(compiled, resumed)
+    for name in ("checkpoints/step-4", "adapter", "best"):
+        shutil.rmtree(resumed / name)
+    train(recipe, "--resume", "--output-dir", str(resumed))
+    assert [x["loss"] for x in metrics(resumed)[0]] == pytest.approx([x["loss"] for x in c_lines], rel=1e-5)
+    a, b = load_file(resumed / "adapter/adapter_model.safetensors"), load_file(compiled / "adapter/adapter_model.safetensors")
+    assert max((a[k] - b[k]).abs().max().item() for k in a) < 1e-5

@@ -1,0 +1,35 @@
+"""`scripts/bench.py train` on the tiny model: ft and HF Trainer + peft train the same rows in the same order from
+the same LoRA init, so their losses must agree step by step; the benchmark prints every ratio it promises.
+(The numbers themselves are for docs/benchmarks.md, measured on idle cores, never asserted here.)"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+pytestmark = pytest.mark.slow
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_bench_train_matches_hf_trainer_and_prints_ratios(tmp_path: Path, shared_data: Path) -> None:
+    out = tmp_path / "bench.json"
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "2"}
+    proc = subprocess.run([sys.executable, str(ROOT / "scripts" / "bench.py"), "train", "--model", "builtin:tiny-llama",
+                           "--steps", "4", "--packed-steps", "3", "--max-seq-len", "256", "--data-dir",
+                           str(shared_data), "--json", str(out)],
+                          env=env, capture_output=True, text=True, timeout=600, cwd=ROOT)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
+    for text in ("ft packed vs baseline effective tokens/s", "padding waste", "loop overhead", "loss parity",
+                 "time to first optimizer step", "ft --help"):
+        assert text in proc.stdout, proc.stdout
+    result = json.loads(out.read_text())
+    ft, base = result["runs"]["ft"][0], result["runs"]["baseline"][0]
+    assert len(ft["losses"]) == len(base["losses"]) == 4
+    assert ft["losses"] == pytest.approx(base["losses"], rel=1e-4)  # same maths as HF Trainer + peft
+    assert ft["losses"][-1] < ft["losses"][0]
+    assert result["runs"]["ft-packed"][0]["padding_waste"] < base["padding_waste"]
