@@ -300,6 +300,11 @@ def _output_head_adapted(model: Any, recipe: Recipe) -> bool:
     embeddings = model.get_input_embeddings()
     if getattr(model.config, "tie_word_embeddings", False) and id(embeddings) in names:
         heads.append(names[id(embeddings)])
+    return adapts_any(recipe, heads)
+
+
+def adapts_any(recipe: Recipe, module_names: list[str]) -> bool:
+    """Whether the recipe's method puts adapter layers on (or trains in full) any of these modules."""
     keys: list[str] = []
     if recipe.lora is not None:
         if isinstance(recipe.lora.target_modules, list):  # "all-linear" never includes the output layer
@@ -307,4 +312,4 @@ def _output_head_adapted(model: Any, recipe: Recipe) -> bool:
         keys += recipe.lora.modules_to_save or []
     if recipe.ia3 is not None:
         keys += recipe.ia3.target_modules or []
-    return any(h == k or h.endswith("." + k) for h in heads for k in keys)
+    return any(h == k or h.endswith("." + k) for h in module_names for k in keys)

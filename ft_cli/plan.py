@@ -23,7 +23,8 @@ so parameter counts are exact. Bytes per parameter follow what `ft train` actual
 - logits: batch x seq x vocab: the logits the model returns (the activation dtype; float32 under mixed precision,
   where accelerate converts outputs) plus, at the start of backward, three float32 tensors of the loss: the
   log-softmax saved for backward, the gradient arriving at it and the one it computes (measured: 14 bytes per
-  logit for bfloat16 logits, 16 for float32, on the CPU where freed memory is returned at once);
+  logit for bfloat16 logits, 16 for float32, on the CPU where freed memory is returned at once); with
+  train.liger_kernel's fused linear cross-entropy, chunks of float32 logits instead (`fused_loss_bytes`);
 - overhead: CUDA context and library workspaces, plus allocator fragmentation.
 
 These are estimates of the worst case (every row max_seq_len tokens long); measured peaks differ by kernels,
@@ -63,6 +64,7 @@ class ModelShape:
     intermediate: int
     vocab: int
     gated_mlp: bool
+    tied_embeddings: bool = False
 
 
 @dataclass
@@ -195,7 +197,7 @@ def model_shape(config: Any) -> ModelShape:
     return ModelShape(model_type=model_type, hidden=hidden, layers=layers, heads=heads,
                       kv_heads=get("num_key_value_heads", "num_kv_heads", default=heads), head_dim=head_dim,
                       intermediate=get("intermediate_size", "n_inner", "ffn_dim", default=None) or 4 * hidden,
-                      vocab=vocab, gated_mlp=gated)
+                      vocab=vocab, gated_mlp=gated, tied_embeddings=bool(get("tie_word_embeddings", default=False)))
 
 
 def count_params(config: Any, recipe: Recipe) -> ParamCounts:
@@ -290,9 +292,15 @@ def _plan(recipe: Recipe, shape: ModelShape, counts: ParamCounts, b: int) -> Mem
                    f"{shape.layers} blocks x tensors kept for backward; {b} x {s} tokens, {dtype}; {attn}")
     on = recipe.train.gradient_checkpointing
     held = 4 if recipe.autocast_dtype else act_bytes  # accelerate returns autocast outputs in float32
-    logits = Row("logits and loss", logits_bytes(shape, b, s, held),
-                 f"{b} x {s} x vocab {shape.vocab:,}: {held}-byte logits + the loss's float32 log-softmax and its "
-                 "two gradients in backward")
+    if liger_fused_loss(recipe, shape):
+        logits = Row("logits and loss (liger fused)", fused_loss_bytes(shape, b, s, act_bytes),
+                     f"liger's fused linear cross-entropy: float32 logits and their gradient for chunks of ~{b} x "
+                     f"{s} x hidden {shape.hidden:,} / vocab {shape.vocab:,} tokens at a time, never all "
+                     f"{b} x {s} x {shape.vocab:,} logits; + the hidden states' gradient")
+    else:
+        logits = Row("logits and loss", logits_bytes(shape, b, s, held),
+                     f"{b} x {s} x vocab {shape.vocab:,}: {held}-byte logits + the loss's float32 log-softmax and "
+                     "its two gradients in backward")
     subtotal = sum(r.bytes for r in static) + (ckpt if on else full) + logits.bytes
     overhead = Row("CUDA context + allocator", _overhead(subtotal),
                    f"{CUDA_CONTEXT_BYTES / GIB:.1f} GiB context and workspaces + {FRAGMENTATION:.0%} fragmentation")
@@ -396,6 +404,22 @@ def logits_bytes(shape: ModelShape, b: int, s: int, logit_bytes: int) -> int:
     the forward), autograd keeps the float32 log-softmax, and its backward holds the incoming float32 gradient
     and the outgoing one at once: logit_bytes + 12 per logit."""
     return b * s * shape.vocab * (logit_bytes + 12)
+
+
+def liger_fused_loss(recipe: Recipe, shape: ModelShape) -> bool:
+    """Whether `ft train` uses liger's fused linear cross-entropy for this recipe (see model.apply_liger_kernel):
+    train.liger_kernel, and no adapter on the output head (or on the input embeddings tied to it)."""
+    from ft_cli.model import adapts_any
+
+    heads = ["lm_head"] + (["embed_tokens", "wte"] if shape.tied_embeddings else [])
+    return recipe.train.liger_kernel and not adapts_any(recipe, heads)
+
+
+def fused_loss_bytes(shape: ModelShape, b: int, s: int, act_bytes: int) -> int:
+    """liger's fused linear cross-entropy works through the b*s tokens in chunks of next_pow2(b*s*hidden/vocab)
+    tokens (at most 2x that many logits: b*s*hidden*2), each chunk's float32 logits and their gradient held at
+    once (8 bytes a logit), plus the gradient of the hidden states it returns (b*s*hidden in the activation dtype)."""
+    return b * s * shape.hidden * (2 * 8 + act_bytes)
 
 
 def format_bytes(n: float) -> str:

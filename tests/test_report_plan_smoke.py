@@ -407,6 +407,24 @@ def test_plan_llama_8b_qlora_vs_bf16(llama_8b_dir: Path, tmp_path: Path) -> None
     assert suggest_micro_batch(qlora, 8 * GIB).micro_batch_size is None  # weights ~5.3 GiB, logits ~3.4 GiB
 
 
+def test_plan_counts_liger_fused_loss_chunks_not_whole_logits(llama_8b_dir: Path) -> None:
+    """train.liger_kernel: the fused linear cross-entropy never holds the 4 x 2048 x 128k logits (3.4 GiB at 14
+    bytes each); unless an adapter sits on lm_head, where ft keeps the plain loss and plan must count it."""
+    from ft_cli.plan import estimate_memory
+
+    base = {"model": {"name_or_path": str(llama_8b_dir), "dtype": "bfloat16"}, "method": "qlora",
+            "data": {"train": "train.jsonl", "max_seq_len": 2048}, "train": {"micro_batch_size": 4}}
+    plain = estimate_memory(_llama_8b_config(), recipe_from_dict(base))
+    fused = estimate_memory(_llama_8b_config(), recipe_from_dict({**base, "train": {"micro_batch_size": 4,
+                                                                                     "liger_kernel": True}}))
+    assert fused.logits.name == "logits and loss (liger fused)"
+    assert fused.logits.bytes == 4 * 2048 * 4096 * (16 + 2) and fused.logits.bytes < plain.logits.bytes / 20
+    assert fused.total < plain.total - 3 * GIB
+    on_head = estimate_memory(_llama_8b_config(), recipe_from_dict(
+        {**base, "lora": {"modules_to_save": ["lm_head"]}, "train": {"micro_batch_size": 4, "liger_kernel": True}}))
+    assert on_head.logits.bytes == plain.logits.bytes
+
+
 def test_shipped_llama_8b_qlora_recipe_fits_the_gpu_its_comment_names(llama_8b_dir: Path) -> None:
     """recipes/llama-3.1-8b/qlora.yaml says it fits one 24 GB GPU; ft plan must agree, at the recipe's own
     micro-batch and sequence length. (Under peft's float32 upcast it needed 43.9 GiB at micro-batch 4.)"""
