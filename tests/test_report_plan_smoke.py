@@ -408,7 +408,7 @@ def test_plan_llama_8b_qlora_vs_bf16(llama_8b_dir: Path, tmp_path: Path) -> None
 
 
 def test_plan_counts_liger_fused_loss_chunks_not_whole_logits(llama_8b_dir: Path) -> None:
-    """train.liger_kernel: the fused linear cross-entropy never holds the 4 x 2048 x 128k logits (3.4 GiB at 14
+    """train.liger_kernel: the fused linear cross-entropy never holds the 4 x 2048 x 128k logits (13.7 GiB at 14
     bytes each); unless an adapter sits on lm_head, where ft keeps the plain loss and plan must count it."""
     from ft_cli.plan import estimate_memory
 
