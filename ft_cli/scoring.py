@@ -14,6 +14,15 @@ def count_targets(batch: dict[str, Any]) -> int:
     return int((batch["labels"][:, 1:] != IGNORE).sum())
 
 
+def real_tokens(batch: dict[str, Any]) -> int:
+    """Tokens that are not padding: packed batches carry their count (num_tokens), padded ones an attention mask."""
+    if "num_tokens" in batch:
+        return int(batch["num_tokens"])
+    if "attention_mask" in batch:
+        return int(batch["attention_mask"].sum())
+    return int(batch["input_ids"].numel())
+
+
 def model_inputs(batch: dict[str, Any], device: Any) -> dict[str, Any]:
     """The model's keyword arguments for a collated batch. use_cache=False always: transformers only derives the
     block-diagonal mask of packed rows from position_ids when no KV cache is in play (else examples would attend

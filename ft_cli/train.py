@@ -128,7 +128,7 @@ def fit(s: Session) -> Path:
     import torch
 
     from ft_cli.progress import MetricsWriter, Reporter
-    from ft_cli.scoring import count_targets, model_inputs
+    from ft_cli.scoring import count_targets, model_inputs, real_tokens
 
     acc, t, model = s.accelerator, s.recipe.train, s.model
     main = acc.is_main_process
@@ -158,7 +158,7 @@ def fit(s: Session) -> Path:
             denom = torch.tensor(max(n_global, 1) / world, device=acc.device)
             loss_sum = torch.zeros((), device=acc.device)
             for i, batch in enumerate(micro):
-                window_tokens += _real_tokens(batch)
+                window_tokens += real_tokens(batch)
                 sync = i == len(micro) - 1
                 with nullcontext() if sync else acc.no_sync(model):
                     out = model(**model_inputs(batch, acc.device), num_items_in_batch=denom)
@@ -235,14 +235,6 @@ def fit(s: Session) -> Path:
 def _rows(dataset: Any, indices: list[int]) -> list[dict[str, Any]]:
     cols = dataset[indices]
     return [dict(zip(cols, vals, strict=True)) for vals in zip(*cols.values(), strict=True)]
-
-
-def _real_tokens(batch: dict[str, Any]) -> int:
-    if "num_tokens" in batch:
-        return int(batch.pop("num_tokens"))
-    if "attention_mask" in batch:
-        return int(batch["attention_mask"].sum())
-    return int(batch["input_ids"].numel())
 
 
 def _reduce_sum(acc: Any, value: Any) -> float:

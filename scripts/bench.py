@@ -162,10 +162,11 @@ class _Meter:
         self.steps: list[tuple[float, int, int, int]] = []  # (time, real, slots, trained) after each step
 
     def batch(self, batch: dict) -> dict:
-        ids = batch["input_ids"]
-        self.slots += ids.numel()
-        self.real += int(batch["num_tokens"]) if "num_tokens" in batch else int(batch["attention_mask"].sum())
-        self.trained += int((batch["labels"][:, 1:] != -100).sum())
+        from ft_cli.scoring import count_targets, real_tokens
+
+        self.slots += batch["input_ids"].numel()
+        self.real += real_tokens(batch)
+        self.trained += count_targets(batch)
         return batch
 
     def step(self) -> None:

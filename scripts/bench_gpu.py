@@ -393,7 +393,9 @@ class _StepTimer:
             self.t1 = self._sync_time()
         batch = self.collate(rows)
         if self.warmup <= step < self.warmup + self.steps:
-            self.tokens += int(batch["num_tokens"]) if "num_tokens" in batch else int(batch["input_ids"].numel())
+            from ft_cli.scoring import real_tokens
+
+            self.tokens += real_tokens(batch)
             self.batches.append((batch["input_ids"], batch["position_ids"]))
         return batch
 
