@@ -151,8 +151,26 @@ def load_base_model(recipe: Recipe, path: str, device: Any = None, quantize: boo
         raise
     except ImportError as exc:
         raise UserError(f"cannot load {path}: {exc}") from None
+    if quantize and recipe.quantized:
+        keep_bnb_cpu_path_trainable(model)
     # The pad token must be known to the model (generation, and models that mask pads themselves).
     return model
+
+
+def keep_bnb_cpu_path_trainable(model) -> int:
+    """Turn off bitsandbytes' packed CPU inference kernel on every 4-bit layer; returns how many layers.
+
+    bitsandbytes 0.50.2 (`Linear4bit.forward`) on a CPU with AVX512-BF16 repacks the 4-bit weight *in place* the
+    first time a layer runs in eval mode without grad. The repack asserts unless out_features % 32 == 0, and after
+    it every later training forward takes the packed kernel: outputs shift by ~4e-3 and no gradient reaches the
+    layer's input — an evaluation would silently change training. ft keeps every layer on the dequantizing path
+    on every CPU, so numbers never depend on the host's instruction set (tests force both settings)."""
+    n = 0
+    for module in model.modules():
+        if hasattr(module, "support_avx512bf16_for_cpu"):
+            module.support_avx512bf16_for_cpu = False
+            n += 1
+    return n
 
 
 def bnb_config(recipe: Recipe):
