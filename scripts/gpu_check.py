@@ -22,11 +22,12 @@ Stages, in this order, each with its own time budget (--stage-budget NAME=SECOND
 
 Time: the whole check has a deadline (--budget, default the sum of the stage budgets). A stage may use its
 budget plus whatever earlier stages left unused; when less time is left than the remaining budgets add up to,
-each remaining stage gets its share. A command that outruns its stage is stopped ("stopped: time") and what it
+each remaining stage gets its share. Setup alone may take up to 3x its budget, since nothing runs without it. A command that outruns its stage is stopped ("stopped: time") and what it
 wrote is kept; a stage or step that cannot start in time is "skipped: time". Results are written after every
 step: gpu_check.json (everything), gpu_check.md (the summary, with the targets) and gpu_check.log (all output),
 into --out (default $OUT, where the device tool collects files; else WORK/out). Exit status: 0 when nothing
-failed (targets missed are reported, not failures), 1 when a stage failed, 2 on bad arguments.
+failed (targets missed are reported, not failures), 1 when a stage failed, 2 on bad arguments, 143 when stopped by
+SIGTERM/SIGINT (the running command is stopped, nothing else starts, the results so far are kept).
 
 Only the standard library is imported here: this process installs the rest, and every stage runs in child
 processes that see the installed packages through PYTHONPATH.
@@ -64,6 +65,7 @@ BUDGETS = {
     "cpu": {"setup": 90, "gpu-tests": 90, "recipes": 120, "bench": 120, "real-run": 180},
 }
 MIN_START_S = 5  # a stage or command with less time than this left is skipped
+SETUP_BORROW = 3  # setup may take up to 3x its budget (a slow install or the fallback): nothing runs without it
 WORK_MARKER = ".ft-gpu-check"  # written into the work directory: this script may clear its stage folders
 LOG_LIMIT = 12 * 2**20  # gpu_check.log stops growing here (the device tool returns files up to 16 MiB)
 TAIL_LINES = 60  # output lines kept per command for the report when it fails
@@ -103,6 +105,8 @@ class Check:
         self.data_dir: Path | None = None
         self.log_bytes = 0
         self.log_stopped = False
+        self.current: subprocess.Popen | None = None
+        self.terminated = False
         self.data: dict[str, Any] = {
             "started": now_iso(), "finished": None, "command": shlex.join(["bash", "scripts/gpu_check.sh",
                                                                           *args.argv]),
@@ -117,6 +121,8 @@ class Check:
     def stage_time(self, name: str) -> float:
         """This stage's share of the time left: its budget plus what earlier stages left unused, or, when the
         time left is less than the budgets still to come, its proportional share."""
+        if name == "setup":  # everything after depends on it: it may borrow from the later stages' budgets
+            return min(self.left(), SETUP_BORROW * self.budgets[name])
         rest = [s for s in self.selected[self.selected.index(name):]]
         return share(self.left(), self.budgets[name], sum(self.budgets[s] for s in rest))
 
@@ -152,9 +158,11 @@ class Check:
         tail: deque[str] = deque(maxlen=TAIL_LINES)
         poller = GpuMemoryPoller() if memory and self.cuda else None
         begin = time.monotonic()
+        # Its own process group (so a stop reaches its children), but not its own session: whatever ends this
+        # script (the device tool at its time limit) still ends the commands it started.
         proc = subprocess.Popen([str(c) for c in cmd], cwd=cwd, env=env or self.env, stdout=subprocess.PIPE,
-                                stderr=subprocess.STDOUT, text=True, errors="replace", bufsize=1,
-                                start_new_session=True)
+                                stderr=subprocess.STDOUT, text=True, errors="replace", bufsize=1, process_group=0)
+        self.current = proc
         if poller:
             poller.start()
 
@@ -175,6 +183,7 @@ class Check:
             timed_out = True
             stop_group(proc)
         reader.join(timeout=10)
+        self.current = None
         wall = time.monotonic() - begin
         peak = poller.stop() if poller else None
         if timed_out:
@@ -192,7 +201,7 @@ def share(left: float, budget: float, remaining_budgets: float) -> float:
 
 
 def stop_group(proc: subprocess.Popen) -> None:
-    """SIGTERM the command's process group (it runs in its own session), SIGKILL what is left after 5 s."""
+    """SIGTERM the command's process group, SIGKILL what is left after 5 s."""
     for sig, wait in ((signal.SIGTERM, 5), (signal.SIGKILL, 5)):
         with contextlib.suppress(ProcessLookupError, PermissionError):
             os.killpg(proc.pid, sig)
@@ -299,6 +308,10 @@ class Stage:
         return rec
 
     def can_start(self, name: str, need: float = MIN_START_S) -> bool:
+        if self.check.terminated:
+            self.skip(name, "terminated")
+            self.check.save()
+            return False
         if self.left() < need:
             self.skip(name, "time")
             self.check.save()
@@ -313,6 +326,8 @@ class Stage:
             rec["gpu_peak_bytes"] = res["gpu_peak_bytes"]
         if res["timed_out"]:
             rec["status"] = "stopped: time"
+        elif self.check.terminated:
+            rec["status"] = "stopped: terminated"
         elif res["rc"] != 0:
             rec["status"] = "failed"
         else:
@@ -334,7 +349,7 @@ class Stage:
             if any(s == "failed" for s in steps):
                 status = "failed"
             elif any(s.startswith("stopped") for s in steps):
-                status = "stopped: time"
+                status = next(s for s in steps if s.startswith("stopped"))
             elif steps and all(s.startswith("skipped") for s in steps):
                 status = steps[0] if len(set(steps)) == 1 else "skipped"
             else:
@@ -885,7 +900,7 @@ def real_run_recipe(check: Check, model_dir: Path, run: Path) -> dict[str, Any]:
         "data": {"train": str(check.data_dir / DATA_FILE), "format": "alpaca", "val_split": 0.05,
                  "max_seq_len": 1024 if cuda else 128, "packing": True},
         "train": {"max_steps": 30 if cuda else 6, "micro_batch_size": 4 if cuda else 2, "grad_accum": 1,
-                  "lr": 1e-3 if cuda else 1e-2, "scheduler": "constant", "warmup_steps": 2,
+                  "lr": 2e-3 if cuda else 1e-2, "scheduler": "constant", "warmup_steps": 2,
                   "optimizer": "paged_adamw_8bit" if cuda else "adamw_torch", "gradient_checkpointing": True,
                   "eval_every": 10 if cuda else 3, "save_every": 10 if cuda else 3, "log_every": 1, "seed": 42},
         "output_dir": str(run),
@@ -945,7 +960,9 @@ def stage_real_run(check: Check) -> None:
     stage.expect(rec, "run.json status completed", manifest.get("status") == "completed", manifest.get("status"))
     device = str((manifest.get("environment") or {}).get("device", ""))
     stage.expect(rec, f"trained on {check.args.device}", device.startswith(check.args.device), device)
-    ok, detail = loss_falls(losses, 5, 0.9)
+    # Calibrated on the CPU with the same shape cut to 2 layers (LoRA, 256 tokens x 2): from ln(151,936) = 11.9
+    # the loss fell to ~10.8 in 10 steps at this learning rate, then keeps falling slowly; 5 % is a clear fall.
+    ok, detail = loss_falls(losses, 5, 0.95)
     if check.cuda:
         stage.expect(rec, "train loss falls", ok, detail)
     else:  # a few noisy steps of the tiny model: shown, not checked; its eval loss is
@@ -1169,7 +1186,7 @@ def render_markdown(data: dict[str, Any]) -> str:
                      + (f"; plan/peak {real['plan_ratio']:.2f}" if real.get("plan_ratio") else ""))
 
     failures = [(s["name"], st) for s in data["stages"] for st in s["steps"]
-                if st["status"] in ("failed", "stopped: time")]
+                if st["status"] == "failed" or st["status"].startswith("stopped")]
     if failures:
         lines += ["", "## Failures and stops"]
         for stage_name, st in failures:
@@ -1274,8 +1291,20 @@ def main(argv: list[str] | None = None) -> int:
     check.save()
     runners = {"gpu-tests": stage_gpu_tests, "recipes": stage_recipes, "bench": stage_bench,
                "real-run": stage_real_run}
-    ok = stage_setup(check)
-    for name in check.selected[1:]:
+
+    def terminate(signum: int, frame: Any) -> None:  # SIGTERM/SIGINT: stop the command, keep what was measured
+        check.terminated = True
+        check.log(f"[gpu_check: signal {signum}: stopping]")
+        if check.current is not None:
+            stop_group(check.current)
+
+    signal.signal(signal.SIGTERM, terminate)
+    signal.signal(signal.SIGINT, terminate)
+    ok = True
+    for name in check.selected:
+        if check.terminated:
+            Stage(check, name).finish("skipped: terminated")
+            continue
         if not ok:
             Stage(check, name).finish("skipped: setup failed")
             continue
@@ -1284,7 +1313,10 @@ def main(argv: list[str] | None = None) -> int:
             continue
         check.log(f"=== {name} ({check.stage_time(name):.0f} s allowed, {check.left():.0f} s left in all)")
         try:
-            runners[name](check)
+            if name == "setup":
+                ok = stage_setup(check)
+            else:
+                runners[name](check)
         except Exception as exc:  # a bug here must not lose the other stages' results
             import traceback
 
@@ -1292,6 +1324,7 @@ def main(argv: list[str] | None = None) -> int:
             stage = _stage(check.data, name)
             if stage is not None and stage["status"] == "running":
                 stage["status"] = f"failed: {type(exc).__name__} in gpu_check.py"
+            ok = ok and name != "setup"
             check.save()
     check.data["finished"] = now_iso()
     check.save()
@@ -1301,7 +1334,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"results: {', '.join(str(check.out / n) for n in ('gpu_check.md', 'gpu_check.json', 'gpu_check.log'))}")
     print(summary_line(check.data))
     failed = any(s["status"].startswith("failed") for s in check.data["stages"])
-    return 1 if failed else 0
+    return 143 if check.terminated else 1 if failed else 0
 
 
 if __name__ == "__main__":

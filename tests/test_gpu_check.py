@@ -62,7 +62,7 @@ def dry_run(tmp_path_factory: pytest.TempPathFactory) -> dict:
     env.update(PYTHON=sys.executable, OMP_NUM_THREADS="2")
     start = time.monotonic()
     proc = subprocess.run(["bash", "scripts/gpu_check.sh", "--device", "cpu", "--shape", "tiny", "--work-dir",
-                           str(work), "--out", str(out), "--wheels", str(wheels)],
+                           str(work), "--out", str(out), "--wheels", str(wheels), "--budget", "1000"],
                           cwd=ROOT, env=env, capture_output=True, text=True, timeout=1200)
     return {"proc": proc, "out": out, "work": work, "wall": time.monotonic() - start,
             "data": json.loads((out / "gpu_check.json").read_text()) if (out / "gpu_check.json").is_file() else None}
@@ -106,6 +106,31 @@ def test_dry_run_setup_installs_only_what_is_missing(dry_run: dict) -> None:
     assert "(carried)" in data_step["note"]
     assert (dry_run["work"] / "data" / "alpaca_en_demo.json").read_bytes() == \
         (ROOT / "examples" / "data" / "quickstart_alpaca.json").read_bytes()
+
+
+def test_setup_falls_back_to_the_machines_version_when_a_carried_one_breaks(tmp_path: Path) -> None:
+    """A carried wheel that would replace the machine's own version but does not import there (here: a broken
+    pyyaml) is dropped and setup retries with the machine's; the rest of the carried set is still installed."""
+    wheels = tmp_path / "wheels"
+    wheels.mkdir()
+    _wheel(wheels, "PyYAML", "0.0.1", {"yaml/__init__.py": b"raise ImportError('carried pyyaml is broken')\n"})
+    _wheel(wheels, "ft_gpu_check_probe", "1.0", {"ft_gpu_check_probe/__init__.py": b""})
+    out = tmp_path / "out"
+    env = {k: v for k, v in os.environ.items() if k != "OUT"}
+    proc = subprocess.run([sys.executable, str(ROOT / "scripts" / "gpu_check.py"), "--device", "cpu", "--only", "",
+                           "--work-dir", str(tmp_path / "work"), "--out", str(out), "--wheels", str(wheels), "--budget",
+                           "500"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-4000:]
+    setup = _stage(json.loads((out / "gpu_check.json").read_text()), "setup")
+    assert setup["status"] == "passed"
+    assert [s["name"] for s in setup["steps"]] == [
+        "install wheels", "preflight", "install wheels (machine's own versions where present)",
+        "preflight (machine's own versions)", "data"]
+    assert setup["details"]["fallback"]["dropped"] == ["PyYAML-0.0.1-py3-none-any.whl"]
+    assert any("carried pyyaml is broken" in p for p in setup["details"]["fallback"]["problems"])
+    site = tmp_path / "work" / "site-machine"
+    assert (site / "ft_gpu_check_probe").is_dir() and not (site / "yaml").exists()
+    assert "retrying with the machine's own versions" in proc.stdout
 
 
 def test_dry_run_stages_check_what_they_promise(dry_run: dict) -> None:
@@ -209,6 +234,30 @@ def test_a_command_past_its_time_is_stopped_with_its_children(tmp_path: Path) ->
     assert _stage(saved, "recipes")["status"] == "stopped: time"
     assert "stopped: time" in (check.out / "gpu_check.md").read_text()
     assert "[stopped after" in (check.out / "gpu_check.log").read_text()
+
+
+def test_terminated_run_stops_its_command_and_keeps_the_results(tmp_path: Path) -> None:
+    """SIGTERM (the device tool's time limit, or Ctrl-C): the running command is stopped, nothing else starts, and
+    the results written so far stay, with the reason."""
+    out = tmp_path / "out"
+    env = {k: v for k, v in os.environ.items() if k != "OUT"}
+    proc = subprocess.Popen([sys.executable, str(ROOT / "scripts" / "gpu_check.py"), "--device", "cpu", "--only",
+                             "recipes", "--work-dir", str(tmp_path / "work"), "--out", str(out), "--wheels",
+                             str(tmp_path / "none")], cwd=ROOT, env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True)
+    assert proc.stdout is not None
+    for line in proc.stdout:
+        if line.startswith("--- recipes: quickstart"):
+            time.sleep(1)
+            proc.send_signal(15)
+            break
+    rest = proc.communicate(timeout=120)[0]
+    assert proc.returncode == 143, rest
+    data = json.loads((out / "gpu_check.json").read_text())
+    recipes = _stage(data, "recipes")
+    assert [s["status"] for s in recipes["steps"]] == ["stopped: terminated", "skipped: terminated"]
+    assert recipes["status"] == "stopped: terminated" and data["finished"]
+    assert "### recipes: quickstart (stopped: terminated)" in (out / "gpu_check.md").read_text()
 
 
 def test_a_failed_check_fails_its_step_and_stage(tmp_path: Path) -> None:
