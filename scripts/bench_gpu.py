@@ -1,7 +1,8 @@
 """GPU benchmark: ft's own training loop (ft_cli.train.setup / fit) on an 8B-shaped Llama, LoRA in bfloat16 and
-QLoRA (4-bit NF4), packed rows: trained tokens/s, MFU and peak memory per method, and the targets.
+QLoRA (4-bit NF4), packed rows: trained tokens/s, MFU and peak memory per method, `ft plan`'s estimate beside
+each measured peak, and the targets.
 
-    python scripts/bench.py gpu [--shape 8b|tiny] [--methods lora,qlora] [--seq 2048] [--micro-batch 1]
+    python scripts/bench.py gpu [--shape 8b|0.5b|tiny] [--methods lora,qlora] [--seq 2048] [--micro-batch 1]
                                 [--steps 20] [--warmup 5] [--compile] [--liger] [--no-grad-ckpt]
                                 [--attn sdpa|flash_attention_2] [--model-dir DIR] [--json PATH]
     python scripts/bench_gpu.py ...          (the same, standalone)
@@ -26,7 +27,12 @@ input embedding table (a lookup), lm_head included. The LoRA adapters' own FLOPs
 gradient checkpointing recomputes are not counted (model FLOPs, not hardware FLOPs). "MFU+attn" adds causal
 attention inside each packed example (forward 2*heads*head_dim*L*(L+1) per layer, backward twice that); "6N" is
 the full-fine-tuning convention, for reference. Peak memory: torch.cuda.max_memory_allocated over the whole
-subprocess (model load included); on the CPU, the subprocess's peak RSS.
+subprocess (model load included); on the CPU, the subprocess's peak RSS. "device peak" is what `ft plan` estimates
+and nvidia-smi would show: the allocator's peak reservation plus the memory outside it (CUDA context, library
+workspaces), read from the device at the end of the run; "plan" is `ft plan`'s estimate for the same recipe
+(ft_cli.plan.estimate_memory), and plan/peak its ratio to the device peak.
+
+`scripts/gpu_check.py` runs this benchmark as one stage of the whole GPU check (docs/benchmarks.md).
 """
 
 from __future__ import annotations
@@ -50,9 +56,11 @@ if str(ROOT) not in sys.path:
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 METHODS = ("lora", "qlora")
-TARGET_LORA_MFU = 0.30  # bf16 LoRA on an H100
-TARGET_QLORA_SPEED = 0.8  # QLoRA tokens/s >= 0.8 x LoRA's
-TARGET_QLORA_MEMORY = 0.6  # QLoRA peak memory <= 0.6 x LoRA's
+# Targets (issue 21): the best published single-GPU LoRA figure is 40.6 % MFU on an H100.
+TARGET_LORA_MFU = 0.40  # bf16 LoRA, 8B, packed 2048
+TARGET_QLORA_SPEED = 0.9  # QLoRA tokens/s >= 0.9 x LoRA's
+TARGET_QLORA_MEMORY = 0.5  # QLoRA peak memory <= 0.5 x LoRA's
+TARGET_PLAN_ERROR = 0.10  # ft plan's estimate within 10 % of every measured (device) peak
 
 # Llama-3.1-8B's config.json (meta-llama/Llama-3.1-8B), minus the token ids (the built-in tokenizer's are used).
 LLAMA_8B = {"hidden_size": 4096, "intermediate_size": 14336, "num_hidden_layers": 32, "num_attention_heads": 32,
@@ -60,6 +68,13 @@ LLAMA_8B = {"hidden_size": 4096, "intermediate_size": 14336, "num_hidden_layers"
             "rms_norm_eps": 1e-5, "tie_word_embeddings": False, "hidden_act": "silu", "initializer_range": 0.02}
 LLAMA3_ROPE = {"rope_type": "llama3", "rope_theta": 500000.0, "factor": 8.0, "low_freq_factor": 1.0,
                "high_freq_factor": 4.0, "original_max_position_embeddings": 8192}
+# Qwen2.5-0.5B's config.json (Qwen/Qwen2.5-0.5B): q/k/v biases, tied embeddings, 151,936-token vocabulary.
+QWEN25_05B = {"hidden_size": 896, "intermediate_size": 4864, "num_hidden_layers": 24, "num_attention_heads": 14,
+              "num_key_value_heads": 2, "vocab_size": 151936, "max_position_embeddings": 32768, "rms_norm_eps": 1e-6,
+              "tie_word_embeddings": True, "hidden_act": "silu", "initializer_range": 0.02,
+              "use_sliding_window": False}
+QWEN2_ROPE = {"rope_type": "default", "rope_theta": 1000000.0}
+SHAPES = ("8b", "0.5b", "tiny")
 
 # Peak dense (no sparsity) bfloat16 tensor FLOP/s, matched against torch.cuda.get_device_name in this order.
 PEAK_BF16 = (("H100 PCIe", 756e12), ("H100 NVL", 835e12), ("H100", 989e12), ("H200", 989e12), ("A100", 312e12))
@@ -72,8 +87,8 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     """Register `gpu` on an argparse subparsers object (scripts/bench.py)."""
     p = subparsers.add_parser("gpu", help="LoRA vs QLoRA training throughput, MFU and peak memory through ft",
                               description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--shape", choices=("8b", "tiny"), default="8b",
-                   help="8b: Llama-3.1-8B's shape; tiny: the built-in tiny-llama's (default 8b)")
+    p.add_argument("--shape", choices=SHAPES, default="8b",
+                   help="8b: Llama-3.1-8B's shape; 0.5b: Qwen2.5-0.5B's; tiny: the built-in tiny-llama's (default 8b)")
     p.add_argument("--methods", default=",".join(METHODS), help="comma-separated, from lora,qlora (default both)")
     p.add_argument("--seq", type=int, default=2048, help="data.max_seq_len: tokens per packed row (default 2048)")
     p.add_argument("--micro-batch", type=int, default=1, help="train.micro_batch_size (default 1)")
@@ -165,17 +180,26 @@ def _main(args: argparse.Namespace) -> None:
         model_dir = Path(args.model_dir).resolve() if args.model_dir else work / "model"
         model_info = _ensure_model(args, model_dir)
         data_file = _write_data(args, model_dir, work / "alpaca_repeated.json")
-        results = []
+        results: list[dict[str, Any]] = []
         for method in methods:
             results.append(_run_method(args, method, model_dir, data_file, work))
+            if args.json:  # after every method: a run stopped from outside keeps what it measured
+                _write_json(Path(args.json), summarize(args, results, model_info, command, complete=False))
     finally:
         shutil.rmtree(work, ignore_errors=True)
-    report = _report(args, methods, results, model_info, command)
+    report = summarize(args, results, model_info, command, complete=True)
+    print_report(report)
     if args.json:
-        Path(args.json).write_text(json.dumps(report, indent=2) + "\n")
+        _write_json(Path(args.json), report)
         print(f"results written to {args.json}")
     if any(r.get("error") for r in results):
         raise SystemExit(1)
+
+
+def _write_json(path: Path, report: dict[str, Any]) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(report, indent=2) + "\n")
+    os.replace(tmp, path)
 
 
 def _command_line() -> str:
@@ -216,7 +240,7 @@ def _ensure_model(args: argparse.Namespace, model_dir: Path) -> dict[str, Any]:
     if model_dir.exists() and any(model_dir.iterdir()):
         _fail(f"--model-dir: {model_dir} exists and is not a model this benchmark built; give an empty or new path")
     start = time.perf_counter()
-    print(f"model: building a random-init {args.shape} Llama in {model_dir} ...", file=sys.stderr, flush=True)
+    print(f"model: building a random-init {args.shape} model in {model_dir} ...", file=sys.stderr, flush=True)
     if args.shape == "tiny":
         _build_model_dir("tiny", model_dir, "cpu")
     else:  # on the GPU, in its own process, so none of its memory stays with this one
@@ -239,7 +263,7 @@ def model_config(shape: str) -> tuple[Any, Any, Path]:
     """(transformers config of `shape`, the built-in tiny-llama tokenizer, its directory)."""
     import inspect
 
-    from transformers import AutoConfig, AutoTokenizer, LlamaConfig
+    from transformers import AutoConfig, AutoTokenizer, LlamaConfig, Qwen2Config
 
     from ft_cli.builtin_models import resolve_builtin
 
@@ -250,18 +274,21 @@ def model_config(shape: str) -> tuple[Any, Any, Path]:
     else:
         ids = {"bos_token_id": tokenizer.bos_token_id, "eos_token_id": tokenizer.eos_token_id,
                "pad_token_id": tokenizer.pad_token_id}
-        if "rope_parameters" in inspect.signature(LlamaConfig.__init__).parameters:  # transformers >= 5
-            rope = {"rope_parameters": LLAMA3_ROPE}
+        cls, widths, rope_parameters = (LlamaConfig, LLAMA_8B, LLAMA3_ROPE) if shape == "8b" else \
+            (Qwen2Config, QWEN25_05B, QWEN2_ROPE)
+        if "rope_parameters" in inspect.signature(cls.__init__).parameters:  # transformers >= 5
+            rope = {"rope_parameters": rope_parameters}
         else:
-            rope = {"rope_theta": LLAMA3_ROPE["rope_theta"],
-                    "rope_scaling": {k: v for k, v in LLAMA3_ROPE.items() if k != "rope_theta"}}
-        config = LlamaConfig(**LLAMA_8B, **rope, **ids)
+            scaling = {k: v for k, v in rope_parameters.items() if k != "rope_theta"}
+            rope = {"rope_theta": rope_parameters["rope_theta"],
+                    **({"rope_scaling": scaling} if scaling.get("rope_type") != "default" else {})}
+        config = cls(**widths, **rope, **ids)
     assert len(tokenizer) <= config.vocab_size, (len(tokenizer), config.vocab_size)  # every id has a row
     return config, tokenizer, tok_dir
 
 
 def _build_model_dir(shape: str, out: Path, device: str) -> None:
-    """Random-init Llama of `shape` in bfloat16 safetensors plus the built-in tokenizer, written atomically."""
+    """Random-init model of `shape` in bfloat16 safetensors plus the built-in tokenizer, written atomically."""
     import torch
     from transformers import AutoModelForCausalLM
 
@@ -434,6 +461,7 @@ def _run_one(args: argparse.Namespace) -> None:
     session = setup(recipe, run.with_suffix(".yaml"), resume=False, overwrite=False)
     setup_s = time.perf_counter() - start
     setup_peak = torch.cuda.max_memory_allocated() if cuda else None
+    setup_reserved = torch.cuda.max_memory_reserved() if cuda else None
     if cuda:
         torch.cuda.reset_peak_memory_stats()  # the training peak on its own, too
     pad_id = session.tokenizer.pad_token_id
@@ -463,12 +491,17 @@ def _run_one(args: argparse.Namespace) -> None:
         "trainable_params": manifest.get("trainable_params"), "device": str(session.accelerator.device),
         "packing_efficiency": data_stats.get("packing_efficiency"), "attn_implementation": attn_used,
         "timed_fill": timer.tokens / (args.steps * args.micro_batch * args.seq),
+        "plan_bytes": plan_estimate(recipe),
     }
     if cuda:
         props = torch.cuda.get_device_properties(0)
         train_peak = torch.cuda.max_memory_allocated()
+        reserved = torch.cuda.max_memory_reserved()
+        free, total = torch.cuda.mem_get_info()
+        outside = max(0, (total - free) - torch.cuda.memory_reserved())  # context, workspaces: not torch's
         result.update(peak_bytes=max(setup_peak, train_peak), setup_peak_bytes=setup_peak,
-                      train_peak_bytes=train_peak, reserved_bytes=torch.cuda.max_memory_reserved(), device_name=props.name,
+                      train_peak_bytes=train_peak, reserved_bytes=reserved, device_name=props.name,
+                      device_peak_bytes=max(setup_reserved, reserved) + outside, outside_allocator_bytes=outside,
                       device_memory_bytes=props.total_memory, cuda=torch.version.cuda)
     else:
         import platform
@@ -477,6 +510,14 @@ def _run_one(args: argparse.Namespace) -> None:
                       device_name=f"cpu ({platform.processor() or platform.machine()}, "
                                   f"{torch.get_num_threads()} threads)")
     Path(args._result).write_text(json.dumps(result, indent=2) + "\n")
+
+
+def plan_estimate(recipe: Any) -> int:
+    """`ft plan`'s estimated peak (bytes) for this recipe: the same function the command prints from."""
+    from ft_cli.plan import estimate_memory, load_model_config
+
+    config, _ = load_model_config(recipe)
+    return estimate_memory(config, recipe).total
 
 
 # Report ------------------------------------------------------------------------------------------------------------
@@ -503,8 +544,10 @@ def _pct(x: float | None) -> str:
     return "n/a" if x is None else f"{100 * x:.1f}%"
 
 
-def _report(args: argparse.Namespace, methods: list[str], results: list[dict[str, Any]], model: dict[str, Any],
-            command: str) -> dict[str, Any]:
+def summarize(args: argparse.Namespace, results: list[dict[str, Any]], model: dict[str, Any], command: str, *,
+              complete: bool = True) -> dict[str, Any]:
+    """The report as data: per-method rates, MFU, peaks against `ft plan`, and the targets (printed by print_report,
+    written by --json, read by scripts/gpu_check.py)."""
     from ft_cli.manifest import package_versions
 
     ok = [r for r in results if not r.get("error")]
@@ -518,22 +561,56 @@ def _report(args: argparse.Namespace, methods: list[str], results: list[dict[str
         r["mfu_4n"] = tps * 4 * n / peak if peak else None
         r["mfu_4n_attn"] = (tps * 4 * n + attn) / peak if peak else None
         r["mfu_6n"] = tps * 6 * n / peak if peak else None
-    versions = package_versions()
-    shown = ("torch", "transformers", "peft", "bitsandbytes", "accelerate", "liger-kernel", "flash-attn")
-    mem_kind = "peak RSS GiB" if args.device == "cpu" else "peak GiB"
+        measured = r.get("device_peak_bytes")
+        r["plan_ratio"] = r["plan_bytes"] / measured if measured and r.get("plan_bytes") else None
+    by = {r["method"]: r for r in ok}
+    targets: dict[str, Any] = {}
+    if "lora" in by:
+        mfu = by["lora"]["mfu_4n"]
+        targets["lora_mfu"] = {"value": mfu, "target": TARGET_LORA_MFU,
+                               "pass": None if mfu is None else mfu >= TARGET_LORA_MFU}
+    if "lora" in by and "qlora" in by:
+        speed = by["qlora"]["tokens_per_s"] / by["lora"]["tokens_per_s"]
+        memory = by["qlora"]["peak_bytes"] / by["lora"]["peak_bytes"]
+        targets["qlora_speed"] = {"value": speed, "target": TARGET_QLORA_SPEED, "pass": speed >= TARGET_QLORA_SPEED}
+        targets["qlora_memory"] = {"value": memory, "target": TARGET_QLORA_MEMORY,
+                                   "pass": memory <= TARGET_QLORA_MEMORY}
+    ratios = [r["plan_ratio"] for r in ok if r.get("plan_ratio") is not None]
+    if ratios:
+        worst = max(ratios, key=lambda x: abs(x - 1))
+        targets["plan_error"] = {"value": abs(worst - 1), "target": TARGET_PLAN_ERROR,
+                                 "pass": all(abs(x - 1) <= TARGET_PLAN_ERROR for x in ratios)}
+    return {"shape": args.shape, "seq": args.seq, "micro_batch": args.micro_batch, "steps": args.steps,
+            "warmup": args.warmup, "device": device, "device_kind": args.device, "peak_flops": peak,
+            "versions": package_versions(), "command": command, "complete": complete,
+            "dtype": _dtype(args),
+            "switches": {"attn": args.attn, "gradient_checkpointing": not args.no_grad_ckpt,
+                         "compile": args.compile, "liger_kernel": args.liger},
+            "model": model, "results": results, "targets": targets}
 
-    print(f"ft GPU benchmark: {args.shape} Llama ({_count(model['parameters'])} parameters, N = "
-          f"{_count(n)} matmul weights), seq {args.seq}, micro-batch {args.micro_batch}, packed; "
-          f"{args.steps} timed steps after {args.warmup} warm-up")
+
+def print_report(report: dict[str, Any]) -> None:
+    rp, model, results = report, report["model"], report["results"]
+    ok = [r for r in results if not r.get("error")]
+    cpu = rp["device_kind"] == "cpu"
+    peak, sw = rp["peak_flops"], rp["switches"]
+    versions = rp["versions"]
+    shown = ("torch", "transformers", "peft", "bitsandbytes", "accelerate", "liger-kernel", "flash-attn")
+    mem_kind = "peak RSS GiB" if cpu else "peak GiB"
+
+    print(f"ft GPU benchmark: {rp['shape']} model ({_count(model['parameters'])} parameters, N = "
+          f"{_count(model['matmul_parameters'])} matmul weights), seq {rp['seq']}, micro-batch {rp['micro_batch']}, "
+          f"packed; {rp['steps']} timed steps after {rp['warmup']} warm-up")
     cuda_v = next((r.get("cuda") for r in ok if r.get("cuda")), None)
-    print(f"device: {device}" + (f", CUDA {cuda_v}" if cuda_v else "")
+    print(f"device: {rp['device']}" + (f", CUDA {cuda_v}" if cuda_v else "")
           + f"; peak dense bf16: {f'{peak / 1e12:.0f} TFLOP/s' if peak else 'unknown (MFU n/a; --peak-tflops)'}")
     print("versions: " + ", ".join(f"{k} {versions.get(k) or '-'}" for k in shown))
     used = sorted({str(r.get("attn_implementation")) for r in ok})
-    attn = f"{args.attn or 'ft default'} (used: {', '.join(used) or '?'})"
-    print(f"model dtype {_dtype(args)}; switches: attn {attn}, gradient checkpointing "
-          f"{'off' if args.no_grad_ckpt else 'on'}, compile {'on' if args.compile else 'off'}, liger {'on' if args.liger else 'off'}")
-    print(f"command: {command}")
+    attn = f"{sw['attn'] or 'ft default'} (used: {', '.join(used) or '?'})"
+    print(f"model dtype {rp['dtype']}; switches: attn {attn}, gradient checkpointing "
+          f"{'on' if sw['gradient_checkpointing'] else 'off'}, compile {'on' if sw['compile'] else 'off'}, "
+          f"liger {'on' if sw['liger_kernel'] else 'off'}")
+    print(f"command: {rp['command']}")
     print()
     header = (f"{'method':<8} {'tokens/s':>11} {'s/step':>8} {'MFU (4N)':>9} {'MFU+attn':>9} {'(6N)':>7} "
               f"{mem_kind:>13} {'ft log tok/s':>13} {'loss':>15}")
@@ -549,6 +626,15 @@ def _report(args: argparse.Namespace, methods: list[str], results: list[dict[str
               f"{_pct(r['mfu_4n_attn']):>9} {_pct(r['mfu_6n']):>7} {r['peak_bytes'] / GIB:>13.2f} "
               f"{(f'{logged:,.0f}' if logged is not None else '-'):>13} {loss:>15}")
     print()
+    print(f"{'method':<8} {'peak alloc GiB':>15} {'device peak GiB':>16} {'ft plan GiB':>12} {'plan/peak':>10}")
+    for r in ok:
+        dev = r.get("device_peak_bytes")
+        plan = r.get("plan_bytes")
+        ratio = r.get("plan_ratio")
+        print(f"{r['method']:<8} {r['peak_bytes'] / GIB:>15.2f} "
+              f"{(f'{dev / GIB:.2f}' if dev else 'n/a'):>16} {(f'{plan / GIB:.2f}' if plan else 'n/a'):>12} "
+              f"{(f'{ratio:.2f}' if ratio else 'n/a'):>10}")
+    print()
     for r in ok:
         eff = r.get("packing_efficiency")
         print(f"{r['method']}: timed rows {r['timed_fill']:.1%} real tokens ({r['timed_tokens']:,} in {r['timed_steps']} "
@@ -558,37 +644,33 @@ def _report(args: argparse.Namespace, methods: list[str], results: list[dict[str
     print("tokens/s: real (non-padding) tokens of the timed steps / their wall time; MFU (4N) = tokens/s x 4N / peak "
           "(LoRA convention, N without the input embedding, lm_head in); MFU+attn adds causal attention within each "
           "packed example; (6N) = full-fine-tuning convention, for reference; peak = whole process, model load "
-          "included" + (" (peak RSS on the CPU)" if args.device == "cpu" else " (torch.cuda.max_memory_allocated)"))
+          "included" + (" (peak RSS on the CPU)" if cpu else " (torch.cuda.max_memory_allocated)")
+          + "; device peak = peak reserved + memory outside torch's allocator (what ft plan estimates)")
 
-    by = {r["method"]: r for r in ok}
-    targets: dict[str, Any] = {}
-    print("targets" + (" (set for an H100; this is a CPU smoke run)" if args.device == "cpu" else "") + ":")
-    if "lora" in by:
-        mfu = by["lora"]["mfu_4n"]
-        targets["lora_mfu"] = {"value": mfu, "target": TARGET_LORA_MFU,
-                               "pass": None if mfu is None else mfu >= TARGET_LORA_MFU}
-        verdict = "n/a (no peak FLOP/s for this device)" if mfu is None else \
-            ("PASS" if mfu >= TARGET_LORA_MFU else "MISS")
-        print(f"  bf16 LoRA MFU (4N) {_pct(mfu)} >= {TARGET_LORA_MFU:.0%} (target for an H100): {verdict}")
-    if "lora" in by and "qlora" in by:
-        speed = by["qlora"]["tokens_per_s"] / by["lora"]["tokens_per_s"]
-        memory = by["qlora"]["peak_bytes"] / by["lora"]["peak_bytes"]
-        targets["qlora_speed"] = {"value": speed, "target": TARGET_QLORA_SPEED, "pass": speed >= TARGET_QLORA_SPEED}
-        targets["qlora_memory"] = {"value": memory, "target": TARGET_QLORA_MEMORY,
-                                   "pass": memory <= TARGET_QLORA_MEMORY}
-        print(f"  QLoRA/LoRA throughput {speed:.2f}x >= {TARGET_QLORA_SPEED}x: "
-              f"{'PASS' if speed >= TARGET_QLORA_SPEED else 'MISS'}")
-        print(f"  QLoRA/LoRA peak memory {memory:.2f}x <= {TARGET_QLORA_MEMORY}x: "
-              f"{'PASS' if memory <= TARGET_QLORA_MEMORY else 'MISS'}")
+    targets = rp["targets"]
+    print("targets" + (" (set for an H100/H200; this is a CPU smoke run)" if cpu else "") + ":")
+    if "lora_mfu" in targets:
+        mfu = targets["lora_mfu"]["value"]
+        verdict = "n/a (no peak FLOP/s for this device)" if mfu is None else _verdict(targets["lora_mfu"]["pass"])
+        print(f"  bf16 LoRA MFU (4N) {_pct(mfu)} >= {TARGET_LORA_MFU:.0%}: {verdict}")
+    if "qlora_speed" in targets:
+        t, m = targets["qlora_speed"], targets["qlora_memory"]
+        print(f"  QLoRA/LoRA throughput {t['value']:.2f}x >= {TARGET_QLORA_SPEED}x: {_verdict(t['pass'])}")
+        print(f"  QLoRA/LoRA peak memory {m['value']:.2f}x <= {TARGET_QLORA_MEMORY}x: {_verdict(m['pass'])}")
     else:
         print("  (the QLoRA/LoRA ratios need both methods)")
+    if "plan_error" in targets:
+        t = targets["plan_error"]
+        print(f"  ft plan vs every measured device peak: worst {t['value']:.1%} off, within "
+              f"{TARGET_PLAN_ERROR:.0%}: {_verdict(t['pass'])}")
+    else:
+        print("  ft plan vs measured peak: n/a" + (" (no device peak on the CPU)" if cpu else ""))
     if model.get("build_s") is not None:
         print(f"model directory built in {model['build_s']:.0f} s")
-    return {"shape": args.shape, "seq": args.seq, "micro_batch": args.micro_batch, "steps": args.steps,
-            "warmup": args.warmup, "device": device, "peak_flops": peak, "versions": versions, "command": command,
-            "switches": {"attn": args.attn, "gradient_checkpointing": not args.no_grad_ckpt,
-                         "compile": args.compile, "liger_kernel": args.liger},
-            "model": model, "results": results, "targets": targets}
+
+
+def _verdict(passed: bool | None) -> str:
+    return "n/a" if passed is None else ("PASS" if passed else "MISS")
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -1,7 +1,7 @@
 """GPU tier: skipped without CUDA (conftest), run whenever a GPU is there.
 
-QLoRA and LoRA in bfloat16 on one GPU; FSDP2 and DeepSpeed ZeRO through the shipped accelerate configs on two or
-more GPUs (the 2-process runs must compute what 1 process with twice the micro-batch computes, as on the CPU in
+QLoRA and LoRA in bfloat16 on one GPU; FSDP2 through the shipped config on one GPU (wrapping, gathered checkpoints,
+resume); FSDP2 and DeepSpeed ZeRO through the shipped accelerate configs on two or more GPUs (the 2-process runs must compute what 1 process with twice the micro-batch computes, as on the CPU in
 tests/test_distributed.py); the GPU benchmark's code path on the tiny shape.
 """
 
@@ -119,25 +119,27 @@ def test_liger_kernel_on_cuda_trains_like_without(compile_: bool, tmp_path: Path
     _loads_in_peft(run, torch.float32)
 
 
-def _launch(config: str, recipe: Path, out_dir: Path, *extra: str) -> subprocess.CompletedProcess:
+def _launch(config: str, recipe: Path, out_dir: Path, *extra: str, processes: int = 2) -> subprocess.CompletedProcess:
     cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file",
-           str(ROOT / "recipes" / "accelerate" / config), "--num_processes", "2", "--main_process_port",
+           str(ROOT / "recipes" / "accelerate" / config), "--num_processes", str(processes), "--main_process_port",
            str(free_port()), "-m", "ft_cli.cli", "train", str(recipe), "--output-dir", str(out_dir), *extra]
     out = subprocess.run(cmd, env=child_env(), capture_output=True, text=True, timeout=900, cwd=ROOT)
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-6000:]
     return out
 
 
-def _same_as_one_process(config: str, tmp_path: Path, alpaca_file: Path, *, resume: bool = True) -> None:
+def _same_as_one_process(config: str, tmp_path: Path, alpaca_file: Path, *, resume: bool = True,
+                         processes: int = 2) -> None:
     """2 GPUs under `config`, micro-batch 2 = 1 GPU with micro-batch 4 (float32, so differences are reduction
-    order only); then resume the 2-GPU run from its middle checkpoint and end in the same place."""
-    train_section = {"max_steps": 8, "micro_batch_size": 2, "grad_accum": 2, "save_every": 4, "eval_every": 4,
-                     "log_every": 1, "lr": 1e-2, "keep_last": None}
+    order only); then resume the 2-GPU run from its middle checkpoint and end in the same place. processes=1:
+    `config`'s wrapping on one GPU at micro-batch 4 against plain ft at micro-batch 4."""
+    train_section = {"max_steps": 8, "micro_batch_size": 4 // processes, "grad_accum": 2, "save_every": 4,
+                     "eval_every": 4, "log_every": 1, "lr": 1e-2, "keep_last": None}
     if not resume:  # DeepSpeed: no ft-side accumulation, no resumable checkpoints
         train_section.update(grad_accum=1, save_every=None)
     lora = {"rank": 8, "alpha": 16, "dropout": 0.0}
     recipe = write_recipe(tmp_path, alpaca_file, train=train_section, data={"val_split": 0.1}, lora=lora)
-    out = _launch(config, recipe, tmp_path / "two")
+    out = _launch(config, recipe, tmp_path / "two", processes=processes)
     assert "warning:" not in out.stderr
     one = train(write_recipe(tmp_path / "one", alpaca_file, train={**train_section, "micro_batch_size": 4},
                              data={"val_split": 0.1}, lora=lora))
@@ -161,7 +163,7 @@ def _same_as_one_process(config: str, tmp_path: Path, alpaca_file: Path, *, resu
     shutil.copytree(tmp_path / "two", resumed)
     for name in ("checkpoints/step-8", "adapter", "best"):
         shutil.rmtree(resumed / name, ignore_errors=True)
-    _launch(config, recipe, resumed, "--resume")
+    _launch(config, recipe, resumed, "--resume", processes=processes)
     (res_lines, _), (want_lines, _) = metrics(resumed), metrics(tmp_path / "two")
     assert [x["loss"] for x in res_lines] == pytest.approx([x["loss"] for x in want_lines], rel=1e-4)
 
@@ -174,6 +176,12 @@ def test_ddp_two_gpus(tmp_path: Path, alpaca_file: Path) -> None:
 @two_gpus
 def test_fsdp2_two_gpus(tmp_path: Path, alpaca_file: Path) -> None:
     _same_as_one_process("fsdp.yaml", tmp_path, alpaca_file)
+
+
+def test_fsdp2_on_one_gpu_trains_like_plain(tmp_path: Path, alpaca_file: Path) -> None:
+    """What of the FSDP2 path fits on one GPU: accelerate's fully_shard wrapping of ft's PEFT model, the whole
+    tensors gathered for checkpoints and the adapter, and resume, against plain ft on the same batches."""
+    _same_as_one_process("fsdp.yaml", tmp_path, alpaca_file, processes=1)
 
 
 @two_gpus
