@@ -149,6 +149,34 @@ def generate(
 
 
 @app.command()
+def serve(
+    base_or_run: Annotated[str, typer.Argument(
+        help="A run directory (its base, and its adapter named after the directory), a model directory, "
+             "builtin:NAME or a hub id.", show_default=False)],
+    adapter: Annotated[list[str] | None, typer.Option(
+        "--adapter", help="NAME=RUN_DIR: serve this run's adapter as model NAME on the same base (repeatable).")] = None,
+    host: Annotated[str, typer.Option("--host", help="Address to bind; the default answers this machine only.")]
+        = "127.0.0.1",
+    port: Annotated[int, typer.Option("--port")] = 8000,
+    api_key: Annotated[str | None, typer.Option(
+        "--api-key", envvar="FT_API_KEY", show_envvar=True,
+        help="Require Authorization: Bearer KEY on every request (prefer the env var: argv is visible in ps).")]
+        = None,
+    engine: Annotated[str, typer.Option(
+        "--engine", help="transformers (in ft, one request at a time) or vllm (vLLM's OpenAI server).")]
+        = "transformers",
+    which: WhichOpt = "final",
+    print_command: Annotated[bool, typer.Option(
+        "--print-command", help="With --engine vllm: print the vLLM command instead of running it.")] = False,
+) -> None:
+    """Serve a base model and adapters over an OpenAI-compatible HTTP API; the request's model picks the adapter."""
+    from ft_cli.serve import serve_cli
+
+    _guard(lambda: serve_cli(base_or_run, adapter or [], host=host, port=port, api_key=api_key, engine=engine,
+                             which=which, print_command=print_command))
+
+
+@app.command()
 def report(run_dir: RunDirArg) -> None:
     """Plot loss, eval loss and learning rate, and write a summary of the run into RUN_DIR."""
     from ft_cli.report import write_report
