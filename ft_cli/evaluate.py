@@ -89,6 +89,7 @@ def evaluate_run(run_dir: Path, *, data: Path | None = None, split: str = "eval"
                  generate: int = 0, fail_if: Sequence[str] = (), batch_size: int = 8, which: str = "final",
                  data_format: str | None = None, max_new_tokens: int = 256) -> int:
     """Evaluate, write eval.json, print a table; raise CheckFailed (exit 3) when a --fail-if threshold is crossed."""
+    from ft_cli.compose import combined_inputs
     from ft_cli.loading import (
         default_device,
         load_run_model,
@@ -110,6 +111,11 @@ def evaluate_run(run_dir: Path, *, data: Path | None = None, split: str = "eval"
     if data_format is not None and data is None:
         raise UserError("--format describes the file given with --data; the run's own splits use its recipe")
     recipe = _with_format(target.recipe, data_format)
+    if data is None and (combined := combined_inputs(target.path)) is not None:  # written by ft merge --combine
+        from ft_cli.compose import evaluate_combined_run
+
+        return evaluate_combined_run(target.path, combined, split=split, batch_size=batch_size, thresholds=thresholds,
+                                     compare_base=compare_base, generate=generate)
 
     # Data first: a data problem should not wait for the model to load.
     tokenizer = load_run_tokenizer(recipe, target.output)

@@ -29,33 +29,9 @@ PROMPTS = ["What color is the mouse?", "Name a fruit."]
 NEW_TOKENS = 16
 
 
-def _train(tmp: Path, name: str, rows: list[dict], seed: int, **model: str) -> Path:
-    from ft_cli.train import train_from_recipe
-
-    (tmp / f"{name}.json").write_text(json.dumps(rows))
-    recipe = {
-        "model": {"name_or_path": "builtin:tiny-llama", "dtype": "float32", **model},
-        "method": "lora",
-        "lora": {"rank": 8, "alpha": 16, "dropout": 0.0},
-        "data": {"train": str(tmp / f"{name}.json"), "format": "alpaca", "val_split": 0.2, "max_seq_len": 128,
-                 "packing": False},
-        "train": {"max_steps": 6, "micro_batch_size": 4, "grad_accum": 1, "lr": 2e-2, "warmup_ratio": 0.0,
-                  "eval_every": None, "save_every": None, "log_every": 1, "seed": seed,
-                  "gradient_checkpointing": False},
-        "output_dir": str(tmp / name),
-    }
-    (tmp / f"{name}.yaml").write_text(yaml.safe_dump(recipe))
-    return Path(train_from_recipe(tmp / f"{name}.yaml", [], overwrite=True))
-
-
 @pytest.fixture(scope="module")
-def runs(tmp_path_factory: pytest.TempPathFactory, alpaca_file: Path) -> dict[str, Path]:
-    """Three LoRA runs on builtin:tiny-llama, each on other rows with a high learning rate, so they answer
-    differently (a mix-up between adapters would show)."""
-    tmp = tmp_path_factory.mktemp("serve-runs")
-    rows = json.loads(alpaca_file.read_text())
-    return {name: _train(tmp, name, rows[i * 40:(i + 1) * 40], seed=i)
-            for i, name in enumerate(["alpha", "beta", "gamma"])}
+def runs(lora_runs: dict[str, Path]) -> dict[str, Path]:
+    return lora_runs
 
 
 @pytest.fixture(scope="module")
