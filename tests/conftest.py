@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import tempfile
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -97,8 +98,9 @@ def data_recipe():
 
 # Several adapters on one base (tests/test_serve.py, tests/test_compose.py) ------------------------------------------
 
-def train_tiny_lora(tmp: Path, name: str, rows: list[dict], seed: int, **model: str) -> Path:
-    """A 6-step LoRA run (rank 8, float32) of builtin:tiny-llama on `rows`, with a high learning rate."""
+def train_tiny_lora(tmp: Path, name: str, rows: list[dict], seed: int, **sections: Any) -> Path:
+    """A 6-step LoRA run (rank 8, float32) of builtin:tiny-llama on `rows`, with a high learning rate; `sections`
+    override top-level recipe keys (a dict is merged into the section)."""
     import json
 
     import yaml
@@ -107,7 +109,7 @@ def train_tiny_lora(tmp: Path, name: str, rows: list[dict], seed: int, **model: 
 
     (tmp / f"{name}.json").write_text(json.dumps(rows))
     recipe = {
-        "model": {"name_or_path": "builtin:tiny-llama", "dtype": "float32", **model},
+        "model": {"name_or_path": "builtin:tiny-llama", "dtype": "float32"},
         "method": "lora",
         "lora": {"rank": 8, "alpha": 16, "dropout": 0.0},
         "data": {"train": str(tmp / f"{name}.json"), "format": "alpaca", "val_split": 0.2, "max_seq_len": 128,
@@ -117,6 +119,8 @@ def train_tiny_lora(tmp: Path, name: str, rows: list[dict], seed: int, **model: 
                   "gradient_checkpointing": False},
         "output_dir": str(tmp / name),
     }
+    for key, value in sections.items():
+        recipe[key] = {**recipe[key], **value} if isinstance(recipe.get(key), dict) else value
     (tmp / f"{name}.yaml").write_text(yaml.safe_dump(recipe))
     return Path(train_from_recipe(tmp / f"{name}.yaml", [], overwrite=True))
 

@@ -297,6 +297,31 @@ def test_cli_exit_2_for_bad_serve_input(runs, tmp_path) -> None:
     assert result.exit_code == 2 and "--engine" in result.output
 
 
+# QLoRA: the adapters share one 4-bit base ---------------------------------------------------------------------------
+
+def test_qlora_adapters_share_one_4bit_base(tmp_path, alpaca_file, lora_runs) -> None:
+    from ft_cli.generate import generate_cli
+    from ft_cli.generation import render_prompt
+    from ft_cli.serve import load_engine, plan_serve
+    from ft_cli.serve.engine import Params
+    from tests.conftest import train_tiny_lora
+
+    rows = json.loads(alpaca_file.read_text())
+    runs = {name: train_tiny_lora(tmp_path, name, rows[i * 40:(i + 1) * 40], seed=i, method="qlora",
+                                  model={"dtype": "bfloat16"}, quantization={"bits": 4, "compute_dtype": "bfloat16"})
+            for i, name in enumerate(["q1", "q2"])}
+    engine = load_engine(plan_serve(str(runs["q1"]), [str(runs["q2"])]))
+    assert any(type(m).__name__ == "Linear4bit" for m in engine.model.modules())
+    replies = {}
+    for name, run in runs.items():
+        ids = render_prompt(engine.tokenizers[name], PROMPTS[0])
+        replies[name] = engine.generate(name, ids, Params(max_new_tokens=NEW_TOKENS, temperature=0, top_p=1)).text
+        assert replies[name] == generate_cli(run, PROMPTS[0], temperature=0, max_new_tokens=NEW_TOKENS)
+    assert replies["q1"] != replies["q2"]
+    with pytest.raises(UserError, match="need different bases"):
+        plan_serve(str(runs["q1"]), [f"a={lora_runs['alpha']}"])
+
+
 # --engine vllm: the command it builds ----------------------------------------------------------------------------
 
 def test_vllm_command_carries_the_base_and_every_adapter(runs, tmp_path) -> None:
