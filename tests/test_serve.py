@@ -252,6 +252,30 @@ def test_sse_stream_over_plain_http(server) -> None:
     assert all(c["object"] == "chat.completion.chunk" and c["model"] == "alpha" for c in chunks)
 
 
+def test_a_client_leaving_mid_stream_stops_its_decoding(server, monkeypatch) -> None:
+    url, engine = server
+    finished = []
+    generate = engine.generate
+
+    def recording(*args, **kwargs):
+        finished.append(generate(*args, **kwargs))
+        return finished[-1]
+
+    monkeypatch.setattr(engine, "generate", recording)
+    # Greedy on the random base loops on one word and never reaches its end-of-turn token.
+    body = {"model": "base", "messages": [{"role": "user", "content": PROMPTS[0]}], "stream": True,
+            "temperature": 0, "max_tokens": 3000}
+    req = urllib.request.Request(url + "/v1/chat/completions", data=json.dumps(body).encode(),
+                                 headers={"Content-Type": "application/json", "Authorization": f"Bearer {KEY}"})
+    resp = urllib.request.urlopen(req, timeout=120)
+    assert resp.readline().startswith(b"data: ")  # the stream has begun
+    resp.close()  # the client goes away
+    deadline = time.monotonic() + 120
+    while not finished and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert finished and finished[0].finish_reason == "cancelled" and finished[0].completion_tokens < 3000
+
+
 # Planning: what may share a base (exit 2 otherwise) -------------------------------------------------------------------
 
 def _copy_run(run: Path, dest: Path, **recipe_model: str) -> Path:

@@ -35,7 +35,7 @@ class Params:
 @dataclass(frozen=True)
 class Reply:
     text: str
-    finish_reason: str  # "stop" (stop token or stop string) or "length" (max tokens)
+    finish_reason: str  # "stop" (stop token or stop string), "length" (max tokens), "cancelled" (client gone)
     prompt_tokens: int
     completion_tokens: int
 
@@ -86,7 +86,10 @@ class Engine:
             text, stopped = text[:cut], True
         if stream is not None:
             stream.finish(text)
-        return Reply(text, "stop" if stopped else "length", len(ids), len(new))
+        finish = "stop" if stopped else "length"
+        if cancelled is not None and cancelled.is_set() and not stopped and len(new) < params.max_new_tokens:
+            finish = "cancelled"  # the client went away (nobody receives this reply; for the log and tests)
+        return Reply(text, finish, len(ids), len(new))
 
     async def run(self, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
         """Run `fn` on the worker thread (the FIFO queue), from the event loop."""
