@@ -390,6 +390,15 @@ def test_vllm_rank_rounding_and_refusals(runs, tmp_path, monkeypatch) -> None:
         exec_vllm(["vllm", "serve", "x"], api_key="k")
 
 
+def test_help_does_not_import_the_server_stack() -> None:
+    code = ("import sys; from ft_cli.cli import app; bad = [m for m in ('starlette', 'uvicorn', 'torch', 'peft') "
+            "if m in sys.modules]; assert not bad, bad")
+    subprocess.run([sys.executable, "-c", code], check=True)
+    out = subprocess.run([sys.executable, "-m", "ft_cli.cli", "serve", "--help"], capture_output=True, text=True,
+                         check=True).stdout
+    assert "--adapter" in out and "FT_API_KEY" in out
+
+
 # The command itself, as a user starts it ---------------------------------------------------------------------------
 
 def test_ft_serve_starts_answers_and_stops_on_ctrl_c(runs, tmp_path) -> None:
