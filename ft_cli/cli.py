@@ -191,17 +191,20 @@ def serve(
         help="Require Authorization: Bearer KEY on every request (prefer the env var: argv is visible in ps).")]
         = None,
     engine: Annotated[str, typer.Option(
-        "--engine", help="transformers (in ft, one request at a time) or vllm (vLLM's OpenAI server).")]
+        "--engine", help="transformers (in ft) or vllm (vLLM's OpenAI server, for GPUs and many users).")]
         = "transformers",
     which: WhichOpt = "final",
     print_command: Annotated[bool, typer.Option(
         "--print-command", help="With --engine vllm: print the vLLM command instead of running it.")] = False,
+    max_batch: Annotated[int, typer.Option(
+        "--max-batch", help="Decode up to N queued requests for one adapter together (faster; replies may differ "
+                            "from ft generate's in the last bits). 1: one at a time, exactly ft generate's.")] = 1,
 ) -> None:
     """Serve a base model and adapters over an OpenAI-compatible HTTP API; the request's model picks the adapter."""
     from ft_cli.serve import serve_cli
 
     _guard(lambda: serve_cli(base_or_run, adapter or [], host=host, port=port, api_key=api_key, engine=engine,
-                             which=which, print_command=print_command))
+                             which=which, print_command=print_command, max_batch=max_batch))
 
 
 @app.command()

@@ -10,10 +10,11 @@ Three LoRA runs are trained first (a few steps each, so their replies differ). T
 - `ft serve RUN_A --adapter b=RUN_B --adapter c=RUN_C` started once (its start-up is reported, not counted), then
   --requests greedy chat requests from --concurrency client threads, all to one adapter, then spread round-robin
   over the three: requests/s, p50/p95 latency, and generated tokens/s;
-- the concurrency policy: ft serve decodes one request at a time (FIFO). In-process, on one adapter, greedy
-  decoding of --batch prompts one by one vs as one left-padded batch (what batching per adapter would do):
-  the throughput ratio, and how many batched replies differ from the one-by-one ones (padding changes the
-  floating-point sums, so batched greedy replies are not guaranteed to equal ft generate's).
+- the concurrency policy: by default ft serve decodes one request at a time (FIFO); `--max-batch N` decodes the
+  queued requests of one adapter together. The 3-adapter scenario again on a server started with
+  `--max-batch` set to --batch; and in-process, on one adapter, greedy decoding of --batch prompts one by one vs as one
+  left-padded batch: the throughput ratio, and how many batched replies differ from the one-by-one ones (padding
+  changes the floating-point sums, so batched greedy replies are not guaranteed to equal ft generate's).
 Every number is printed as a ratio against its baseline from the same invocation; nothing is asserted here.
 """
 
@@ -115,11 +116,12 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _server(runs: list[Path], args: argparse.Namespace) -> dict[str, Any]:
+def _server(runs: list[Path], args: argparse.Namespace, scenarios: tuple[str, ...],
+            max_batch: int = 1) -> dict[str, Any]:
     port = _free_port()
     url = f"http://127.0.0.1:{port}/v1"
     cmd = [sys.executable, "-m", "ft_cli.cli", "serve", str(runs[0]), "--adapter", f"b={runs[1]}", "--adapter",
-           f"c={runs[2]}", "--port", str(port)]
+           f"c={runs[2]}", "--port", str(port), "--max-batch", str(max_batch)]
     t0 = time.perf_counter()
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                             env={**os.environ, "HF_HUB_OFFLINE": "1"})
@@ -135,8 +137,8 @@ def _server(runs: list[Path], args: argparse.Namespace) -> dict[str, Any]:
         startup = time.perf_counter() - t0
         prompts = _prompts(args.requests)
         out: dict[str, Any] = {"startup_s": startup}
-        for label, models in (("1 adapter", [NAMES[0]] * args.requests),
-                              ("3 adapters", [NAMES[i % 3] for i in range(args.requests)])):
+        spreads = {"1 adapter": [NAMES[0]] * args.requests, "3 adapters": [NAMES[i % 3] for i in range(args.requests)]}
+        for label, models in ((k, spreads[k]) for k in scenarios):
             for name in set(models):  # warm-up, untimed
                 _post(url + "/chat/completions", {"model": name, "messages": [{"role": "user", "content": "hi"}],
                                                   "max_tokens": 2, "temperature": 0})
@@ -195,13 +197,16 @@ def bench_serve(args: argparse.Namespace) -> None:
         runs = _train_runs(Path(tmp), args.model)
         base = _baseline(runs, _prompts(args.baseline_requests), args)
         print(f"  baseline: ft generate per request: {base['rps']:.3f} req/s, p50 {base['p50_s']:.2f} s", flush=True)
-        served = _server(runs, args)
+        served = _server(runs, args, ("1 adapter", "3 adapters"))
+        served[f"3 adapters, --max-batch {args.batch}"] = _server(runs, args, ("3 adapters",),
+                                                                  max_batch=args.batch)["3 adapters"]
         batching = _batching(runs, args)
-    print(f"\n  {'':<34} {'req/s':>8} {'x base':>7} {'p50':>8} {'p95':>8} {'tokens/s':>9}")
+    print(f"\n  {'':<50} {'req/s':>8} {'x base':>7} {'p50':>8} {'p95':>8} {'tokens/s':>9}")
     rows = [("ft generate per request (baseline)", base)] + \
-        [(f"ft serve, {k}, {args.concurrency} clients", served[k]) for k in ("1 adapter", "3 adapters")]
+        [(f"ft serve, {k}, {args.concurrency} clients", served[k])
+         for k in ("1 adapter", "3 adapters", f"3 adapters, --max-batch {args.batch}")]
     for label, s in rows:
-        print(f"  {label:<34} {s['rps']:8.3f} {s['rps'] / base['rps']:7.1f} {s['p50_s']:7.3f}s {s['p95_s']:7.3f}s "
+        print(f"  {label:<50} {s['rps']:8.3f} {s['rps'] / base['rps']:7.1f} {s['p50_s']:7.3f}s {s['p95_s']:7.3f}s "
               f"{s['tokens_per_s']:9.1f}")
     three_vs_one = served["3 adapters"]["rps"] / served["1 adapter"]["rps"]
     print(f"\n  ft serve vs ft generate per request: {served['1 adapter']['rps'] / base['rps']:.1f}x requests/s "
@@ -209,14 +214,18 @@ def bench_serve(args: argparse.Namespace) -> None:
     print(f"  3 adapters vs 1 adapter (cost of switching adapters per request): {three_vs_one:.2f}x requests/s")
     print(f"  ft serve start-up (base + 3 adapters loaded, listening): {served['startup_s']:.1f} s, paid once "
           f"(ft generate pays ~{base['p50_s']:.1f} s per request)")
-    print(f"  concurrency policy: one request at a time vs a batch of {batching['prompts']} on one adapter: batching "
-          f"{batching['speedup']:.2f}x faster, {batching['replies_differing']}/{batching['prompts']} batched greedy "
+    batched = served[f"3 adapters, --max-batch {args.batch}"]["rps"] / served["3 adapters"]["rps"]
+    print(f"  concurrency policy, 3 adapters: --max-batch {args.batch} vs one request at a time: {batched:.2f}x "
+          "requests/s")
+    print(f"  concurrency policy, in-process: a batch of {batching['prompts']} greedy prompts on one adapter vs one by "
+          f"one: {batching['speedup']:.2f}x faster, {batching['replies_differing']}/{batching['prompts']} batched "
           "replies differ from one-at-a-time")
     print(f"  load average (1 min) at the end: {os.getloadavg()[0]:.2f} on {os.cpu_count()} CPUs")
     if args.json:
         Path(args.json).write_text(json.dumps({"config": {k: v for k, v in vars(args).items() if k != "func"},
                                                "baseline": base, "serve": served, "batching": batching,
-                                               "three_vs_one": three_vs_one}, indent=1))
+                                               "three_vs_one": three_vs_one, "max_batch_speedup": batched},
+                                              indent=1))
 
 
 if __name__ == "__main__":

@@ -122,6 +122,79 @@ def test_16_concurrent_requests_across_3_adapters_equal_ft_generate(server, clie
     assert chat(client, "base", PROMPTS[0], temperature=0).choices[0].message.content == expected[("base", PROMPTS[0])]
 
 
+@pytest.fixture(scope="module")
+def batched(server):
+    """A second server on the same model and lock, with --max-batch 4."""
+    from ft_cli.serve import BackgroundServer
+    from ft_cli.serve.api import build_app
+    from ft_cli.serve.engine import Engine
+
+    engine = server[1]
+    batching = Engine(model=engine.model, tokenizers=engine.tokenizers, device=engine.device, context=engine.context,
+                      max_batch=4, lock=engine.lock)
+    with BackgroundServer(build_app(batching)) as url:
+        yield url, batching
+
+
+def test_max_batch_batches_per_adapter_and_still_equals_ft_generate(batched, expected) -> None:
+    """Measured on this model (float32): batched greedy replies equal the unbatched ones, hence ft generate's."""
+    from openai import OpenAI
+
+    url, engine = batched
+    client = OpenAI(base_url=url + "/v1", api_key="none", max_retries=0, timeout=120)
+    jobs = [(("alpha", "beta", "gamma")[i % 3], PROMPTS[i % 2], i % 4 == 3) for i in range(16)]
+
+    def one(job):
+        name, prompt, stream = job
+        if stream:
+            return streamed_chat(client, name, prompt, temperature=0)[0]
+        return chat(client, name, prompt, temperature=0).choices[0].message.content
+
+    engine.decodes.clear()
+    with ThreadPoolExecutor(16) as pool:
+        replies = list(pool.map(one, jobs))
+    for (name, prompt, _), reply in zip(jobs, replies, strict=True):
+        assert reply == expected[(name, prompt)], (name, prompt)
+    assert sum(n for _, n in engine.decodes) == 16 and max(n for _, n in engine.decodes) > 1, engine.decodes
+
+
+def test_a_batch_holds_one_adapter_and_rows_keep_their_own_settings(batched, expected) -> None:
+    from ft_cli.generation import render_prompt
+    from ft_cli.serve.engine import Params
+
+    _, engine = batched
+    full = expected[("gamma", PROMPTS[0])]
+    stop = full.strip()[2:5]
+    ids = {(n, p): render_prompt(engine.tokenizers[n], p) for n in ("alpha", "gamma") for p in PROMPTS}
+    greedy = Params(max_new_tokens=NEW_TOKENS, temperature=0, top_p=1)
+    work = [("gamma", PROMPTS[0], greedy), ("alpha", PROMPTS[0], greedy),
+            ("gamma", PROMPTS[1], Params(max_new_tokens=5, temperature=0, top_p=1)),
+            ("alpha", PROMPTS[1], greedy), ("gamma", PROMPTS[0], Params(NEW_TOKENS, 0, 1, stop=(stop,)))]
+    serial = [engine.generate(n, ids[(n, p)], params) for n, p, params in work]
+    pieces: list[str] = []
+    engine.decodes.clear()
+    with engine.lock:  # hold the worker: the first job waits alone, the rest queue up behind it
+        first = engine.submit(*work[0][:1], ids[work[0][:2]], work[0][2])
+        while engine._jobs:
+            time.sleep(0.01)
+        rest = [engine.submit(n, ids[(n, p)], params, on_delta=pieces.append if i == 4 else None)
+                for i, (n, p, params) in enumerate(work) if i]
+    replies = [f.result(timeout=120) for f in [first, *rest]]
+    assert engine.decodes == [("gamma", 1), ("alpha", 2), ("gamma", 2)]  # by adapter, head of the queue first
+    assert replies == serial
+    assert replies[2].completion_tokens == 5 and replies[2].finish_reason == "length"
+    assert replies[4].text == full[:full.index(stop)] and replies[4].finish_reason == "stop"
+    assert "".join(pieces) == replies[4].text
+
+
+def test_only_compatible_sampling_shares_a_batch() -> None:
+    from ft_cli.serve.engine import Params
+
+    assert Params(8, 0, 0.9).batch_key == Params(16, 0, 1.0, stop=("x",)).batch_key  # greedy: any top_p, stop
+    assert Params(8, 0.7, 0.9).batch_key == Params(8, 0.7, 0.9).batch_key != Params(8, 0.8, 0.9).batch_key
+    assert Params(8, 0.7, 0.9, seed=1).batch_key is None  # a seed promises ft generate --seed's reply
+
+
 def test_seeded_sampling_equals_ft_generate(client, runs) -> None:
     from ft_cli.generate import generate_cli
 

@@ -7,8 +7,8 @@ directory, a built-in (builtin:tiny-llama) or a hub id. Each --adapter is a run 
 base; the request's `model` picks one, `base` the base without adapter. `--engine vllm` hands the same base and
 adapters to vLLM's OpenAI server instead (for GPUs and many users).
 
-engine.py decodes (one request at a time, FIFO; see its docstring for why), api.py speaks HTTP, vllm.py builds
-vLLM's command line.
+engine.py decodes (a FIFO queue in front of the model: one request at a time, or with --max-batch N the queued
+requests of one adapter together; see its docstring), api.py speaks HTTP, vllm.py builds vLLM's command line.
 """
 
 from __future__ import annotations
@@ -76,7 +76,7 @@ def plan_serve(base_or_run: str, adapter_specs: list[str], which: str = "final")
     return ServePlan(base=base, adapters=adapters, whole_run=whole)
 
 
-def load_engine(plan: ServePlan, device: Any = None) -> Any:
+def load_engine(plan: ServePlan, device: Any = None, max_batch: int = 1) -> Any:
     """Load the base once, put every adapter on it by name, and pair each served name with its tokenizer."""
     from ft_cli.adapters import load_adapters
     from ft_cli.loading import (
@@ -114,7 +114,8 @@ def load_engine(plan: ServePlan, device: Any = None) -> Any:
         model = load_adapters(model, plan.adapters)
     model.eval()
     context = getattr(getattr(model, "config", None), "max_position_embeddings", None)
-    return Engine(model=model, tokenizers={BASE_NAME: base_tok, **tokenizers}, device=device, context=context)
+    return Engine(model=model, tokenizers={BASE_NAME: base_tok, **tokenizers}, device=device, context=context,
+                  max_batch=max_batch)
 
 
 def _load_hub(name: str, device: Any) -> Any:
@@ -135,11 +136,15 @@ def roots(plan: ServePlan) -> dict[str, str]:
 
 def serve_cli(base_or_run: str, adapter_specs: list[str], *, host: str = "127.0.0.1", port: int = 8000,
               api_key: str | None = None, engine: str = "transformers", which: str = "final",
-              print_command: bool = False) -> None:
+              print_command: bool = False, max_batch: int = 1) -> None:
     if engine not in ("transformers", "vllm"):
         raise UserError(f"--engine: must be transformers or vllm, got {engine!r}")
     if not 0 <= port <= 65535:
         raise UserError(f"--port: must be 0-65535, got {port}")
+    if max_batch < 1:
+        raise UserError(f"--max-batch: must be at least 1, got {max_batch}")
+    if max_batch > 1 and engine == "vllm":
+        raise UserError("--max-batch applies to the transformers engine; vLLM batches continuously on its own")
     if api_key is not None and not api_key.strip():
         raise UserError(f"--api-key / {API_KEY_ENV}: empty")
     plan = plan_serve(base_or_run, adapter_specs, which)
@@ -159,22 +164,23 @@ def serve_cli(base_or_run: str, adapter_specs: list[str], *, host: str = "127.0.
     if host not in LOOPBACK and not api_key:
         print(f"warning: serving on {host} without --api-key ({API_KEY_ENV}): anyone who can reach port {port} "
               "can use the model", file=sys.stderr)
-    served = load_engine(plan)
+    served = load_engine(plan, max_batch=max_batch)
     from ft_cli.serve.api import build_app
 
     app = build_app(served, api_key=api_key, roots=roots(plan))
-    _banner(plan, host, port, api_key is not None)
+    _banner(plan, host, port, api_key is not None, max_batch)
     uvicorn.run(app, host=host, port=port, log_level="info", timeout_graceful_shutdown=5)
 
 
-def _banner(plan: ServePlan, host: str, port: int, keyed: bool) -> None:
+def _banner(plan: ServePlan, host: str, port: int, keyed: bool, max_batch: int = 1) -> None:
     print(f"base: {plan.base} (model `{BASE_NAME}`)")
     for a in plan.adapters:
         rank = f", rank {a.rank}" if a.rank else ""
         print(f"adapter `{a.name}`: {a.path} ({a.recipe.method}{rank})")
     url = f"http://{'[' + host + ']' if ':' in host else host}:{port}/v1"
-    print(f"OpenAI-compatible API at {url}{' (API key required)' if keyed else ''}; requests are decoded one at a "
-          "time in arrival order", flush=True)
+    policy = ("requests are decoded one at a time in arrival order" if max_batch == 1 else
+              f"queued requests for one adapter are decoded in batches of up to {max_batch}")
+    print(f"OpenAI-compatible API at {url}{' (API key required)' if keyed else ''}; {policy}", flush=True)
 
 
 class BackgroundServer:

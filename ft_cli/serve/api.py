@@ -8,6 +8,7 @@ Every error is JSON in OpenAI's shape, {"error": {"message", "type", "param", "c
 route, 405 for a wrong method. An unexpected failure is a 500 in the same shape, with the traceback in the
 server's log only.
 
+Requests go to the engine's queue (ft_cli.serve.engine); the event loop only parses, waits and streams.
 Defaults follow `ft generate`: temperature 0.7, top_p 0.9, at most 256 new tokens (fewer when the model's context
 has less room). Fields that would change the output but are not implemented (n > 1, logprobs, tools, penalties,
 logit_bias, echo, best_of, suffix, JSON response formats) are refused with 400 rather than ignored.
@@ -203,7 +204,7 @@ class Api:
                                 piece=lambda text: chunk({"content": text}, None),
                                 last=lambda reply: chunk({}, reply.finish_reason),
                                 usage_chunk={**head, "object": "chat.completion.chunk", "choices": []})
-        reply = await self.engine.run(self.engine.generate, name, ids, params)
+        reply = await self.engine.run(name, ids, params)
         return {**head, "object": "chat.completion",
                 "choices": [{"index": 0, "message": {"role": "assistant", "content": reply.text},
                              "logprobs": None, "finish_reason": reply.finish_reason}],
@@ -231,7 +232,7 @@ class Api:
                                 piece=lambda text: {**head, "choices": [choice(text, None)]},
                                 last=lambda reply: {**head, "choices": [choice("", reply.finish_reason)]},
                                 usage_chunk={**head, "choices": []})
-        reply = await self.engine.run(self.engine.generate, name, ids, params)
+        reply = await self.engine.run(name, ids, params)
         return {**head, "choices": [choice(reply.text, reply.finish_reason)], "usage": _usage(reply)}
 
     async def health(self, request: Any) -> Any:
@@ -255,18 +256,19 @@ class Api:
             queue: asyncio.Queue[tuple[str, Any]] = asyncio.Queue()
             cancelled = threading.Event()
 
+            def tell(kind: str, value: Any) -> None:  # from the worker thread
+                with contextlib.suppress(RuntimeError):  # the event loop is gone: the server is shutting down
+                    loop.call_soon_threadsafe(queue.put_nowait, (kind, value))
+
             def on_delta(text: str) -> None:
-                loop.call_soon_threadsafe(queue.put_nowait, ("delta", text))
+                tell("delta", text)
 
-            def work() -> None:
-                try:
-                    reply = engine.generate(name, ids, params, on_delta=on_delta, cancelled=cancelled)
-                    loop.call_soon_threadsafe(queue.put_nowait, ("done", reply))
-                except Exception as exc:  # reported in the stream; the traceback goes to the server log
-                    log.exception("generation failed")
-                    loop.call_soon_threadsafe(queue.put_nowait, ("error", exc))
+            def done(future: Any) -> None:
+                if not future.cancelled():
+                    error = future.exception()  # reported in the stream; the worker logged the traceback
+                    tell("done", future.result()) if error is None else tell("error", error)
 
-            engine.executor.submit(work)
+            engine.submit(name, ids, params, on_delta=on_delta, cancelled=cancelled).add_done_callback(done)
             try:
                 if first is not None:
                     yield _sse(first)
@@ -280,7 +282,7 @@ class Api:
                             yield _sse({**usage_chunk, "usage": _usage(value)})
                         break
                     else:
-                        yield _sse(ApiError(500, f"generation failed: {type(value).__name__}: {value}",
+                        yield _sse(ApiError(500, f"internal error: {type(value).__name__}",
                                             type_="server_error").body())
                         break
                 yield _sse("[DONE]")
