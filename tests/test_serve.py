@@ -188,7 +188,19 @@ def test_a_batch_holds_one_adapter_and_rows_keep_their_own_settings(batched, exp
 
 
 def test_only_compatible_sampling_shares_a_batch() -> None:
-    from ft_cli.serve.engine import Params
+    from ft_cli.serve.engine import Engine, Job, Params
+
+    engine = Engine(model=None, tokenizers={}, context=40, max_batch=3)
+    greedy, sampled = Params(8, 0, 1), Params(8, 0.7, 0.9)
+    jobs = [Job("a", [1] * 10, greedy), Job("b", [1] * 10, greedy), Job("a", [1] * 10, sampled),
+            Job("a", [1] * 30, greedy),  # 30 + 8 fits the context of 40 alone...
+            Job("a", [1] * 5, Params(12, 0, 1)),  # ...but not with max_tokens 12 beside it
+            Job("a", [1] * 5, greedy), Job("a", [1] * 5, greedy)]
+    engine._jobs.extend(jobs)
+    assert engine._next_batch() == [jobs[0], jobs[3], jobs[5]]  # head first, same adapter and key, max 3
+    assert engine._next_batch() == [jobs[1]]
+    assert engine._next_batch() == [jobs[2]]
+    assert engine._next_batch() == [jobs[4], jobs[6]]
 
     assert Params(8, 0, 0.9).batch_key == Params(16, 0, 1.0, stop=("x",)).batch_key  # greedy: any top_p, stop
     assert Params(8, 0.7, 0.9).batch_key == Params(8, 0.7, 0.9).batch_key != Params(8, 0.8, 0.9).batch_key

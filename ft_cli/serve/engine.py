@@ -103,15 +103,22 @@ class Engine:
                 self._wake.wait()
             if self._closed:
                 return None
-            batch = [self._jobs.popleft()]
-            key = batch[0].params.batch_key
+            head = self._jobs.popleft()
+            batch, key = [head], head.params.batch_key
+            width, new = len(head.ids), head.params.max_new_tokens
             if self.max_batch > 1 and key is not None:
                 for job in list(self._jobs):
                     if len(batch) == self.max_batch:
                         break
-                    if job.name == batch[0].name and job.params.batch_key == key:
-                        batch.append(job)
-                        self._jobs.remove(job)
+                    if job.name != head.name or job.params.batch_key != key:
+                        continue
+                    # Left padding puts every row at the longest prompt, and rows run to the longest max_tokens.
+                    w, n = max(width, len(job.ids)), max(new, job.params.max_new_tokens)
+                    if self.context is not None and w + n > self.context:
+                        continue
+                    batch.append(job)
+                    self._jobs.remove(job)
+                    width, new = w, n
             return batch
 
     def _work(self) -> None:
