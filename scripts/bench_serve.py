@@ -1,7 +1,7 @@
 """Serving benchmark: `ft serve` with 1 and 3 adapters against `ft generate` run once per request (the script a
 user would otherwise write), on the built-in tiny model (CPU).
 
-    python scripts/bench.py serve [--requests 48] [--concurrency 8] [--baseline-requests 6]
+    python scripts/bench.py serve [--requests 48] [--concurrency 8] [--baseline-requests 6] [--repeat 2]
                                   [--max-new-tokens 32] [--batch 8] [--model builtin:tiny-llama] [--json PATH]
 
 Three LoRA runs are trained first (a few steps each, so their replies differ). Then, side by side:
@@ -9,7 +9,8 @@ Three LoRA runs are trained first (a few steps each, so their replies differ). T
   pays the start-up and the model load, as a loop in a shell script does);
 - `ft serve RUN_A --adapter b=RUN_B --adapter c=RUN_C` started once (its start-up is reported, not counted), then
   --requests greedy chat requests from --concurrency client threads, all to one adapter, then spread round-robin
-  over the three: requests/s, p50/p95 latency, and generated tokens/s;
+  over the three: requests/s, p50/p95 latency, and generated tokens/s (best of --repeat interleaved passes: the
+  CPU kernels are slow the first time they meet a shape, a cost a long-running server pays once);
 - the concurrency policy: by default ft serve decodes one request at a time (FIFO); `--max-batch N` decodes the
   queued requests of one adapter together. The 3-adapter scenario again on a server started with
   `--max-batch` set to --batch; and in-process, on one adapter, greedy decoding of --batch prompts one by one vs as one
@@ -49,7 +50,10 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     p.add_argument("--concurrency", type=int, default=8, help="client threads (default 8)")
     p.add_argument("--baseline-requests", type=int, default=6, help="ft generate processes (default 6)")
     p.add_argument("--max-new-tokens", type=int, default=32)
-    p.add_argument("--batch", type=int, default=8, help="prompts in the batching comparison (default 8)")
+    p.add_argument("--batch", type=int, default=8, help="--max-batch, and prompts in the batching comparison (8)")
+    p.add_argument("--repeat", type=int, default=2,
+                   help="passes of each server scenario and of the batching comparison, interleaved; the best is "
+                        "kept, so the first is the warm-up (default 2)")
     p.add_argument("--json", default=None, help="write the numbers here")
     p.set_defaults(func=bench_serve)
     return p
@@ -138,23 +142,24 @@ def _server(runs: list[Path], args: argparse.Namespace, scenarios: tuple[str, ..
         prompts = _prompts(args.requests)
         out: dict[str, Any] = {"startup_s": startup}
         spreads = {"1 adapter": [NAMES[0]] * args.requests, "3 adapters": [NAMES[i % 3] for i in range(args.requests)]}
-        for label, models in ((k, spreads[k]) for k in scenarios):
-            for name in set(models):  # warm-up, untimed
-                _post(url + "/chat/completions", {"model": name, "messages": [{"role": "user", "content": "hi"}],
-                                                  "max_tokens": 2, "temperature": 0})
+        # The first passes are slow while the CPU kernels meet new shapes: run every scenario --repeat times,
+        # interleaved, and keep the best (the first pass is the warm-up).
+        for _ in range(args.repeat):
+            for label, models in ((k, spreads[k]) for k in scenarios):
+                def one(i: int, models: list[str] = models) -> tuple[float, int]:
+                    start = time.perf_counter()
+                    reply = _post(url + "/chat/completions", {
+                        "model": models[i], "messages": [{"role": "user", "content": prompts[i]}],
+                        "max_tokens": args.max_new_tokens, "temperature": 0})
+                    return time.perf_counter() - start, reply["usage"]["completion_tokens"]
 
-            def one(i: int, models: list[str] = models) -> tuple[float, int]:
                 start = time.perf_counter()
-                reply = _post(url + "/chat/completions", {
-                    "model": models[i], "messages": [{"role": "user", "content": prompts[i]}],
-                    "max_tokens": args.max_new_tokens, "temperature": 0})
-                return time.perf_counter() - start, reply["usage"]["completion_tokens"]
-
-            start = time.perf_counter()
-            with ThreadPoolExecutor(args.concurrency) as pool:
-                results = list(pool.map(one, range(args.requests)))
-            wall = time.perf_counter() - start
-            out[label] = _stats([r[0] for r in results], wall, sum(r[1] for r in results))
+                with ThreadPoolExecutor(args.concurrency) as pool:
+                    results = list(pool.map(one, range(args.requests)))
+                wall = time.perf_counter() - start
+                stats = _stats([r[0] for r in results], wall, sum(r[1] for r in results))
+                if label not in out or stats["rps"] > out[label]["rps"]:
+                    out[label] = stats
         return out
     finally:
         proc.send_signal(signal.SIGINT)
@@ -174,15 +179,16 @@ def _batching(runs: list[Path], args: argparse.Namespace) -> dict[str, Any]:
     engine.model.set_adapter(name)
     tok = engine.tokenizers[name]
     prompts = [render_prompt(tok, p) for p in _prompts(args.batch)]
-    greedy_generate(engine.model, tok, prompts[:2], max_new_tokens=2, device="cpu")  # warm-up
-    start = time.perf_counter()
-    one = [tok.decode(generate_ids(engine.model, tok, p, max_new_tokens=args.max_new_tokens, temperature=0,
-                                   top_p=1.0)[0], skip_special_tokens=True).strip() for p in prompts]
-    sequential = time.perf_counter() - start
-    start = time.perf_counter()
-    batched = greedy_generate(engine.model, tok, prompts, max_new_tokens=args.max_new_tokens, device="cpu",
-                              batch_size=len(prompts))
-    batch_s = time.perf_counter() - start
+    sequential = batch_s = float("inf")
+    for _ in range(args.repeat):  # interleaved, best of --repeat (the first pass is the warm-up)
+        start = time.perf_counter()
+        one = [tok.decode(generate_ids(engine.model, tok, p, max_new_tokens=args.max_new_tokens, temperature=0,
+                                       top_p=1.0)[0], skip_special_tokens=True).strip() for p in prompts]
+        sequential = min(sequential, time.perf_counter() - start)
+        start = time.perf_counter()
+        batched = greedy_generate(engine.model, tok, prompts, max_new_tokens=args.max_new_tokens, device="cpu",
+                                  batch_size=len(prompts))
+        batch_s = min(batch_s, time.perf_counter() - start)
     return {"prompts": len(prompts), "sequential_s": sequential, "batched_s": batch_s,
             "speedup": sequential / batch_s, "replies_differing": sum(a != b for a, b in zip(one, batched, strict=True))}
 

@@ -19,7 +19,7 @@ def test_bench_serve_prints_ratios_against_ft_generate(tmp_path: Path) -> None:
     out = tmp_path / "bench.json"
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "2"}
     proc = subprocess.run([sys.executable, str(ROOT / "scripts" / "bench.py"), "serve", "--requests", "6",
-                           "--concurrency", "3", "--baseline-requests", "1", "--max-new-tokens", "4", "--batch", "3",
+                           "--concurrency", "3", "--baseline-requests", "1", "--max-new-tokens", "4", "--batch", "3", "--repeat", "1",
                            "--json", str(out)], env=env, capture_output=True, text=True, timeout=900, cwd=ROOT)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
     for text in ("ft generate per request (baseline)", "ft serve, 1 adapter", "ft serve, 3 adapters",
