@@ -6,8 +6,8 @@ adapters never share a decode and never mix.
 - `max_batch` 1 (the default): one request at a time. Greedy replies equal `ft generate`'s token for token.
 - `max_batch` N > 1: the request at the head of the queue is decoded together with up to N - 1 queued requests for
   the same adapter and the same sampling settings (greedy; or the same temperature and top_p, without a seed), as
-  one left-padded batch. The head of the queue always goes next, so nothing starves. Throughput rises (4.9x for 8
-  greedy prompts on the tiny model, scripts/bench.py serve), but padding changes the floating-point sums, so a
+  one left-padded batch. The head of the queue always goes next, so nothing starves. Whether it is faster depends
+  on the hardware (scripts/bench.py serve; docs/benchmarks.md), and padding changes the floating-point sums, so a
   batched reply may differ from the unbatched one in the last bits and, rarely, in a greedy token.
 Scale-out serving (continuous batching, paged attention) is vLLM's job: `ft serve --engine vllm`.
 
