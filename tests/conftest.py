@@ -120,7 +120,10 @@ def train_tiny_lora(tmp: Path, name: str, rows: list[dict], seed: int, **section
         "output_dir": str(tmp / name),
     }
     for key, value in sections.items():
-        recipe[key] = {**recipe[key], **value} if isinstance(recipe.get(key), dict) else value
+        if value is None:
+            recipe.pop(key, None)
+        else:
+            recipe[key] = {**recipe[key], **value} if isinstance(recipe.get(key), dict) else value
     (tmp / f"{name}.yaml").write_text(yaml.safe_dump(recipe))
     return Path(train_from_recipe(tmp / f"{name}.yaml", [], overwrite=True))
 

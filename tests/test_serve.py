@@ -431,6 +431,26 @@ def test_qlora_adapters_share_one_4bit_base(tmp_path, alpaca_file, lora_runs) ->
         plan_serve(str(runs["q1"]), [f"a={lora_runs['alpha']}"])
 
 
+def test_a_full_run_is_served_as_the_base(tmp_path, alpaca_file, lora_runs) -> None:
+    from ft_cli.generate import generate_cli
+    from ft_cli.generation import render_prompt
+    from ft_cli.serve import load_engine, plan_serve
+    from ft_cli.serve.engine import Params
+    from tests.conftest import train_tiny_lora
+
+    rows = json.loads(alpaca_file.read_text())[:40]
+    run = train_tiny_lora(tmp_path, "full", rows, seed=0, method="full", lora=None,
+                          train={"lr": 1e-3, "max_steps": 3})
+    plan = plan_serve(str(run), [])
+    assert plan.whole_run is not None and plan.adapters == [] and plan.base == str(run / "model")
+    engine = load_engine(plan)
+    ids = render_prompt(engine.tokenizers["base"], PROMPTS[0])
+    reply = engine.generate("base", ids, Params(max_new_tokens=NEW_TOKENS, temperature=0, top_p=1)).text
+    assert reply == generate_cli(run, PROMPTS[0], temperature=0, max_new_tokens=NEW_TOKENS)
+    with pytest.raises(UserError, match="not on the base .*full/model"):
+        plan_serve(str(run), [f"a={lora_runs['alpha']}"])
+
+
 # --engine vllm: the command it builds ----------------------------------------------------------------------------
 
 def test_vllm_command_carries_the_base_and_every_adapter(runs, tmp_path) -> None:

@@ -31,7 +31,8 @@ LOOPBACK = ("127.0.0.1", "localhost", "::1")
 @dataclass
 class ServePlan:
     """What to load: the base (a path or hub id), how (the adapters' recipe, when there are adapters), and the
-    adapters. `whole_run` is set when the base is a full/freeze run's model/ (loaded in its recipe's dtype)."""
+    adapters. `whole_run` is set when the base is a full/freeze run's model/ (loaded in its recipe's dtype when no
+    adapter says otherwise)."""
 
     base: str
     adapters: list[RunAdapter]
@@ -69,10 +70,7 @@ def plan_serve(base_or_run: str, adapter_specs: list[str], which: str = "final")
         raise UserError(f"{base_or_run}: no such directory (and not a hub id such as org/name)")
     else:
         base = base_or_run  # a hub id: loading says whether it is reachable
-    check_shared_base(adapters, base_path=base)
-    if whole is not None and adapters:
-        raise UserError(f"{base_or_run} trained the whole model (method {whole.method}); adapters trained on "
-                        f"{adapters[0].recipe.model.name_or_path} do not apply to it")
+    check_shared_base(adapters, base_path=base)  # adapters on a full run's model/ must have been trained on it
     return ServePlan(base=base, adapters=adapters, whole_run=whole)
 
 
@@ -91,10 +89,11 @@ def load_engine(plan: ServePlan, device: Any = None, max_batch: int = 1) -> Any:
     device = device or default_device()
     recipe = plan.load_recipe
     base_dir = Path(plan.base)
-    if plan.whole_run is not None:
-        base_tok = load_run_tokenizer(plan.whole_run, base_dir)
-        model = load_model_dir(base_dir, device=device, dtype=plan.whole_run.model.dtype,
-                               trust_remote_code=plan.whole_run.model.trust_remote_code)
+    if plan.whole_run is not None and not plan.adapters:  # a full/freeze run's model/, in its recipe's dtype
+        recipe = plan.whole_run
+        base_tok = load_run_tokenizer(recipe, base_dir)
+        model = load_model_dir(base_dir, device=device, dtype=recipe.model.dtype,
+                               trust_remote_code=recipe.model.trust_remote_code)
     elif recipe is not None:  # the adapters say how their base was loaded in training
         model = load_base(recipe, device=device, path=plan.base)
         if not recipe.quantized:
