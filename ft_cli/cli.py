@@ -119,15 +119,43 @@ def eval_(
 
 @app.command()
 def merge(
-    run_dir: RunDirArg,
-    out: Annotated[Path, typer.Option("--out", help="Directory for the merged model.")],
+    run_dirs: Annotated[list[Path], typer.Argument(
+        help="A run directory; several with --combine.", show_default=False)],
+    out: Annotated[Path, typer.Option("--out", help="Directory for the merged model (or combined adapter).")],
     force: Annotated[bool, typer.Option("--force", help="Write the merge even if the parity check fails.")] = False,
     dtype: Annotated[str | None, typer.Option("--dtype", help="Output dtype (default: the recipe's model dtype).")] = None,
+    combine: Annotated[str | None, typer.Option(
+        "--combine", help="Combine the runs' LoRA adapters into one adapter: linear, cat, ties or dare_ties "
+                          "(peft add_weighted_adapter).")] = None,
+    weights: Annotated[str | None, typer.Option(
+        "--weights", help="With --combine: one weight per run, e.g. 0.6,0.4 (default: equal, summing to 1).")] = None,
+    density: Annotated[float | None, typer.Option(
+        "--density", help="With --combine ties/dare_ties: fraction of each update kept (default 0.5).")] = None,
+    seed: Annotated[int, typer.Option("--seed", help="With --combine dare_ties: seed of the random drop.")] = 0,
 ) -> None:
-    """Merge the adapter into a 16-bit copy of the base model and check merged vs adapter logits."""
+    """Merge the adapter into a 16-bit copy of the base model and check merged vs adapter logits; or, with
+    --combine, combine several runs' LoRA adapters into one adapter."""
+    if combine is not None:
+        from ft_cli.compose import combine_runs
+
+        def run() -> None:
+            if force or dtype is not None:
+                raise FtExit("--force and --dtype apply to merging into the base, not to --combine", exit_code=2)
+            combine_runs(run_dirs, out, combine=combine, weights=weights, density=density, seed=seed)
+
+        _guard(run)
+        return
     from ft_cli.merge import merge_run
 
-    _guard(lambda: merge_run(run_dir, out, force=force, dtype=dtype))
+    def run_merge() -> None:
+        if len(run_dirs) > 1:
+            raise FtExit(f"{len(run_dirs)} run directories: merging into the base takes one; to combine several "
+                         "adapters into one, add --combine linear|cat|ties|dare_ties", exit_code=2)
+        if weights is not None or density is not None:
+            raise FtExit("--weights and --density apply with --combine", exit_code=2)
+        merge_run(run_dirs[0], out, force=force, dtype=dtype)
+
+    _guard(run_merge)
 
 
 @app.command()
@@ -146,6 +174,37 @@ def generate(
 
     _guard(lambda: generate_cli(target, prompt, system=system, max_new_tokens=max_new_tokens,
                                 temperature=temperature, top_p=top_p, seed=seed, which=which))
+
+
+@app.command()
+def serve(
+    base_or_run: Annotated[str, typer.Argument(
+        help="A run directory (its base, and its adapter named after the directory), a model directory, "
+             "builtin:NAME or a hub id.", show_default=False)],
+    adapter: Annotated[list[str] | None, typer.Option(
+        "--adapter", help="NAME=RUN_DIR: serve this run's adapter as model NAME on the same base (repeatable).")] = None,
+    host: Annotated[str, typer.Option("--host", help="Address to bind; the default answers this machine only.")]
+        = "127.0.0.1",
+    port: Annotated[int, typer.Option("--port")] = 8000,
+    api_key: Annotated[str | None, typer.Option(
+        "--api-key", envvar="FT_API_KEY", show_envvar=True,
+        help="Require Authorization: Bearer KEY on every request (prefer the env var: argv is visible in ps).")]
+        = None,
+    engine: Annotated[str, typer.Option(
+        "--engine", help="transformers (in ft) or vllm (vLLM's OpenAI server, for GPUs and many users).")]
+        = "transformers",
+    which: WhichOpt = "final",
+    print_command: Annotated[bool, typer.Option(
+        "--print-command", help="With --engine vllm: print the vLLM command instead of running it.")] = False,
+    max_batch: Annotated[int, typer.Option(
+        "--max-batch", help="Decode up to N queued requests for one adapter together (faster; replies may differ "
+                            "from ft generate's in the last bits). 1: one at a time, exactly ft generate's.")] = 1,
+) -> None:
+    """Serve a base model and adapters over an OpenAI-compatible HTTP API; the request's model picks the adapter."""
+    from ft_cli.serve import serve_cli
+
+    _guard(lambda: serve_cli(base_or_run, adapter or [], host=host, port=port, api_key=api_key, engine=engine,
+                             which=which, print_command=print_command, max_batch=max_batch))
 
 
 @app.command()

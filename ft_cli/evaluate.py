@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from ft_cli.errors import CheckFailed, UserError
+from ft_cli.generation import greedy_generate, stop_token_ids  # noqa: F401 (shared; also imported from here)
 from ft_cli.metrics_text import GENERATION_METRICS
 from ft_cli.recipe import WHOLE_MODEL_METHODS, Recipe
 from ft_cli.run_dir import RunDir, now_iso, write_text_atomic
@@ -88,6 +89,7 @@ def evaluate_run(run_dir: Path, *, data: Path | None = None, split: str = "eval"
                  generate: int = 0, fail_if: Sequence[str] = (), batch_size: int = 8, which: str = "final",
                  data_format: str | None = None, max_new_tokens: int = 256) -> int:
     """Evaluate, write eval.json, print a table; raise CheckFailed (exit 3) when a --fail-if threshold is crossed."""
+    from ft_cli.compose import combined_inputs
     from ft_cli.loading import (
         default_device,
         load_run_model,
@@ -109,6 +111,11 @@ def evaluate_run(run_dir: Path, *, data: Path | None = None, split: str = "eval"
     if data_format is not None and data is None:
         raise UserError("--format describes the file given with --data; the run's own splits use its recipe")
     recipe = _with_format(target.recipe, data_format)
+    if data is None and (combined := combined_inputs(target.path)) is not None:  # written by ft merge --combine
+        from ft_cli.compose import evaluate_combined_run
+
+        return evaluate_combined_run(target.path, combined, split=split, batch_size=batch_size, thresholds=thresholds,
+                                     compare_base=compare_base, generate=generate)
 
     # Data first: a data problem should not wait for the model to load.
     tokenizer = load_run_tokenizer(recipe, target.output)
@@ -295,43 +302,6 @@ def split_prompt(input_ids: Sequence[int], labels: Sequence[int]) -> tuple[list[
     if start <= 1 or end == 0:
         return None
     return list(input_ids[:start]), list(input_ids[start:end])
-
-
-def stop_token_ids(model: Any, tokenizer: Any) -> list[int]:
-    """The tokenizer's eos (e.g. <|im_end|> for ChatML) plus whatever the model's generation config stops on."""
-    ids: list[int] = []
-    for value in (tokenizer.eos_token_id, getattr(getattr(model, "generation_config", None), "eos_token_id", None)):
-        for i in value if isinstance(value, list) else [value]:
-            if i is not None and i not in ids:
-                ids.append(int(i))
-    return ids
-
-
-def greedy_generate(model: Any, tokenizer: Any, prompts: list[list[int]], *, max_new_tokens: int, device: Any,
-                    batch_size: int = 8, max_total: int | None = None,
-                    on_batch: Callable[[int], None] | None = None) -> list[str]:
-    """Greedy replies to tokenized prompts, batched with left padding; decoded without special tokens."""
-    import torch
-
-    stops = stop_token_ids(model, tokenizer)
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else stops[0]
-    replies: list[str] = []
-    model.eval()
-    for start in range(0, len(prompts), batch_size):
-        chunk = prompts[start:start + batch_size]
-        width = max(len(p) for p in chunk)
-        ids = torch.tensor([[pad] * (width - len(p)) + p for p in chunk], device=device)
-        mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in chunk], device=device)
-        new = max_new_tokens if max_total is None else max(1, min(max_new_tokens, max_total - width))
-        with torch.no_grad():
-            out = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=new, do_sample=False,
-                                 temperature=None, top_p=None, top_k=None, eos_token_id=stops, pad_token_id=pad)
-        for row in out[:, width:].tolist():
-            cut = next((i for i, t in enumerate(row) if t in stops), len(row))
-            replies.append(tokenizer.decode(row[:cut], skip_special_tokens=True).strip())
-        if on_batch is not None:
-            on_batch(len(replies))
-    return replies
 
 
 # Output --------------------------------------------------------------------------------------------------------------

@@ -31,45 +31,19 @@ def generate_cli(target: str | Path, prompt: str, *, system: str | None = None, 
                           temperature=temperature, top_p=top_p, seed=seed, device=device, stream=True)
 
 
-def render_prompt(tokenizer: Any, prompt: str, system: str | None = None) -> list[int]:
-    """Token ids of the conversation so far, ending with the assistant header the model continues from."""
-    if not getattr(tokenizer, "chat_template", None):
-        if system:
-            raise UserError("--system needs a chat template; this model's tokenizer has none")
-        return tokenizer(prompt)["input_ids"]
-    messages = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": prompt}]
-    try:
-        encoded = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True, return_dict=True)
-    except Exception as exc:  # jinja raises for e.g. templates without a system role
-        raise UserError(f"the chat template rejected the prompt: {exc}") from None
-    return list(encoded["input_ids"])
-
-
 def generate_reply(model: Any, tokenizer: Any, prompt: str, *, system: str | None = None,
                    max_new_tokens: int = 256, temperature: float = 0.7, top_p: float = 0.9,
                    seed: int | None = None, device: Any = "cpu", stream: bool = False) -> str:
     """The reply (special tokens skipped); printed token by token to stdout when `stream`."""
-    import torch
     from transformers import TextStreamer
 
-    from ft_cli.evaluate import stop_token_ids
+    from ft_cli.generation import generate_ids, render_prompt
 
-    ids = torch.tensor([render_prompt(tokenizer, prompt, system)], device=device)
-    stops = stop_token_ids(model, tokenizer)
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (stops[0] if stops else None)
-    sampling: dict[str, Any] = {"do_sample": False, "temperature": None, "top_p": None, "top_k": None}
-    if temperature > 0:
-        sampling = {"do_sample": True, "temperature": temperature, "top_p": top_p, "top_k": None}
-    if seed is not None:
-        torch.manual_seed(seed)
+    ids = render_prompt(tokenizer, prompt, system)
     streamer = TextStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True) if stream else None
-    model.eval()
-    with torch.no_grad():
-        out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new_tokens,
-                             eos_token_id=stops or None, pad_token_id=pad, streamer=streamer, **sampling)
-    new = out[0, ids.shape[1]:].tolist()
-    cut = next((i for i, t in enumerate(new) if t in stops), len(new))
-    reply = tokenizer.decode(new[:cut], skip_special_tokens=True)
+    new, _ = generate_ids(model, tokenizer, ids, max_new_tokens=max_new_tokens, temperature=temperature,
+                          top_p=top_p, seed=seed, device=device, streamer=streamer)
+    reply = tokenizer.decode(new, skip_special_tokens=True)
     if stream:
         print(flush=True)  # TextStreamer leaves the cursor after the last token
     return reply

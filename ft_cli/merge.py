@@ -194,7 +194,7 @@ def merge_adapter(model: Any) -> Any:
 
 def save_merged(model: Any, tokenizer: Any, out_dir: Path) -> None:
     """safetensors shards + config + generation config + tokenizer (with its chat template)."""
-    from ft_cli.evaluate import stop_token_ids
+    from ft_cli.generation import stop_token_ids
 
     out_dir.mkdir(parents=True)
     gen = model.generation_config

@@ -3,6 +3,7 @@
     python scripts/bench.py data  [--rows 50000] [--pack-rows 100000] [--data-dir ../shared/data]
     python scripts/bench.py train [--steps 8] [--packed-steps 4] [--repeat 1] [--json PATH]
     python scripts/bench.py gpu   [--shape 8b] [--methods lora,qlora] [--seq 2048]   (CUDA; see bench_gpu.py)
+    python scripts/bench.py serve [--requests 48] [--concurrency 8] [--json PATH]   (see bench_serve.py)
 
 `data`: ft's data pipeline (render + tokenize + mask + pack, from a file on disk) against a per-example
 `datasets.map` over `tokenizer.apply_chat_template`, on alpaca rows (the demo rows repeated, each made unique so
@@ -32,6 +33,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "scripts"))
 from bench_gpu import add_parser as add_gpu_parser  # noqa: E402
+from bench_serve import add_parser as add_serve_parser  # noqa: E402
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
@@ -416,6 +418,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--variants", default=",".join(TRAIN_VARIANTS))
     p.set_defaults(func=bench_train)
     add_gpu_parser(sub)  # scripts/bench_gpu.py
+    add_serve_parser(sub)  # scripts/bench_serve.py
     p = sub.add_parser("_train_one")  # internal: one run in its own process
     p.add_argument("variant", choices=TRAIN_VARIANTS)
     _train_args(p)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import tempfile
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -93,3 +94,47 @@ def data_recipe():
         return recipe_from_dict(raw)
 
     return make
+
+
+# Several adapters on one base (tests/test_serve.py, tests/test_compose.py) ------------------------------------------
+
+def train_tiny_lora(tmp: Path, name: str, rows: list[dict], seed: int, **sections: Any) -> Path:
+    """A 6-step LoRA run (rank 8, float32) of builtin:tiny-llama on `rows`, with a high learning rate; `sections`
+    override top-level recipe keys (a dict is merged into the section)."""
+    import json
+
+    import yaml
+
+    from ft_cli.train import train_from_recipe
+
+    (tmp / f"{name}.json").write_text(json.dumps(rows))
+    recipe = {
+        "model": {"name_or_path": "builtin:tiny-llama", "dtype": "float32"},
+        "method": "lora",
+        "lora": {"rank": 8, "alpha": 16, "dropout": 0.0},
+        "data": {"train": str(tmp / f"{name}.json"), "format": "alpaca", "val_split": 0.2, "max_seq_len": 128,
+                 "packing": False},
+        "train": {"max_steps": 6, "micro_batch_size": 4, "grad_accum": 1, "lr": 2e-2, "warmup_ratio": 0.0,
+                  "eval_every": None, "save_every": None, "log_every": 1, "seed": seed,
+                  "gradient_checkpointing": False},
+        "output_dir": str(tmp / name),
+    }
+    for key, value in sections.items():
+        if value is None:
+            recipe.pop(key, None)
+        else:
+            recipe[key] = {**recipe[key], **value} if isinstance(recipe.get(key), dict) else value
+    (tmp / f"{name}.yaml").write_text(yaml.safe_dump(recipe))
+    return Path(train_from_recipe(tmp / f"{name}.yaml", [], overwrite=True))
+
+
+@pytest.fixture(scope="session")
+def lora_runs(tmp_path_factory: pytest.TempPathFactory, alpaca_file: Path) -> dict[str, Path]:
+    """Three LoRA runs on builtin:tiny-llama (alpha, beta, gamma), each on other rows with a high learning rate,
+    so they answer differently (a mix-up between adapters shows)."""
+    import json
+
+    tmp = tmp_path_factory.mktemp("lora-runs")
+    rows = json.loads(alpaca_file.read_text())
+    return {name: train_tiny_lora(tmp, name, rows[i * 40:(i + 1) * 40], seed=i)
+            for i, name in enumerate(["alpha", "beta", "gamma"])}
