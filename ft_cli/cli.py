@@ -162,7 +162,7 @@ def merge(
 def export(
     run_dir: RunDirArg,
     format_: Annotated[str, typer.Option(
-        "--format", help="int8 | int8-dynamic | int4 (transformers loads them as is) | gguf-f16 | gguf-q8_0 | "
+        "--format", help="int8 | int8-dynamic | int8-dynamic-int4 | int4 (transformers loads them as is) | gguf-f16 | gguf-q8_0 | "
         "gguf-q4_k_m (llama.cpp).", show_default=False)],
     out: Annotated[Path, typer.Option("--out", help="Directory for the export (new or empty).", show_default=False)],
     max_ppl_increase: Annotated[str, typer.Option(

@@ -2,12 +2,13 @@
 big it comes out (for the estimate `ft export` prints before it starts). No torch here: `ft --help` reads it.
 
 Why these libraries (checked with torch 2.13, transformers 5.24, torchao 0.18, bitsandbytes 0.50.2, CPU build):
-- int8 / int8-dynamic: torchao through transformers' TorchAoConfig. The saved directory carries the config, so
+- int8 / int8-dynamic / int8-dynamic-int4: torchao through transformers' TorchAoConfig. The saved directory carries the config, so
   `AutoModelForCausalLM.from_pretrained(DIR)` rebuilds the torchao tensors by itself (torchao must be installed).
 - int4: bitsandbytes NF4. torchao 0.18's int4 weight-only tensors cannot be made on a CPU (`Int4Tensor` needs the
   CUDA-only mslk kernels; `Int4OpaqueTensor`, the CPU one, has no safetensors serialization), so a model ft
   exports on any machine would not load as is. bitsandbytes 4-bit is saved and reloaded by transformers on CPU and
-  CUDA alike, and is already one of ft's dependencies.
+  CUDA alike, and is already one of ft's dependencies. int8-dynamic-int4 is the scheme of `train.qat`
+  (ft_cli.qat): torchao 0.18 serializes those int4 values one per byte, so it is int8-sized on disk.
 - gguf-*: llama.cpp's own converter (convert_hf_to_gguf.py and its gguf-py), which knows every architecture's
   tensor names and the tokenizer; q4_k_m is llama.cpp's k-quant mix, written by llama.cpp itself
   (llama_model_quantize through llama-cpp-python), since the converter only writes f16/bf16/q8_0.
@@ -49,6 +50,11 @@ FORMATS: dict[str, ExportFormat] = {f.name: f for f in (
     ExportFormat("int8-dynamic", "transformers",
                  "int8 weights and dynamically quantized int8 activations (per token, at run time); torchao",
                  linear_bytes=1.0, other_bytes=2.0, needs=("torchao",),
+                 load_hint="AutoModelForCausalLM.from_pretrained({path!r})  # needs torchao installed"),
+    ExportFormat("int8-dynamic-int4", "transformers",
+                 "int4 weights (groups of 32) with dynamically quantized int8 activations, the scheme train.qat "
+                 "trains for; torchao (stored one int4 value per byte)",
+                 linear_bytes=1.0 + 2 / 32, other_bytes=2.0, needs=("torchao",),
                  load_hint="AutoModelForCausalLM.from_pretrained({path!r})  # needs torchao installed"),
     ExportFormat("int4", "transformers", "4-bit NF4 weights (blocks of 64, double-quantized scales); bitsandbytes",
                  linear_bytes=0.5 + 1 / 64 + 4 / (64 * 256), other_bytes=2.0, needs=("bitsandbytes",),

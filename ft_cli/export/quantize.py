@@ -7,7 +7,7 @@ from pathlib import Path
 from typing import Any
 
 
-def quantization_config(name: str, dtype16: str) -> Any:
+def quantization_config(name: str, dtype16: str, skip: tuple[str, ...] | list[str] = ()) -> Any:
     import torch
 
     if name == "int4":
@@ -23,26 +23,43 @@ def quantization_config(name: str, dtype16: str) -> Any:
         return TorchAoConfig(quant_type=Int8WeightOnlyConfig())
     if name == "int8-dynamic":
         return TorchAoConfig(quant_type=Int8DynamicActivationInt8WeightConfig())
+    if name == "int8-dynamic-int4":
+        from ft_cli import qat
+
+        return TorchAoConfig(quant_type=qat.base_config(), modules_to_not_convert=["lm_head", *skip])
     raise ValueError(name)
 
 
 def quantize_transformers(name: str, merged: Path, export_dir: Path, dtype16: str) -> dict[str, Any]:
     import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
+    skip: list[str] = []
+    if name == "int8-dynamic-int4":  # the layers train.qat leaves out, for the same reason (ft_cli.qat)
+        from ft_cli.qat import select_linears
+
+        with torch.device("meta"):
+            shape = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(str(merged)))
+        skip = select_linears(shape)[1]
     model = AutoModelForCausalLM.from_pretrained(str(merged), dtype=getattr(torch, dtype16),
-                                                 quantization_config=quantization_config(name, dtype16),
+                                                 quantization_config=quantization_config(name, dtype16, skip),
                                                  device_map={"": "cpu"})
     quantized, plain = quantized_linears(model)
     model.save_pretrained(str(export_dir))
     AutoTokenizer.from_pretrained(str(merged)).save_pretrained(str(export_dir))
     del model
     notes = []
-    if plain:
-        shown = ", ".join(plain[:4]) + (f" and {len(plain) - 4} more" if len(plain) > 4 else "")
-        notes.append(f"{len(plain)} linear layer(s) kept in {dtype16} ({shown}): transformers leaves the output "
-                     "head (and embeddings) unquantized")
-    print(f"quantized {len(quantized)} linear layers to {name}" + (f"; {notes[0]}" if notes else ""), flush=True)
+    narrow = [n for n in plain if n in skip]
+    if narrow:
+        from ft_cli.qat import GROUP_SIZE
+
+        notes.append(f"{len(narrow)} linear layer(s) kept in {dtype16}: input width not a multiple of the int4 "
+                     f"group size {GROUP_SIZE} ({', '.join(narrow[:3])}{' ...' if len(narrow) > 3 else ''})")
+    others = [n for n in plain if n not in skip]
+    if others:
+        notes.append(f"{len(others)} linear layer(s) kept in {dtype16} ({', '.join(others[:3])}"
+                     f"{' ...' if len(others) > 3 else ''}): transformers does not quantize the output head")
+    print(f"quantized {len(quantized)} linear layers to {name}" + "".join(f"; {n}" for n in notes), flush=True)
     return {"artifact": None, "quantized_layers": len(quantized), "unquantized_layers": plain, "notes": notes}
 
 
