@@ -53,11 +53,20 @@ def export(run: Path, out: Path, fmt: str, *extra: str):
     return invoke("export", run, "--format", fmt, "--out", out, *FAST, *extra)
 
 
+_EXPORTS: dict[tuple, Path] = {}
+
+
 def exported(run: Path, tmp_path_factory: pytest.TempPathFactory, fmt: str, *extra: str) -> Path:
-    out = tmp_path_factory.mktemp(f"export-{fmt}") / "out"
-    result = export(run, out, fmt, "--max-ppl-increase", "1000%", *extra)
-    assert result.exit_code == 0, result.output
-    return out
+    """One export per format (and llama.cpp availability) for the whole module: exports take seconds each."""
+    import ft_cli.export.gguf
+
+    key = (run, fmt, extra, ft_cli.export.gguf.llama_cpp_available())
+    if key not in _EXPORTS:
+        out = tmp_path_factory.mktemp(f"export-{fmt}") / "out"
+        result = export(run, out, fmt, "--max-ppl-increase", "1000%", *extra)
+        assert result.exit_code == 0, result.output
+        _EXPORTS[key] = out
+    return _EXPORTS[key]
 
 
 def relative_diff(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -82,8 +91,10 @@ def check_report(out: Path, fmt: str) -> dict:
     assert q["ppl_increase_pct"] == pytest.approx(100 * (q["export"]["perplexity"] / q["reference"]["perplexity"] - 1))
     assert report["merge_parity"]["top1_agreement"] > 0.9
     assert report["estimated_size_bytes"] > 0 and report["weights_bytes"] > 0
-    # the estimate comes from the config alone; the real files add headers, the tokenizer (GGUF) and f16 fallbacks
-    assert 0.6 < report["estimated_size_bytes"] / report["weights_bytes"] < 1.1
+    # The estimate comes from the config alone; the real files add headers, the tokenizer (GGUF) and fallbacks for
+    # rows a format cannot block: q4_K needs multiples of 256, which nothing in a 64-wide model is.
+    low = 0.3 if fmt == "gguf-q4_k_m" else 0.6
+    assert low < report["estimated_size_bytes"] / report["weights_bytes"] < 1.1
     ref = report["speed"]["reference"]
     assert ref["new_tokens"] == 4 * 4 and ref["tokens_per_second"] > 0 and ref["peak_memory_bytes"] > 0
     return report

@@ -63,8 +63,8 @@ def export_run(run_dir: Path, out: Path, fmt_name: str, *, max_ppl_increase: str
     data = prepare(recipe, target, eval_rows, BENCH_PROMPTS)  # bad or missing data fails before any model loads
     estimate = estimate_sizes(target, fmt)
     _echo(f"ft export {fmt.name}: {fmt.summary}")
-    _echo(f"estimated size: {_size(estimate['export'])} (16-bit: {_size(estimate['16-bit'])}, "
-          f"{estimate['export'] / estimate['16-bit']:.0%})")
+    _echo(f"estimated size of the weights: {_size(estimate['export'])} (16-bit: {_size(estimate['16-bit'])}, "
+          f"{estimate['export'] / estimate['16-bit']:.0%}; layers too narrow for the format's blocks come out larger)")
 
     dtype16 = recipe.model.dtype if recipe.model.dtype in ("bfloat16", "float16") else "bfloat16"
     out.parent.mkdir(parents=True, exist_ok=True)
