@@ -374,3 +374,52 @@ def test_qat_run_trains_against_what_export_produces(tmp_path: Path, rows: list[
     assert report["quality"]["rows"] == len(run_eval_rows(run))
     assert report["quality"]["export"]["loss"] == pytest.approx(evals[-1]["eval_loss"], rel=0.01)
     assert any("multiple of the int4 group size 32" in n for n in report["notes"])
+
+
+# families ------------------------------------------------------------------------------------------------------------
+
+def with_sentencepiece_tokenizer(model_dir: Path, tmp_path: Path) -> Path:
+    """A copy of a built-in with a SentencePiece tokenizer.model, as real Gemma checkpoints ship (llama.cpp's Gemma
+    converter reads the vocabulary from it; ft's built-ins have a byte-level BPE instead)."""
+    import io
+    import shutil
+
+    import sentencepiece as spm
+
+    from ft_cli.builtin_corpus import corpus
+
+    copy = tmp_path / model_dir.name
+    shutil.copytree(model_dir, copy)
+    lines = [line for paragraph in corpus() for line in paragraph.splitlines() if line.strip()]
+    model = io.BytesIO()
+    spm.SentencePieceTrainer.train(sentence_iterator=iter(lines), model_writer=model, vocab_size=1000,
+                                   model_type="bpe", hard_vocab_limit=False, minloglevel=2)
+    (copy / "tokenizer.model").write_bytes(model.getvalue())
+    return copy
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen2", "mistral", "gemma", "gemma2"])
+def test_gguf_conversion_of_each_family_computes_the_same_logits(family: str, tmp_path: Path) -> None:
+    from transformers import AutoModelForCausalLM
+
+    from ft_cli.builtin_models import resolve_builtin
+    from ft_cli.export import gguf
+
+    needs_converter()
+    model_dir = resolve_builtin(f"builtin:tiny-{family}")
+    if family.startswith("gemma"):
+        model_dir = with_sentencepiece_tokenizer(model_dir, tmp_path)
+    out = tmp_path / "model-f16.gguf"
+    gguf.convert(model_dir, out, "f16")
+    reference = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+    ids = list(range(5, 40))
+    want = logits(reference, [torch.tensor(ids)])
+    if importlib.util.find_spec("llama_cpp") is not None:
+        llm = gguf.LlamaCppModel(out, n_ctx=64)
+        got = torch.from_numpy(llm.logits(ids))
+        llm.close()
+        assert relative_diff(got, want) < 5e-3
+        assert (got.argmax(-1) == want.argmax(-1)).float().mean() > 0.95
+    if not family.startswith("gemma"):  # transformers' GGUF reader, the path without llama-cpp-python
+        model = AutoModelForCausalLM.from_pretrained(tmp_path, gguf_file=out.name, dtype=torch.float32)
+        assert relative_diff(logits(model, [torch.tensor(ids)]), want) < 5e-3
