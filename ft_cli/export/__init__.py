@@ -67,8 +67,11 @@ def export_run(run_dir: Path, out: Path, fmt_name: str, *, max_ppl_increase: str
           f"{estimate['export'] / estimate['16-bit']:.0%}; layers too narrow for the format's blocks come out larger)")
 
     dtype16 = recipe.model.dtype if recipe.model.dtype in ("bfloat16", "float16") else "bfloat16"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.ft-export-", dir=out.parent))
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.ft-export-", dir=out.parent))
+    except OSError as exc:
+        raise UserError(f"--out {out}: cannot write beside it ({exc.strerror or exc})") from None
     try:
         report = _export_into(target, fmt, tmp, out, data, dtype16=dtype16, bench_tokens=bench_tokens)
         report["estimated_size_bytes"] = estimate["export"]
@@ -100,7 +103,8 @@ def check_output_dir(out: Path, *, overwrite: bool) -> None:
     nothing but the files its export.json lists. A regular file is never replaced.
     (One function, so that the shared rule of ft_cli.run_dir can replace it.)"""
     if out.is_symlink() or (out.exists() and not out.is_dir()):
-        raise UserError(f"--out {out} is a file; ft export writes a directory and never replaces a file")
+        raise UserError(f"--out {out} is a file (or a link); ft export writes a new directory and never replaces "
+                        "a file")
     if not out.exists() or not any(out.iterdir()):
         return
     listed = _export_files(out)
