@@ -159,6 +159,29 @@ def merge(
 
 
 @app.command()
+def export(
+    run_dir: RunDirArg,
+    format_: Annotated[str, typer.Option(
+        "--format", help="int8 | int8-dynamic | int8-dynamic-int4 | int4 (transformers loads them as is) | gguf-f16 | gguf-q8_0 | "
+        "gguf-q4_k_m (llama.cpp).", show_default=False)],
+    out: Annotated[Path, typer.Option("--out", help="Directory for the export (new or empty).", show_default=False)],
+    max_ppl_increase: Annotated[str, typer.Option(
+        "--max-ppl-increase", help="Refuse (exit 3, nothing written) when eval perplexity rises more than this "
+        "over the 16-bit model, e.g. 5%.")] = "10%",
+    force: Annotated[bool, typer.Option("--force", help="Write the export even if the quality check fails.")] = False,
+    overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace an earlier ft export at --out.")] = False,
+    eval_rows: Annotated[int, typer.Option("--eval-rows", min=1, help="Eval rows the quality check scores.")] = 256,
+    bench_tokens: Annotated[int, typer.Option(
+        "--bench-tokens", min=1, help="Tokens each prompt of the speed workload generates.")] = 32,
+) -> None:
+    """Quantize a run's merged model for deployment and check size, quality and speed against the 16-bit model."""
+    from ft_cli.export import export_run
+
+    _guard(lambda: export_run(run_dir, out, format_, max_ppl_increase=max_ppl_increase, force=force,
+                              overwrite=overwrite, eval_rows=eval_rows, bench_tokens=bench_tokens))
+
+
+@app.command()
 def generate(
     target: Annotated[str, typer.Argument(help="A run directory or a model directory.", show_default=False)],
     prompt: Annotated[str, typer.Option("--prompt", "-p", help="The user message.")],

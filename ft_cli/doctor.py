@@ -6,6 +6,7 @@ import importlib.util
 import os
 import shutil
 
+from ft_cli.errors import UserError
 from ft_cli.manifest import package_versions
 
 
@@ -57,6 +58,21 @@ def run_doctor() -> list[tuple[str, str, str]]:
         version = _version(dist)
         rows.append((dist, version or "not installed",
                      f"{use} available" if version else f"optional, for {use}: pip install 'ft-cli[{extra}]'"))
+    for dist, extra, use in (("torchao", "export", "ft export int8 / int8-dynamic / int8-dynamic-int4, train.qat"),
+                             ("gguf", "export", "ft export gguf-* (reading GGUF back)"),
+                             ("llama-cpp-python", "llama-cpp", "ft export: GGUF run in llama.cpp, gguf-q4_k_m")):
+        version = _version(dist)
+        rows.append((dist, version or "not installed",
+                     f"{use} available" if version else f"optional, for {use}: pip install 'ft-cli[{extra}]'"))
+    from ft_cli.export.gguf import converter_home, find_converter
+
+    try:
+        converter = find_converter()
+    except UserError as exc:  # FT_GGUF_CONVERTER pointing nowhere: report it, doctor never fails
+        converter, problem = None, str(exc)
+    else:
+        problem = "ft export gguf-* available" if converter else "python -m ft_cli.export.gguf install"
+    rows.append(("GGUF converter (llama.cpp)", str(converter) if converter else f"not in {converter_home()}", problem))
     rows.append(("HF_HUB_OFFLINE", os.environ.get("HF_HUB_OFFLINE", "unset"),
                  "hub ids must already be cached" if os.environ.get("HF_HUB_OFFLINE") == "1" else ""))
     rows.append(("HF_TOKEN", "set" if os.environ.get("HF_TOKEN") else "unset",

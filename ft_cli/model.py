@@ -126,6 +126,7 @@ class BuiltModel:
     trainable_params: int
     total_params: int
     liger_kernels: list[str] | None = None  # train.liger_kernel: the kernels applied
+    qat: str | None = None  # train.qat: what was fake-quantized
 
 
 def load_base_model(recipe: Recipe, path: str, device: Any = None, quantize: bool = True, dtype: str | None = None):
@@ -205,8 +206,26 @@ def build_model(recipe: Recipe, device: Any = None) -> BuiltModel:
     trainable, total = count_parameters(model)
     if trainable == 0:
         raise UserError(f"method {recipe.method}: no parameter is trainable (check target_modules / trainable_modules)")
+    qat = apply_qat(model, recipe) if recipe.train.qat else None  # after the method: LoRA's base layers exist now
     return BuiltModel(model=model, base_path=path, trainable_params=trainable, total_params=total,
-                      liger_kernels=liger)
+                      liger_kernels=liger, qat=qat)
+
+
+def apply_qat(model: Any, recipe: Recipe) -> str:
+    """train.qat: fake-quantize the linear layers (ft_cli.qat); returns the line train prints about it."""
+    import importlib.util
+
+    if importlib.util.find_spec("torchao") is None:
+        raise UserError("train.qat needs torchao, not installed here: pip install 'ft-cli[export]'")
+    from ft_cli.qat import apply_qat as prepare
+    from ft_cli.qat import skipped_note
+
+    swapped, skipped = prepare(model)
+    if swapped == 0:
+        raise UserError(f"train.qat: no linear layer of this model can be quantized in groups of 32 "
+                        f"({skipped_note(skipped, len(skipped))})")
+    line = f"train.qat {recipe.train.qat}: {swapped} linear layers train fake-quantized (torchao)"
+    return line + (f"; {skipped_note(skipped, swapped + len(skipped))}" if skipped else "")
 
 
 def count_parameters(model) -> tuple[int, int]:

@@ -23,6 +23,7 @@ DType = Literal["bfloat16", "float16", "float32"]
 LORA_METHODS = ("lora", "qlora", "dora")
 PEFT_METHODS = LORA_METHODS + ("ia3", "prompt_tuning", "prefix_tuning", "adapter")
 WHOLE_MODEL_METHODS = ("full", "freeze")
+QAT_METHODS = ("full", "freeze", "lora")
 
 
 class Section(BaseModel):
@@ -210,6 +211,13 @@ class TrainSection(Section):
         "otherwise): RMSNorm/LayerNorm, SwiGLU/GeGLU, RoPE, and the fused linear cross-entropy, which never "
         "materialises the training logits (same token-normalised loss; left out when an adapter is on lm_head)."
     )
+    qat: Literal["int8-dynamic-act-int4-weight"] | None = Field(
+        None, description="Quantization-aware training (torchao; pip install 'ft-cli[export]'): the forward sees "
+        "the linear weights as int4 (groups of 32) and activations as int8, as `ft export --format "
+        "int8-dynamic-int4` will quantize them, so training learns around the rounding. Methods full, freeze "
+        "(the weights themselves) and lora (the base layers under the adapter, as torchtune does). In-training "
+        "eval_loss is that of the fake-quantized model."
+    )
 
 
 class LoggingSection(Section):
@@ -274,6 +282,9 @@ class Recipe(Section):
             self.ia3 = IA3Section()
         if self.lora is not None and self.lora.loraplus_lr_ratio is not None and m not in LORA_METHODS:
             raise _FieldError("lora.loraplus_lr_ratio", "only applies to LoRA methods")
+        if self.train.qat is not None and (m not in QAT_METHODS or self.quantized):
+            raise _FieldError("train.qat", f"applies to method {' | '.join(QAT_METHODS)} on an unquantized base, "
+                              f"not {m!r}{' with quantization' if self.quantized else ''}")
         if self.train.layerwise_lr_decay is not None and m not in WHOLE_MODEL_METHODS:
             raise _FieldError("train.layerwise_lr_decay", f"applies to method full or freeze, not {m!r}")
         if m not in WHOLE_MODEL_METHODS and "mixed_precision" in self.train.model_fields_set \

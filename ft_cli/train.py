@@ -84,6 +84,8 @@ def setup(recipe: Recipe, recipe_path: Path, *, resume: bool, overwrite: bool) -
         if accelerator.is_main_process:
             print(f"train.compile: {blocks} transformer blocks compiled with torch.compile on first use (the first "
                   "step and the first evaluation are slow)", file=sys.stderr)
+    if built.qat and accelerator.is_main_process:
+        print(built.qat, file=sys.stderr)
     if built.liger_kernels and accelerator.is_main_process:
         print(f"train.liger_kernel: liger-kernel {', '.join(built.liger_kernels)}", file=sys.stderr)
     optimizer = build_optimizer(model, recipe)

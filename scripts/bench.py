@@ -4,6 +4,7 @@
     python scripts/bench.py train [--steps 8] [--packed-steps 4] [--repeat 1] [--json PATH]
     python scripts/bench.py gpu   [--shape 8b] [--methods lora,qlora] [--seq 2048]   (CUDA; see bench_gpu.py)
     python scripts/bench.py serve [--requests 48] [--concurrency 8] [--json PATH]   (see bench_serve.py)
+    python scripts/bench.py export [--steps 60] [--formats int8,...] [--json PATH]
 
 `data`: ft's data pipeline (render + tokenize + mask + pack, from a file on disk) against a per-example
 `datasets.map` over `tokenizer.apply_chat_template`, on alpaca rows (the demo rows repeated, each made unique so
@@ -16,6 +17,13 @@ float32. Each run is its own subprocess (peak RSS, time to first step from proce
 `--repeat` times and the best of each is kept. Prints effective tokens/s (real, non-pad tokens) and padding waste
 for: ft unpacked, ft packed, the baseline, and a bare PyTorch loop over ft's packed batches (framework overhead);
 the loss parity of ft unpacked vs the baseline (same rows in the same order, same LoRA init); `ft --help` time.
+
+`export`: quantization-aware training against post-training quantization. The same full fine-tune of
+builtin:small-llama on alpaca_en_demo.json runs twice, without and with `train.qat: int8-dynamic-act-int4-weight`;
+each run is exported with `ft export --format int8-dynamic-int4` and the perplexity each loses against its own
+16-bit merge is printed side by side (the ratio is QAT's gap over PTQ's). Then the PTQ run is exported to every
+other format (--formats) for a size / quality / speed table: weights on disk, eval perplexity change, tokens/s and
+peak memory of ft export's fixed greedy workload, each against the 16-bit merge.
 """
 
 from __future__ import annotations
@@ -391,6 +399,75 @@ def bench_train(args: argparse.Namespace) -> None:
         Path(args.json).write_text(json.dumps(results, indent=1))
 
 
+# export ----------------------------------------------------------------------------------------------------------
+
+EXPORT_FORMATS = ("int8", "int8-dynamic", "int4", "gguf-f16", "gguf-q8_0", "gguf-q4_k_m")
+
+
+def _export_recipe(args: argparse.Namespace, out: Path, qat: bool) -> Path:
+    import yaml
+
+    recipe = {
+        "model": {"name_or_path": args.model, "dtype": "float32"},
+        "method": "full",
+        "data": {"train": str(Path(args.data_dir) / "alpaca_en_demo.json"), "format": "alpaca", "val_split": 0.1,
+                 "max_seq_len": args.max_seq_len, "packing": False},
+        "train": {"max_steps": args.steps, "micro_batch_size": 8, "grad_accum": 1, "lr": args.lr,
+                  "scheduler": "cosine", "warmup_ratio": 0.05, "gradient_checkpointing": False, "seed": 42,
+                  "eval_every": args.steps, "save_every": None, "log_every": 10,
+                  **({"qat": "int8-dynamic-act-int4-weight"} if qat else {})},
+        "output_dir": str(out / ("run-qat" if qat else "run-ptq")),
+    }
+    path = out / ("qat.yaml" if qat else "ptq.yaml")
+    path.write_text(yaml.safe_dump(recipe))
+    return path
+
+
+def bench_export(args: argparse.Namespace) -> None:
+    from ft_cli.errors import FtExit
+    from ft_cli.export import export_run
+    from ft_cli.train import train_from_recipe
+
+    out = Path(args.out or tempfile.mkdtemp(prefix="ft-bench-export-"))
+    out.mkdir(parents=True, exist_ok=True)
+    flags = {"max_ppl_increase": "1000%", "eval_rows": args.eval_rows, "bench_tokens": args.bench_tokens}
+    runs, reports = {}, {}
+    for qat in (False, True):
+        name = "qat" if qat else "ptq"
+        t0 = time.time()
+        runs[name] = Path(train_from_recipe(_export_recipe(args, out, qat), [], overwrite=True))
+        print(f"[bench] trained {name} in {time.time() - t0:.0f}s", flush=True)
+        reports[name] = {"int8-dynamic-int4": export_run(runs[name], out / f"{name}-int8-dynamic-int4",
+                                                         "int8-dynamic-int4", overwrite=True, **flags)}
+    for fmt in [f for f in args.formats.split(",") if f]:
+        try:
+            reports["ptq"][fmt] = export_run(runs["ptq"], out / f"ptq-{fmt}", fmt, overwrite=True, **flags)
+        except FtExit as exc:  # e.g. llama-cpp-python missing for gguf-q4_k_m: say so, measure the rest
+            print(f"[bench] {fmt}: skipped: {exc.message}", flush=True)
+
+    print("\n== QAT vs post-training quantization (int8-dynamic-int4, eval perplexity vs each run's 16-bit merge)")
+    gaps = {}
+    for name in ("ptq", "qat"):
+        q = reports[name]["int8-dynamic-int4"]["quality"]
+        gaps[name] = q["ppl_increase_pct"]
+        print(f"{name}: 16-bit {q['reference']['perplexity']:.3f} -> int4 {q['export']['perplexity']:.3f} "
+              f"({q['ppl_increase_pct']:+.2f}%)")
+    print(f"QAT's perplexity gap / PTQ's: {gaps['qat'] / gaps['ptq']:.2f}" if gaps["ptq"] else "PTQ gap is 0")
+    print("\n== formats (PTQ run; vs its 16-bit merge)")
+    print(f"{'format':<18} {'weights':>10} {'ratio':>6} {'ppl':>9} {'d ppl':>8} {'tok/s 16b':>10} {'tok/s':>8} "
+          f"{'mem 16b':>9} {'mem':>9}")
+    for fmt, r in reports["ptq"].items():
+        q, sp = r["quality"], r["speed"]
+        ref, exp = sp["reference"], sp.get("export") or {}
+        print(f"{fmt:<18} {r['weights_bytes'] / 2**20:>8.1f}Mi {r['size_ratio']:>6.2f} "
+              f"{q['export']['perplexity']:>9.3f} {q['ppl_increase_pct']:>+7.2f}% {ref['tokens_per_second']:>10.1f} "
+              f"{exp.get('tokens_per_second', float('nan')):>8.1f} {ref['model_memory_bytes'] / 2**20:>7.0f}Mi "
+              f"{exp.get('model_memory_bytes', float('nan')) / 2**20:>7.0f}Mi")
+    if args.json:
+        Path(args.json).write_text(json.dumps({"args": vars(args) | {"func": None}, "reports": reports},
+                                              indent=2, default=str))
+
+
 def _train_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--steps", type=int, default=8, help="optimizer steps of the unpacked runs")
     p.add_argument("--packed-steps", type=int, default=4, help="optimizer steps of the packed runs")
@@ -417,6 +494,18 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--warmup", type=int, default=1, help="optimizer steps left out of the timings")
     p.add_argument("--variants", default=",".join(TRAIN_VARIANTS))
     p.set_defaults(func=bench_train)
+    p = sub.add_parser("export", help="QAT vs post-training int4; size / quality / speed of every export format")
+    p.add_argument("--model", default=TRAIN_MODEL)
+    p.add_argument("--steps", type=int, default=60)
+    p.add_argument("--lr", type=float, default=5e-4)
+    p.add_argument("--max-seq-len", type=int, default=256)
+    p.add_argument("--eval-rows", type=int, default=100)
+    p.add_argument("--bench-tokens", type=int, default=32)
+    p.add_argument("--formats", default=",".join(EXPORT_FORMATS), help="exports of the PTQ run (comma-separated)")
+    p.add_argument("--data-dir", default=str(ROOT.parent / "shared" / "data"))
+    p.add_argument("--out", default=None, help="keep the runs and exports here (default: a temporary directory)")
+    p.add_argument("--json", default=None, help="write the numbers here")
+    p.set_defaults(func=bench_export)
     add_gpu_parser(sub)  # scripts/bench_gpu.py
     add_serve_parser(sub)  # scripts/bench_serve.py
     p = sub.add_parser("_train_one")  # internal: one run in its own process

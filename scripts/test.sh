@@ -5,6 +5,7 @@ set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$ROOT"
 bash scripts/_setup.sh
+bash scripts/_setup_export.sh
 export HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 TRANSFORMERS_OFFLINE=1 TOKENIZERS_PARALLELISM=false
 # Keep the user's caches clean: tests build their tiny models and data caches in a throwaway directory.
 export FT_CACHE_DIR="${FT_CACHE_DIR:-$(mktemp -d)}"

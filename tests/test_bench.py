@@ -4,6 +4,7 @@ the same LoRA init, so their losses must agree step by step; the benchmark print
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import subprocess
@@ -33,3 +34,20 @@ def test_bench_train_matches_hf_trainer_and_prints_ratios(tmp_path: Path, shared
     assert ft["losses"] == pytest.approx(base["losses"], rel=1e-4)  # same maths as HF Trainer + peft
     assert ft["losses"][-1] < ft["losses"][0]
     assert result["runs"]["ft-packed"][0]["padding_waste"] < base["padding_waste"]
+
+
+@pytest.mark.skipif(importlib.util.find_spec("torchao") is None, reason="torchao not installed")
+def test_bench_export_compares_qat_with_post_training_int4(tmp_path: Path, shared_data: Path) -> None:
+    out = tmp_path / "bench.json"
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "2"}
+    proc = subprocess.run([sys.executable, str(ROOT / "scripts" / "bench.py"), "export", "--model", "builtin:tiny-llama",
+                           "--steps", "2", "--formats", "", "--eval-rows", "8", "--bench-tokens", "4",
+                           "--data-dir", str(shared_data), "--out", str(tmp_path / "work"), "--json", str(out)],
+                          env=env, capture_output=True, text=True, timeout=900, cwd=ROOT)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
+    for text in ("QAT vs post-training quantization", "QAT's perplexity gap / PTQ's", "== formats"):
+        assert text in proc.stdout, proc.stdout
+    reports = json.loads(out.read_text())["reports"]
+    for name in ("ptq", "qat"):
+        q = reports[name]["int8-dynamic-int4"]["quality"]
+        assert q["reference"]["perplexity"] > 1 and q["export"]["perplexity"] > 1
