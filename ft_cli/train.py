@@ -152,6 +152,8 @@ def fit(s: Session) -> Path:
     last_eval_step = -1
     model.train()
     try:
+        if s.data.eval is not None:
+            _sanity_eval(s, reporter)
         while step < s.total_steps:
             first = step * t.grad_accum
             micro = [s.collate(_rows(s.data.train, s.batches.indices(m))) for m in range(first, first + t.grad_accum)]
@@ -195,17 +197,19 @@ def fit(s: Session) -> Path:
                 reporter.update(step, f"loss {loss:.4f} lr {lr:.2e} {tps:,.0f} tok/s", log_line=True)
                 window_tokens, window_t0 = 0, time.perf_counter()
 
+            saves = bool(t.save_every) and (step % t.save_every == 0 or step == s.total_steps)
+            if saves:  # before evaluating: an evaluation that fails must not cost this step's checkpoint
+                _checkpoint(s, step)  # also at the end, so a finished run can be extended with --resume
             if s.data.eval is not None and t.eval_every and (step % t.eval_every == 0 or step == s.total_steps):
                 last_eval_step = step
-                if _evaluate(s, step, epoch, metrics, reporter):
-                    stopped_early = True
-            if t.save_every and (step % t.save_every == 0 or step == s.total_steps):
-                _checkpoint(s, step)  # also at the end, so a finished run can be extended with --resume
+                stopped_early = _evaluate(s, step, epoch, metrics, reporter)
+                if saves:  # a resume from this checkpoint continues with this evaluation's best and patience
+                    _update_checkpoint_state(s, step)
             if _reduce_sum(acc, int(stop.signum is not None)):
                 _checkpoint(s, step)
                 raise _interrupted(s, step, stop.signum or signal.SIGTERM)
             if stopped_early:
-                if t.save_every and step % t.save_every:
+                if not saves:
                     _checkpoint(s, step)
                 reporter.message(f"early stopping at step {step}: eval_loss has not improved for "
                                  f"{t.early_stopping_patience} evaluations (best {s.state['best_eval_loss']:.4f} "
@@ -272,6 +276,34 @@ def _evaluate(s: Session, step: int, epoch: float, metrics: Any, reporter: Any) 
     s.state["evals_without_improvement"] += 1
     patience = t.early_stopping_patience
     return patience is not None and s.state["evals_without_improvement"] >= patience
+
+
+def _sanity_eval(s: Session, reporter: Any) -> None:
+    """Evaluate the first 1-2 eval batches before the first optimizer step (litgpt's validate(max_iters=2)): a
+    failure in the evaluation path (memory, a kernel that only runs in eval mode, a shape) shows at step 0, not
+    after eval_every steps. Every rank scores the same rows, so sharded models run the same forwards everywhere.
+    The loss covers those rows only: printed, never logged as eval_loss."""
+    from ft_cli.scoring import token_loss
+
+    t = s.recipe.train
+    size = t.eval_batch_size or t.micro_batch_size
+    rows = s.data.eval.select(range(min(len(s.data.eval), 2 * size)))
+    loss_sum, tokens = token_loss(s.model, rows, s.collate, size, device=s.accelerator.device)
+    reporter.message(f"step {s.start_step}: evaluation works (sanity check on {len(rows)} eval rows: loss "
+                     f"{loss_sum / max(tokens, 1):.4f})")
+
+
+def _update_checkpoint_state(s: Session, step: int) -> None:
+    """Write the evaluation's outcome (best_eval_loss, best_step, patience) into the state of the checkpoint saved
+    just before it at this step."""
+    import json
+
+    from ft_cli.checkpoint import STATE_FILE
+
+    if s.accelerator.is_main_process:
+        path = s.run.checkpoint(step) / STATE_FILE
+        write_text_atomic(path, json.dumps({**json.loads(path.read_text()), **s.state}, indent=2) + "\n")
+    s.accelerator.wait_for_everyone()
 
 
 def _checkpoint(s: Session, step: int) -> None:

@@ -18,6 +18,27 @@ os.environ.setdefault("FT_CACHE_DIR", tempfile.mkdtemp(prefix="ft-test-cache-"))
 ROOT = Path(__file__).resolve().parents[1]
 SHARED_DATA = ROOT.parent / "shared" / "data"
 
+# bitsandbytes picks its 4-bit CPU code path by the host's instruction set (AVX512-BF16 or not). The suite runs as if
+# on a CPU that has it - the path that used to break QLoRA - whatever this host has, in this process and in every
+# process it starts (tests/bnb_host/sitecustomize.py, TEST-ONLY); tests that take the `bnb_cpu_path` fixture run on
+# both paths. FT_TEST_BNB_AVX512BF16=0 (or 1) set by the caller wins.
+BNB_HOST_DIR = ROOT / "tests" / "bnb_host"
+os.environ.setdefault("FT_TEST_BNB_AVX512BF16", "1")
+os.environ["PYTHONPATH"] = os.pathsep.join(p for p in (str(BNB_HOST_DIR), os.environ.get("PYTHONPATH")) if p)
+
+
+def _install_bnb_host() -> None:
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("ft_test_bnb_host", BNB_HOST_DIR / "sitecustomize.py")
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    module.install()
+
+
+_install_bnb_host()
+
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     import torch
@@ -28,6 +49,17 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
     for item in items:
         if "gpu" in item.keywords:
             item.add_marker(skip)
+
+
+@pytest.fixture(params=[True, False], ids=["avx512bf16-cpu", "plain-cpu"])
+def bnb_cpu_path(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> bool:
+    """Run the test twice: bitsandbytes' 4-bit layers built as on a CPU with AVX512-BF16 (True) and without (False),
+    in this process and in the `ft` processes the test starts."""
+    import bitsandbytes.nn.modules as bnb_modules
+
+    monkeypatch.setattr(bnb_modules, "has_avx512bf16", lambda: request.param)
+    monkeypatch.setenv("FT_TEST_BNB_AVX512BF16", "1" if request.param else "0")
+    return request.param
 
 
 @pytest.fixture(scope="session")
