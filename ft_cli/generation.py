@@ -3,11 +3,22 @@ tokenizer's chat template, the stop tokens, greedy or sampled decoding, and the 
 
 One copy, so that a reply from the server is the reply `ft generate` prints for the same prompt and settings.
 No torch or transformers at import time (the CLI imports this lazily anyway).
+
+Generation uses what training trained, whatever the method. transformers 5.24 hands the KV cache to
+`prepare_inputs_for_generation` and the model as `cache` (it renamed `past_key_values`); peft 0.21.2's
+prompt-learning methods look for `past_key_values` there. So during `generate()`, prefix tuning put its trained
+key/value prefix under `past_key_values`, next to the empty `cache` generate made, and the model used `cache`
+("Both `past_key_values` and `cache` are set ... ignoring"): it generated exactly as the base model; prompt
+tuning, seeing no cache, prepended its virtual tokens again at every step. A forward pass (training, `ft eval`'s
+loss) is unaffected. `prompt_learning_generation` hands peft the cache under the name it reads; tests/test_methods.py
+checks greedy generation against a hand-written loop over the forward for every method, and that peft and
+transformers still disagree (remove this when they no longer do).
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from typing import Any
 
 from ft_cli.errors import UserError
@@ -77,7 +88,7 @@ def generate_ids(model: Any, tokenizer: Any, ids: Sequence[int], *, max_new_toke
         torch.manual_seed(seed)
     extra = {"stopping_criteria": stopping_criteria} if stopping_criteria is not None else {}
     model.eval()
-    with torch.no_grad():
+    with torch.no_grad(), prompt_learning_generation(model):
         out = model.generate(input_ids=inputs, attention_mask=torch.ones_like(inputs), max_new_tokens=max_new_tokens,
                              eos_token_id=stops or None, pad_token_id=pad_token_id(tokenizer, stops),
                              streamer=streamer, **sampling_kwargs(temperature, top_p), **extra)
@@ -94,13 +105,14 @@ def greedy_generate(model: Any, tokenizer: Any, prompts: list[list[int]], *, max
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else stops[0]
     replies: list[str] = []
     model.eval()
+    batch_size = generation_batch_size(model, batch_size)
     for start in range(0, len(prompts), batch_size):
         chunk = prompts[start:start + batch_size]
         width = max(len(p) for p in chunk)
         ids = torch.tensor([[pad] * (width - len(p)) + p for p in chunk], device=device)
         mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in chunk], device=device)
         new = max_new_tokens if max_total is None else max(1, min(max_new_tokens, max_total - width))
-        with torch.no_grad():
+        with torch.no_grad(), prompt_learning_generation(model):
             out = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=new, **sampling_kwargs(0, 1),
                                  eos_token_id=stops, pad_token_id=pad)
         for row in out[:, width:].tolist():
@@ -108,3 +120,44 @@ def greedy_generate(model: Any, tokenizer: Any, prompts: list[list[int]], *, max
         if on_batch is not None:
             on_batch(len(replies))
     return replies
+
+
+# Prompt-learning methods (prefix tuning, prompt tuning) --------------------------------------------------------
+
+def is_prompt_learning(model: Any) -> bool:
+    """A peft model whose adapter is virtual tokens or a KV prefix (prompt tuning, prefix tuning, ...)."""
+    config = getattr(model, "active_peft_config", None)
+    return bool(getattr(config, "is_prompt_learning", False))
+
+
+@contextmanager
+def prompt_learning_generation(model: Any) -> Iterator[None]:
+    """Within this block `model.generate()` passes peft the KV cache as `past_key_values` (no-op for other models)."""
+    if not is_prompt_learning(model):
+        yield
+        return
+    prepare = model.base_model_prepare_inputs_for_generation
+
+    def prepare_with_peft_names(*args: Any, **kwargs: Any) -> dict[str, Any]:
+        inputs = prepare(*args, **kwargs)
+        if "cache" in inputs and "past_key_values" not in inputs:
+            inputs["past_key_values"] = inputs.pop("cache")
+        return inputs
+
+    model.base_model_prepare_inputs_for_generation = prepare_with_peft_names
+    try:
+        yield
+    finally:
+        model.base_model_prepare_inputs_for_generation = prepare
+
+
+def generation_batch_size(model: Any, batch_size: int) -> int:
+    """Prompts per `generate()` call. Left padding is only safe where position ids follow the attention mask; peft
+    drops the position ids of prompt tuning (its virtual tokens are inputs), so a padded prompt would sit at other
+    positions than in training: those prompts go one at a time."""
+    if is_prompt_learning(model):
+        from peft import PeftType
+
+        if model.active_peft_config.peft_type == PeftType.PROMPT_TUNING:
+            return 1
+    return batch_size
