@@ -98,3 +98,31 @@ class LrSchedule:
         if self.kind == "linear":
             return 1.0 - progress
         return 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+def replan_schedule(scheduler: Any, total_steps: int) -> int | None:
+    """Resuming: the learning rate of the remaining steps follows the schedule of a run planned for `total_steps`
+    from the start; returns the total the checkpoint's schedule was planned for.
+
+    A checkpoint's scheduler state carries the schedule it was made with (LrSchedule pickles its total), so
+    without this a run extended with --set train.max_steps / train.epochs would stay on the old schedule: a
+    finished cosine or linear run sits at lr 0 and every added step trains nothing. The warm-up stays as it was
+    (its steps are in the past); only the length of the decay changes. Same total: nothing changes."""
+    old = None
+    for fn in scheduler.lr_lambdas:
+        if isinstance(fn, LrSchedule):
+            old = fn.total
+            fn.total = max(total_steps, 1)
+    # The optimizer holds the lr of the next step (restored from the checkpoint): recompute it on the new plan.
+    lrs = [base * fn(scheduler.last_epoch) for base, fn in zip(scheduler.base_lrs, scheduler.lr_lambdas, strict=True)]
+    for group, lr in zip(scheduler.optimizer.param_groups, lrs, strict=True):
+        group["lr"] = lr
+    scheduler._last_lr = lrs
+    return old
+
+
+def remaining_lr_peak(scheduler: Any, total_steps: int) -> float:
+    """The highest learning rate any remaining optimizer step will use (of the largest parameter group)."""
+    base = max(scheduler.base_lrs)
+    fn = scheduler.lr_lambdas[scheduler.base_lrs.index(base)]
+    return max((base * fn(step) for step in range(scheduler.last_epoch, total_steps)), default=0.0)

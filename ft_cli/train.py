@@ -60,7 +60,7 @@ def setup(recipe: Recipe, recipe_path: Path, *, resume: bool, overwrite: bool) -
     from ft_cli.batches import MicroBatches
     from ft_cli.data.pipeline import build_datasets, make_collator
     from ft_cli.model import build_model, compile_blocks, load_tokenizer
-    from ft_cli.optim import build_optimizer, build_scheduler, check_optimizer_supported
+    from ft_cli.optim import build_optimizer, build_scheduler, check_optimizer_supported, replan_schedule
 
     run = RunDir(Path(recipe.output_dir or "runs/run"))
     accelerator = _accelerator(recipe, run)
@@ -114,6 +114,7 @@ def setup(recipe: Recipe, recipe_path: Path, *, resume: bool, overwrite: bool) -
         state = load_checkpoint(ckpt, model=model, optimizer=optimizer, scheduler=scheduler, accelerator=accelerator)
         session.start_step = int(state["step"])
         session.state.update({k: state[k] for k in session.state if k in state})
+        _replan_schedule(session, planned=replan_schedule(scheduler, total_steps))
     session.manifest = _start_manifest(session, built, resumed=saved_state is not None)
     if accelerator.is_main_process:
         write_text_atomic(run.recipe, dump_recipe(recipe))
@@ -398,6 +399,27 @@ def _diverged(s: Session, step: int, loss: float, grad_norm: float | None) -> Ch
     return CheckFailed(f"training diverged at step {step}: {what} is {loss if what == 'loss' else grad_norm} "
                        f"(loss {loss}, grad_norm {grad_norm}); the optimizer step was skipped and {keep}.\n"
                        f"Likely causes: " + "; ".join(hints))
+
+
+def _replan_schedule(s: Session, planned: int | None) -> None:
+    """After the checkpoint's schedule was re-planned for s.total_steps: say so when the run is extended, and warn
+    when the steps left would train at (nearly) no learning rate."""
+    from ft_cli.optim import remaining_lr_peak
+
+    if not s.accelerator.is_main_process or s.start_step >= s.total_steps:
+        return
+    t = s.recipe.train
+    extended = planned is not None and planned != s.total_steps
+    if extended:
+        print(f"resume: the run was planned for {planned} steps and now has {s.total_steps}: the {t.scheduler} "
+              f"learning-rate schedule is re-planned for {s.total_steps} steps from step {s.start_step} on "
+              f"(warm-up unchanged, the steps taken unchanged)", file=sys.stderr)
+    peak = remaining_lr_peak(s.scheduler, s.total_steps)
+    if peak == 0 or (extended and peak < 0.1 * t.lr):
+        what = "at lr 0" if peak == 0 else f"at lr {peak:.3g} at most ({peak / t.lr:.1%} of train.lr {t.lr:g})"
+        print(f"warning: steps {s.start_step + 1}-{s.total_steps} would train {what}: the {t.scheduler} schedule "
+              f"is near its end at step {s.start_step} of {s.total_steps}; to train longer at a useful learning "
+              "rate extend by more steps (the schedule is re-planned for the new length)", file=sys.stderr)
 
 
 def _check_resume(run: RunDir, recipe: Recipe) -> dict[str, Any]:

@@ -139,8 +139,8 @@ def test_nan_loss_stops_with_clear_message_and_keeps_checkpoint(tmp_path: Path, 
 
     def poisoned(*args, **kwargs):
         out = forward(*args, **kwargs)
-        calls["n"] += 1
-        if calls["n"] == 5:  # the 5th optimizer step (grad_accum 1)
+        calls["n"] += session.model.training  # not the evaluations (the sanity check before step 1 is one)
+        if calls["n"] == 5 and session.model.training:  # the 5th optimizer step (grad_accum 1)
             out.loss = out.loss * float("nan")
         return out
 
