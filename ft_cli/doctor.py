@@ -4,10 +4,15 @@ from __future__ import annotations
 
 import importlib.util
 import os
+import re
 import shutil
+from pathlib import Path
 
 from ft_cli.errors import UserError
 from ft_cli.manifest import package_versions
+
+# The versions the suite last passed with (scripts/update_constraints.py), beside the source tree ft runs from.
+CONSTRAINTS = Path(__file__).resolve().parents[1] / "constraints.txt"
 
 
 def run_doctor() -> list[tuple[str, str, str]]:
@@ -19,8 +24,14 @@ def run_doctor() -> list[tuple[str, str, str]]:
 
     rows: list[tuple[str, str, str]] = []
     versions = package_versions()
+    tested = tested_versions()
+    drift = {name: want for name, _, want in version_drift(tested)} if tested is not None else {}
     for name in ("ft-cli", "torch", "transformers", "peft", "accelerate", "bitsandbytes", "datasets"):
-        rows.append((name, versions.get(name) or "missing", "" if versions.get(name) else "required: pip install " + name))
+        meaning = "" if versions.get(name) else "required: pip install " + name
+        if canonical(name) in drift:
+            meaning = f"tested with {drift[canonical(name)]} (constraints.txt)"
+        rows.append((name, versions.get(name) or "missing", meaning))
+    rows.append(drift_row(tested))
     rows.append(("CUDA (torch build)", torch.version.cuda or "none (CPU build)", ""))
     if torch.cuda.is_available():
         for i in range(torch.cuda.device_count()):
@@ -34,6 +45,7 @@ def run_doctor() -> list[tuple[str, str, str]]:
         rows.append(("GPU", "none", "training runs on the CPU: use model.dtype float32, small models (builtin:tiny-llama)"))
         rows.append(("qlora", "available (CPU, slow)", "bitsandbytes 4-bit runs on the CPU"))
         rows.append(("paged_adamw_8bit", "unavailable", "needs CUDA; use adamw_8bit or adamw_torch"))
+    rows.append(bnb_cpu_row())
     flash = importlib.util.find_spec("flash_attn") is not None
     rows.append(("flash-attn", versions.get("flash-attn") or "not installed",
                  "attn_implementation flash_attention_2 for packed rows" if flash else "sdpa is used (fine)"))
@@ -95,3 +107,61 @@ def _version(dist: str) -> str | None:
         return metadata.version(dist)
     except metadata.PackageNotFoundError:
         return None
+
+
+# Tested versions ---------------------------------------------------------------------------------------------------
+
+def canonical(name: str) -> str:
+    return re.sub(r"[-_.]+", "-", name).lower()
+
+
+def tested_versions(path: Path | None = None) -> dict[str, str] | None:
+    """{package: version} pinned in constraints.txt; None when there is none (ft installed from a wheel)."""
+    path = path or CONSTRAINTS
+    if not path.is_file():
+        return None
+    pins = {}
+    for line in path.read_text(encoding="utf-8").splitlines():
+        name, sep, version = line.split("#", 1)[0].strip().partition("==")
+        if sep:
+            pins[canonical(name)] = version.strip()
+    return pins
+
+
+def version_drift(tested: dict[str, str] | None) -> list[tuple[str, str, str]]:
+    """(package, installed, tested) for every installed package whose version is not the tested one (local labels
+    such as +cpu ignored); packages that are not installed (optional extras) are not drift."""
+    from importlib import metadata
+
+    if not tested:
+        return []
+    installed = {canonical(d.metadata["Name"]): d.version for d in metadata.distributions() if d.metadata["Name"]}
+    return sorted((name, installed[name], want) for name, want in tested.items()
+                  if name in installed and installed[name].split("+", 1)[0] != want)
+
+
+def drift_row(tested: dict[str, str] | None) -> tuple[str, str, str]:
+    name = "tested versions"
+    if tested is None:
+        return name, "unknown", "no constraints.txt beside ft (installed from a wheel?): versions are not checked"
+    drift = version_drift(tested)
+    if not drift:
+        return name, f"all match constraints.txt ({len(tested)} pinned)", ""
+    shown = ", ".join(f"{n} {have} (tested {want})" for n, have, want in drift[:6])
+    more = f" and {len(drift) - 6} more" if len(drift) > 6 else ""
+    return (name, f"{len(drift)} of {len(tested)} differ from constraints.txt",
+            f"{shown}{more}; bash scripts/_setup.sh installs the tested ones")
+
+
+def bnb_cpu_row() -> tuple[str, str, str]:
+    """bitsandbytes' CPU kernels: one line instead of the notice bitsandbytes logs at import (see ft_cli/__init__)."""
+    try:
+        from bitsandbytes.functional import has_avx512bf16
+
+        avx = "yes" if has_avx512bf16() else "no"
+    except Exception as exc:  # bitsandbytes missing or broken: its own row says so
+        return "bitsandbytes on the CPU", "unknown", f"{type(exc).__name__}: {exc}"
+    kernels = "installed" if importlib.util.find_spec("kernels") else "not installed"
+    return ("bitsandbytes on the CPU", f"AVX512-BF16: {avx}; kernels-community gemm_4bit_forward: {kernels}",
+            "ft keeps every 4-bit layer on the dequantizing path (bitsandbytes' packed AVX512-BF16 inference kernel "
+            "is never used), so results do not depend on the CPU and the optional kernel is not needed")
