@@ -29,6 +29,21 @@ QAT_METHODS = ("full", "freeze", "lora")
 class Section(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
+    @field_validator("*", mode="before")
+    @classmethod
+    def _no_bool_for_numbers(cls, value: Any, info: Any) -> Any:
+        """pydantic takes true/false for a number (as 1/0): `--set lora.rank=true` would train rank 1."""
+        if isinstance(value, bool) and _takes_numbers(cls.model_fields[info.field_name].annotation):
+            raise ValueError(f"must be a number, got {str(value).lower()}")
+        return value
+
+
+def _takes_numbers(annotation: Any) -> bool:
+    """Whether a field is a number (int/float, possibly optional) and not also a bool."""
+    args = getattr(annotation, "__args__", None)
+    kinds = set(args) if args and getattr(annotation, "__origin__", None) is not Literal else {annotation}
+    return bool(kinds & {int, float}) and bool not in kinds
+
 
 class ModelSection(Section):
     name_or_path: str = Field(
@@ -77,7 +92,9 @@ class LoraSection(Section):
 
 
 class FreezeSection(Section):
-    trainable_layers: int = Field(2, ge=0, description="Train the last N transformer blocks.")
+    trainable_layers: int = Field(
+        2, ge=0, description="Train the last N transformer blocks (at most the model's number of blocks)."
+    )
     trainable_modules: list[str] = Field(
         default_factory=list, description="Also train modules whose name contains one of these (e.g. lm_head)."
     )
@@ -431,6 +448,9 @@ def _parse_yaml(text: str, path: Path) -> tuple[Any, dict[tuple, int]]:
         if isinstance(n, yaml.MappingNode):
             for k, v in n.value:
                 key = loc + (k.value,)
+                if key in lines:  # YAML keeps the last one silently
+                    raise UserError(f"{path}:{k.start_mark.line + 1}: {'.'.join(map(str, key))}: duplicate key (first "
+                                    f"set on line {lines[key]}); remove one of them")
                 lines[key] = k.start_mark.line + 1
                 walk(v, key)
         elif isinstance(n, yaml.SequenceNode):

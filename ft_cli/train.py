@@ -58,6 +58,7 @@ def setup(recipe: Recipe, recipe_path: Path, *, resume: bool, overwrite: bool) -
     from accelerate.utils import set_seed
 
     from ft_cli.batches import MicroBatches
+    from ft_cli.data.audit import data_notes
     from ft_cli.data.pipeline import build_datasets, make_collator
     from ft_cli.model import build_model, compile_blocks, load_tokenizer
     from ft_cli.optim import build_optimizer, build_scheduler, check_optimizer_supported, replan_schedule
@@ -76,6 +77,9 @@ def setup(recipe: Recipe, recipe_path: Path, *, resume: bool, overwrite: bool) -
     set_seed(recipe.train.seed)
     tokenizer = load_tokenizer(recipe)
     data = build_datasets(recipe, tokenizer, main_process_first=accelerator.main_process_first)
+    if accelerator.is_main_process:
+        for line in data_notes(data):  # rows dropped or cut, and why: never silently
+            print(line, file=sys.stderr)
     set_seed(recipe.train.seed)  # data building must not shift the model's initial weights
     built = build_model(recipe, device=accelerator.device)
     model = built.model

@@ -42,6 +42,25 @@ def print_data_report(bundle: DataBundle, tokenizer: Any, console: Any, show: in
             console.print(highlight_tokens(tokenizer, ids, labels))
 
 
+def data_notes(bundle: DataBundle) -> list[str]:
+    """What the pipeline dropped or cut, with counts and reasons, then its warnings: `ft train` prints these (ft
+    validate shows the same counts in its table), so no row disappears without a word."""
+    lines = []
+    splits = [("training", bundle.train_stats)] + ([("eval", bundle.eval_stats)] if bundle.eval_stats else [])
+    for name, s in splits:
+        if s.dropped_empty:
+            lines.append(f"data: {s.dropped_empty:,} of {s.rows_in:,} {name} records dropped: nothing to train on "
+                         "(no assistant reply with content, or blank text)")
+        if s.dropped_too_long:
+            lines.append(f"data: {s.dropped_too_long:,} of {s.rows_in:,} {name} records dropped: too long for "
+                         f"data.max_seq_len={s.max_seq_len} (data.truncation: drop, or nothing trained left after "
+                         "truncating)")
+        if s.truncated:
+            lines.append(f"data: {s.truncated:,} of {s.rows:,} {name} examples truncated to data.max_seq_len="
+                         f"{s.max_seq_len} (their tail is not trained; data.truncation: drop skips them instead)")
+    return lines + [f"warning: {w}" for w in bundle.warnings]
+
+
 def _pct(part: int, whole: int) -> str:
     return f"{part:,} ({part / whole:.1%})" if whole else f"{part:,}"
 

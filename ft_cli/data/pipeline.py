@@ -111,13 +111,24 @@ def _settings(recipe: Recipe) -> EncodeSettings:
     return EncodeSettings(d.max_seq_len, d.truncation, d.train_on_inputs)
 
 
-def _load(sources: list[DatasetSource], recipe: Recipe, field_name: str) -> list[LoadedSource]:
+def _load(sources: list[DatasetSource], recipe: Recipe, field_name: str,
+          warnings: list[str] | None = None) -> list[LoadedSource]:
     d = recipe.data
     out = []
     for i, src in enumerate(sources):
         where = _where(recipe, field_name, i)
-        convert = make_converter(src.format or d.format, src.columns if src.columns is not None else d.columns)
-        loaded = load_source(src.path, src.split, convert, where)
+        fmt = src.format or d.format
+        convert = make_converter(fmt, src.columns if src.columns is not None else d.columns)
+        preference = [0]
+
+        def convert_and_count(record: dict, origin: Any, convert: Callable = convert,
+                              preference: list[int] = preference) -> Example | None:
+            preference[0] += PREFERENCE_FIELDS <= record.keys()
+            return convert(record, origin)
+
+        loaded = load_source(src.path, src.split, convert_and_count, where)
+        if preference[0] and warnings is not None:
+            warnings.append(_preference_warning(where, fmt, preference[0], loaded.examples))
         loaded.weight = src.weight
         if d.limit is not None:  # data.limit: the first N records of each source (ft train --smoke)
             loaded.examples = loaded.examples[:d.limit]
@@ -127,6 +138,18 @@ def _load(sources: list[DatasetSource], recipe: Recipe, field_name: str) -> list
     return out
 
 
+PREFERENCE_FIELDS = {"chosen", "rejected"}
+
+
+def _preference_warning(where: str, fmt: str, count: int, examples: list[Example | None]) -> str:
+    """Preference (DPO-style) records read by an SFT format: their chosen/rejected replies are never trained."""
+    dropped = sum(ex is None for ex in examples)
+    lost = f"; {dropped} of them have no assistant reply left and are dropped" if dropped else ""
+    return (f"{where}: {count} of {len(examples)} records have 'chosen' and 'rejected' fields (preference data, "
+            f"as for DPO), which format {fmt} does not read: their chosen replies are not trained{lost}. ft trains "
+            "on conversations: put the chosen reply in as the last assistant turn to train on it")
+
+
 def _where(recipe: Recipe, field_name: str, i: int) -> str:
     """`data.train` for a single path, `data.train[i]` for source i of a list."""
     return field_name if isinstance(getattr(recipe.data, field_name.split(".")[1]), str) else f"{field_name}[{i}]"
@@ -134,7 +157,8 @@ def _where(recipe: Recipe, field_name: str, i: int) -> str:
 
 def _build(recipe: Recipe, tokenizer: Any, key: str) -> DataBundle:
     d, seed = recipe.data, recipe.train.seed
-    train_sources = _load(d.sources, recipe, "data.train")
+    notes: list[str] = []
+    train_sources = _load(d.sources, recipe, "data.train", notes)
     eval_examples: list[Example | None] = []
     eval_sources: list[dict[str, Any]] = []
     pools: list[list[Example | None]] = []
@@ -147,7 +171,7 @@ def _build(recipe: Recipe, tokenizer: Any, key: str) -> DataBundle:
         else:
             pools.append(src.examples)
     if d.eval is not None:
-        for src in _load(d.eval_sources, recipe, "data.eval"):
+        for src in _load(d.eval_sources, recipe, "data.eval", notes):
             eval_examples += src.examples
             eval_sources.append({"path": src.label, "rows": len(src.examples)})
     counts = mix_counts([len(p) for p in pools], [s.weight for s in train_sources])
@@ -160,7 +184,7 @@ def _build(recipe: Recipe, tokenizer: Any, key: str) -> DataBundle:
 
     settings = _settings(recipe)
     renderer = ChatRenderer(tokenizer) if any(ex is not None and ex.text is None for ex in train_examples) else None
-    warnings = _check_template(tokenizer, renderer, train_examples)
+    warnings = notes + _check_template(tokenizer, renderer, train_examples)
     train_enc = encode_examples(train_examples, tokenizer, settings, renderer)
     _require_rows(train_enc, "data.train", d.max_seq_len, d.truncation)
     train_stats = _stats(train_enc, d.max_seq_len, train_mix)

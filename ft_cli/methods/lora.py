@@ -29,4 +29,23 @@ def apply_lora(model: Any, recipe: Recipe) -> Any:
         bias="none",
         task_type="CAUSAL_LM",
     )
-    return get_peft_model_for(model, config, "lora.target_modules")
+    model = get_peft_model_for(model, config, "lora.target_modules")
+    check_modules_to_save(model, lora.modules_to_save or [])
+    return model
+
+
+def check_modules_to_save(model: Any, names: list[str]) -> None:
+    """Every `lora.modules_to_save` entry must have wrapped a module: peft 0.21.2 skips one that matches nothing
+    (a typo such as lm_headd trains nothing extra, silently). peft matches a name by suffix; so does this check."""
+    import difflib
+
+    from ft_cli.errors import UserError
+
+    wrapped = [n for n, m in model.named_modules() if type(m).__name__ == "ModulesToSaveWrapper"]
+    for name in names:
+        if not any(w.endswith(name) for w in wrapped):
+            leaves = sorted({n.rsplit(".", 1)[-1] for n, _ in model.get_base_model().named_modules() if n})
+            close = difflib.get_close_matches(name, leaves, n=1)
+            hint = f"did you mean {close[0]!r}? " if close else ""
+            raise UserError(f"lora.modules_to_save: {name!r} matches no module of this model ({hint}module names "
+                            f"include {', '.join(leaves[:12])})")

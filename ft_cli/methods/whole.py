@@ -19,8 +19,9 @@ def apply_full(model: Any, recipe: Recipe) -> Any:
 
 
 def apply_freeze(model: Any, recipe: Recipe) -> Any:
-    """Train the last `freeze.trainable_layers` blocks (all of them when N >= the number of blocks) and every
-    module whose dotted name contains one of `freeze.trainable_modules`; freeze everything else.
+    """Train the last `freeze.trainable_layers` blocks and every module whose dotted name contains one of
+    `freeze.trainable_modules`; freeze everything else. More layers than the model has is refused (a recipe written
+    for another model would otherwise train everything without a word).
 
     Modules are matched rather than parameters so that a head tied to the input embeddings (GPT-2, Qwen2.5-0.5B)
     is found by `lm_head` although its one weight is named after the embeddings."""
@@ -29,6 +30,10 @@ def apply_freeze(model: Any, recipe: Recipe) -> Any:
     model.requires_grad_(False)
     if spec.trainable_layers:
         _, blocks = transformer_blocks(model)
+        if spec.trainable_layers > len(blocks):
+            model_type = getattr(model.config, "model_type", "this")
+            raise UserError(f"freeze.trainable_layers: {spec.trainable_layers}, but the {model_type} model has "
+                            f"{len(blocks)} transformer blocks; at most {len(blocks)} (all of them), or method: full")
         for block in list(blocks)[-spec.trainable_layers:]:
             block.requires_grad_(True)
     names = [name for name, _ in model.named_modules() if name]
