@@ -141,6 +141,8 @@ def load_base_model(recipe: Recipe, path: str, device: Any = None, quantize: boo
     }
     if recipe.model.attn_implementation:
         kwargs["attn_implementation"] = recipe.model.attn_implementation
+    if recipe.model.rope_scaling is not None:
+        kwargs["config"] = rope_scaled_config(recipe, path)
     if quantize and recipe.quantized:
         kwargs["quantization_config"] = bnb_config(recipe)
         kwargs["device_map"] = {"": device if device is not None else "cpu"}
@@ -156,6 +158,23 @@ def load_base_model(recipe: Recipe, path: str, device: Any = None, quantize: boo
         keep_bnb_cpu_path_trainable(model)
     # The pad token must be known to the model (generation, and models that mask pads themselves).
     return model
+
+
+def rope_scaled_config(recipe: Recipe, path: str) -> Any:
+    """The model's config with model.rope_scaling applied to its rotary embeddings (transformers 5's
+    rope_parameters; the rope_theta and other fields of the model's own parameters are kept)."""
+    from transformers import AutoConfig
+
+    scaling = recipe.model.rope_scaling
+    assert scaling is not None
+    config = AutoConfig.from_pretrained(path, trust_remote_code=recipe.model.trust_remote_code,
+                                        revision=recipe.model.revision)
+    rope = dict(getattr(config, "rope_parameters", None) or {})
+    rope.update(rope_type=scaling.type, factor=scaling.factor)
+    if scaling.type in ("dynamic", "yarn"):
+        rope.setdefault("original_max_position_embeddings", config.max_position_embeddings)
+    config.rope_parameters = rope
+    return config
 
 
 def keep_bnb_cpu_path_trainable(model) -> int:

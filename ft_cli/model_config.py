@@ -75,3 +75,63 @@ def _read(path: Path, source: str) -> FoundConfig:
     if not isinstance(data, dict):
         raise UserError(f"{path}: a model config is a JSON object")
     return FoundConfig(path=path, source=source, data=data)
+
+
+# The context a model was trained for -------------------------------------------------------------------------------
+
+_CONTEXT_KEYS = ("max_position_embeddings", "n_positions", "max_sequence_length", "seq_length", "n_ctx")
+# Families with rotary position embeddings whose config.json may not say so (older saves have no rope_* key).
+_ROPE_MODEL_TYPES = {"llama", "mistral", "mixtral", "qwen2", "qwen2_moe", "qwen3", "qwen3_moe", "gemma", "gemma2",
+                     "gemma3", "gemma3_text", "phi", "phi3", "phimoe", "falcon", "gpt_neox", "gptj", "olmo", "olmo2",
+                     "stablelm", "starcoder2", "cohere", "granite", "deepseek_v2", "deepseek_v3"}
+
+
+def context_length(config: dict[str, Any]) -> int | None:
+    for key in _CONTEXT_KEYS:
+        if isinstance(config.get(key), int):
+            return config[key]
+    return None
+
+
+def uses_rope(config: dict[str, Any]) -> bool:
+    return any("rope" in key for key in config) or config.get("model_type") in _ROPE_MODEL_TYPES
+
+
+def check_context_length(recipe: Any) -> None:
+    """data.max_seq_len must fit the model's context (max_position_embeddings / n_positions in its config.json):
+    past it a model with learned positions (gpt2) fails with an IndexError mid-training, and a RoPE model trains on
+    positions it never saw. Allowed with model.rope_scaling, up to context x factor. Checked offline before anything
+    loads; skipped when the config cannot be had without the network (the model load says why)."""
+    from ft_cli.builtin_models import MODEL_MAX_LENGTH, builtin_spec, is_builtin
+
+    if is_builtin(recipe.model.name_or_path):  # from the spec: no need to build the model to know
+        spec = builtin_spec(recipe.model.name_or_path)
+        context_key = "n_positions" if spec.model_type == "gpt2" else "max_position_embeddings"
+        found = FoundConfig(Path("config.json"), "built-in", {"model_type": spec.model_type,
+                                                              context_key: MODEL_MAX_LENGTH})
+    else:
+        found = find_model_config(recipe.model)
+    if found is None:
+        return
+    context = context_length(found.data)
+    scaling = recipe.model.rope_scaling
+    model_type = found.model_type or "this"
+    rope = uses_rope(found.data)
+    if scaling is not None and not rope:
+        raise UserError(f"model.rope_scaling: the {model_type} model has learned absolute positions, not rotary "
+                        "position embeddings; remove rope_scaling")
+    n = recipe.data.max_seq_len
+    if context is None or n <= context:
+        return
+    where = f"the {model_type} model's context of {context:,} tokens ({found.path.name})"
+    if not rope:
+        raise UserError(f"data.max_seq_len: {n:,} is longer than {where}, and its positions are learned: use "
+                        f"data.max_seq_len <= {context}")
+    if scaling is None:
+        raise UserError(f"data.max_seq_len: {n:,} is longer than {where}: it would train on positions the model never "
+                        f"saw. Use data.max_seq_len <= {context}, or stretch the context with model.rope_scaling, "
+                        f"e.g. {{type: linear, factor: {-(-n // context)}}}")
+    if n > context * scaling.factor:
+        raise UserError(f"data.max_seq_len: {n:,} is longer than {where} x model.rope_scaling.factor "
+                        f"{scaling.factor:g} = {int(context * scaling.factor):,}; raise the factor or shorten "
+                        "max_seq_len")

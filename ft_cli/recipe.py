@@ -45,6 +45,13 @@ def _takes_numbers(annotation: Any) -> bool:
     return bool(kinds & {int, float}) and bool not in kinds
 
 
+class RopeScalingSection(Section):
+    type: Literal["linear", "dynamic", "yarn"] = Field(
+        description="linear (position interpolation), dynamic (NTK-aware, scales with the sequence) or yarn."
+    )
+    factor: float = Field(gt=1, description="How many times the model's context to stretch the positions to.")
+
+
 class ModelSection(Section):
     name_or_path: str = Field(
         description="Hub id (e.g. meta-llama/Llama-3.1-8B), a local model directory (relative paths resolve "
@@ -60,6 +67,11 @@ class ModelSection(Section):
     revision: str | None = Field(None, description="Hub revision (branch, tag or commit) of the model.")
     attn_implementation: Literal["sdpa", "eager", "flash_attention_2"] | None = Field(
         None, description="Attention kernel; default: sdpa (flash_attention_2 on CUDA when installed and packing)."
+    )
+    rope_scaling: RopeScalingSection | None = Field(
+        None, description="Stretch the model's rotary position embeddings past its context (config.json "
+        "max_position_embeddings) to context x factor, e.g. {type: linear, factor: 2}. Required for a "
+        "data.max_seq_len above the model's context; saved with the run and applied wherever ft loads the model."
     )
 
     @field_validator("name_or_path")

@@ -61,6 +61,7 @@ def setup(recipe: Recipe, recipe_path: Path, *, resume: bool, overwrite: bool) -
     from ft_cli.data.audit import data_notes
     from ft_cli.data.pipeline import build_datasets, make_collator
     from ft_cli.model import build_model, compile_blocks, load_tokenizer
+    from ft_cli.model_config import check_context_length
     from ft_cli.optim import build_optimizer, build_scheduler, check_optimizer_supported, replan_schedule
 
     run = RunDir(Path(recipe.output_dir or "runs/run"))
@@ -69,6 +70,7 @@ def setup(recipe: Recipe, recipe_path: Path, *, resume: bool, overwrite: bool) -
     check_optimizer_supported(recipe, accelerator.device.type)
     _check_dtype(recipe, accelerator.device.type)
     _check_kernels(recipe, accelerator.device.type)
+    check_context_length(recipe)
     # Every rank checks the run directory before any rank changes it, so a refusal is raised everywhere. The
     # directory itself is only touched once tokenizer, data and model have loaded: bad input writes nothing.
     check_run_dir(run, resume=resume, overwrite=overwrite)

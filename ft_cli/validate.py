@@ -14,7 +14,10 @@ def validate_recipe(recipe_path: Path, overrides: list[str], *, show: int = 0, c
     from rich.syntax import Syntax
     from rich.table import Table
 
+    from ft_cli.model_config import check_context_length
+
     recipe = load_recipe(recipe_path, overrides)
+    check_context_length(recipe)
     console = Console(highlight=False)
     console.print(f"[bold green]recipe OK[/]: {recipe_path}")
     console.print(Syntax(dump_recipe(recipe), "yaml", theme="ansi_dark", background_color="default"))
