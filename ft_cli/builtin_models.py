@@ -35,6 +35,8 @@ if TYPE_CHECKING:
     import tokenizers
     from transformers import PreTrainedModel, PreTrainedTokenizerFast
 
+    from ft_cli.chat_profiles import ChatProfile
+
 log = logging.getLogger(__name__)
 
 BUILTIN_PREFIX = "builtin:"
@@ -136,16 +138,18 @@ def resolve_builtin(name: str, cache_dir: str | os.PathLike | None = None) -> Pa
     return _ensure_built(builtin_spec(name), _cache_root(cache_dir))
 
 
-def tiny_model_dir_for(model_type: str, cache_dir: str | os.PathLike | None = None) -> Path:
+def tiny_model_dir_for(model_type: str, cache_dir: str | os.PathLike | None = None,
+                       chat: ChatProfile | None = None) -> Path:
     """A tiny random model of Hugging Face `model_type` (config.json's "model_type"), with the built-in
-    tokenizer: what `ft train --smoke` trains instead of a recipe's real model."""
+    tokenizer: what `ft train --smoke` trains instead of a recipe's real model. With `chat`, the tokenizer has that
+    model's special tokens and chat template (ft_cli.chat_profiles) instead of ChatML's."""
     spec = _TINY_BY_MODEL_TYPE.get(model_type)
     if spec is None:
         close = difflib.get_close_matches(model_type, list(_TINY_BY_MODEL_TYPE), n=1)
         hint = f" (did you mean {close[0]}?)" if close else ""
         raise UserError(f"no built-in tiny model for model_type {model_type!r}{hint}; "
                         f"supported: {', '.join(sorted(_TINY_BY_MODEL_TYPE))}")
-    return _ensure_built(spec, _cache_root(cache_dir))
+    return _ensure_built(spec, _cache_root(cache_dir), chat)
 
 
 def chat_template() -> str:
@@ -162,7 +166,7 @@ def _cache_root(cache_dir: str | os.PathLike | None) -> Path:
     return Path(cache_dir).expanduser()
 
 
-def build_key(spec: BuiltinSpec) -> str:
+def build_key(spec: BuiltinSpec, chat: ChatProfile | None = None) -> str:
     """A short hash of everything a built-in's files are made from."""
     from ft_cli.builtin_corpus import corpus
 
@@ -177,11 +181,14 @@ def build_key(spec: BuiltinSpec) -> str:
         # A directory saved by one major version of transformers may not load in another.
         "transformers": metadata.version("transformers").split(".")[0],
     }
+    if chat is not None:
+        inputs["chat"] = chat.key()
     return hashlib.sha256(json.dumps(inputs, sort_keys=True).encode()).hexdigest()[:10]
 
 
-def _ensure_built(spec: BuiltinSpec, root: Path) -> Path:
-    target = root / "builtin" / f"{spec.name}-{build_key(spec)}"
+def _ensure_built(spec: BuiltinSpec, root: Path, chat: ChatProfile | None = None) -> Path:
+    name = spec.name if chat is None else f"{spec.name}+{chat.name}"
+    target = root / "builtin" / f"{name}-{build_key(spec, chat)}"
     if (target / _COMPLETE_MARKER).is_file():
         return target
     try:
@@ -192,8 +199,8 @@ def _ensure_built(spec: BuiltinSpec, root: Path) -> Path:
         raise UserError(f"cannot write built-in model {BUILTIN_PREFIX}{spec.name} under {target.parent} "
                         f"({exc.strerror}); set FT_CACHE_DIR to a writable directory") from None
     try:
-        log.info("building %s%s in %s", BUILTIN_PREFIX, spec.name, target)
-        _build_model_dir(spec, tmp)
+        log.info("building %s%s in %s", BUILTIN_PREFIX, name, target)
+        _build_model_dir(spec, tmp, chat)
         if target.exists() and not (target / _COMPLETE_MARKER).is_file():
             # Left half-made by something other than this function (renames are atomic): replace it.
             shutil.rmtree(target, ignore_errors=True)
@@ -211,10 +218,10 @@ def _ensure_built(spec: BuiltinSpec, root: Path) -> Path:
 # Build -------------------------------------------------------------------------------------------------------
 
 
-def _build_model_dir(spec: BuiltinSpec, out: Path) -> None:
+def _build_model_dir(spec: BuiltinSpec, out: Path, chat: ChatProfile | None = None) -> None:
     """Write the tokenizer, the model and, last, the marker that says the directory is complete."""
-    tokenizer = build_tokenizer()
-    model = _build_model(spec, tokenizer)
+    tokenizer = build_tokenizer(chat)
+    model = _build_model(spec, tokenizer, chat)
     model.save_pretrained(out)
     tokenizer.save_pretrained(out)
     # transformers 5 loads qwen2 directories with Qwen2Tokenizer, whose default unk token <|endoftext|> we do
@@ -222,17 +229,20 @@ def _build_model_dir(spec: BuiltinSpec, out: Path) -> None:
     tokenizer_config = json.loads((out / "tokenizer_config.json").read_text(encoding="utf-8"))
     tokenizer_config["unk_token"] = None
     (out / "tokenizer_config.json").write_text(json.dumps(tokenizer_config, indent=2) + "\n", encoding="utf-8")
-    marker = {"name": BUILTIN_PREFIX + spec.name, "key": build_key(spec), "format_version": FORMAT_VERSION,
-              "parameters": sum(p.numel() for p in model.parameters()), "spec": asdict(spec)}
+    marker = {"name": BUILTIN_PREFIX + spec.name, "key": build_key(spec, chat), "format_version": FORMAT_VERSION,
+              "parameters": sum(p.numel() for p in model.parameters()), "spec": asdict(spec),
+              "chat": None if chat is None else {"profile": chat.name, "source": chat.source}}
     (out / _COMPLETE_MARKER).write_text(json.dumps(marker, indent=2) + "\n", encoding="utf-8")
 
 
-def _build_model(spec: BuiltinSpec, tokenizer: PreTrainedTokenizerFast) -> PreTrainedModel:
+def _build_model(spec: BuiltinSpec, tokenizer: PreTrainedTokenizerFast,
+                 chat: ChatProfile | None = None) -> PreTrainedModel:
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM, GenerationConfig
 
     ids = {"bos_token_id": tokenizer.bos_token_id, "eos_token_id": tokenizer.eos_token_id,
            "pad_token_id": tokenizer.pad_token_id}
+    stops = [tokenizer.convert_tokens_to_ids(t) for t in chat.generation_eos] if chat is not None else None
     # Rounded up to a multiple of 64, as real models do for fast matmuls; the spare rows are never produced.
     vocab_size = -(-len(tokenizer) // 64) * 64
     if spec.model_type == "gpt2":
@@ -251,14 +261,17 @@ def _build_model(spec: BuiltinSpec, tokenizer: PreTrainedTokenizerFast) -> PreTr
         torch.manual_seed(spec.seed)
         model = AutoModelForCausalLM.from_config(config)
     model.to(torch.float32)
-    model.generation_config = GenerationConfig(**ids)
+    model.generation_config = GenerationConfig(**{**ids, "eos_token_id": stops or ids["eos_token_id"]})
     return model
 
 
-def build_tokenizer() -> PreTrainedTokenizerFast:
-    """The built-in tokenizer, freshly trained (deterministic); `AutoTokenizer` loads the saved copy."""
+def build_tokenizer(chat: ChatProfile | None = None) -> PreTrainedTokenizerFast:
+    """The built-in tokenizer, freshly trained (deterministic); `AutoTokenizer` loads the saved copy. With `chat`,
+    that model's special tokens, chat template and bos handling instead of ChatML's."""
     from transformers import PreTrainedTokenizerFast
 
+    if chat is not None:
+        return _chat_profile_tokenizer(chat)
     return PreTrainedTokenizerFast(
         tokenizer_object=train_bpe(),
         bos_token=BOS_TOKEN,
@@ -273,7 +286,28 @@ def build_tokenizer() -> PreTrainedTokenizerFast:
     )
 
 
-def train_bpe() -> tokenizers.Tokenizer:
+def _chat_profile_tokenizer(chat: ChatProfile) -> PreTrainedTokenizerFast:
+    from tokenizers import processors
+    from transformers import PreTrainedTokenizerFast
+
+    bpe = train_bpe(chat.special_tokens)
+    if chat.add_bos:  # as Llama's and Mistral's tokenizers do: bos before every encoded text
+        assert chat.bos_token is not None
+        bpe.post_processor = processors.Sequence([
+            processors.ByteLevel(trim_offsets=False),
+            processors.TemplateProcessing(single=f"{chat.bos_token} $A", pair=f"{chat.bos_token} $A $B",
+                                          special_tokens=[(chat.bos_token, bpe.token_to_id(chat.bos_token))]),
+        ])
+    named = {chat.bos_token, chat.eos_token, chat.pad_token}
+    return PreTrainedTokenizerFast(
+        tokenizer_object=bpe, bos_token=chat.bos_token, eos_token=chat.eos_token, pad_token=chat.pad_token,
+        additional_special_tokens=[t for t in chat.special_tokens if t not in named],
+        model_max_length=MODEL_MAX_LENGTH, padding_side="right", clean_up_tokenization_spaces=False,
+        chat_template=chat.template,
+    )
+
+
+def train_bpe(special_tokens: tuple[str, ...] = SPECIAL_TOKENS) -> tokenizers.Tokenizer:
     """A byte-level BPE trained on builtin_corpus: any text encodes (no unknown token) and decodes back to its
     NFC form. As in Qwen2 (whose tokenizer class transformers 5 uses for qwen2 directories, NFC included):
     no bos is added on encode, so text encodes to exactly its own tokens and the chat template adds the
@@ -300,7 +334,7 @@ def train_bpe() -> tokenizers.Tokenizer:
     tok.decoder = decoders.ByteLevel()
     tok.post_processor = processors.ByteLevel(trim_offsets=False)
     trainer = trainers.BpeTrainer(vocab_size=_BPE_VOCAB_SIZE, min_frequency=_BPE_MIN_FREQUENCY,
-                                  special_tokens=list(SPECIAL_TOKENS), show_progress=False,
+                                  special_tokens=list(special_tokens), show_progress=False,
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
     tok.train_from_iterator(corpus(), trainer=trainer)
     return tok

@@ -1,11 +1,15 @@
 """`ft train RECIPE --smoke`: run a real recipe end to end in seconds, offline, e.g. in CI.
 
 Everything that decides *how* training runs is kept: method and its settings, quantization, data format,
-chat template, masking (train_on_inputs), packing, optimizer family, scheduler. What makes it big is swapped:
+masking (train_on_inputs), packing, optimizer family, scheduler, and the chat template where ft has it. What makes
+it big is swapped:
 
 - the model becomes the built-in tiny random model of the same architecture family (llama, qwen2, mistral,
   gemma, phi3, gpt2, ...), found from the model's config.json when it is available offline (local directory
-  or Hugging Face cache) and from its name otherwise;
+  or Hugging Face cache) and from its name otherwise; for models whose chat template ships with ft
+  (ft_cli.chat_profiles: Llama-3.1 Instruct, Mistral-7B-Instruct-v0.3, Qwen2.5 Instruct) its tokenizer has that
+  model's template and special tokens, so rendering, masking and the end-of-turn token are the real run's (for
+  others it says that it uses ChatML);
 - a few optimizer steps on the first rows of the real data, short sequences, small batches;
 - float32 on the CPU, without liger-kernel (CUDA only; train.compile stays on where a C++ compiler is found);
   trackers off; the run goes to `<output_dir>-smoke`.
@@ -67,8 +71,10 @@ def smoke_recipe(recipe: Recipe, *, echo: Any = None) -> Recipe:
 
     model_type, how = model_family(recipe)
     from ft_cli.builtin_models import tiny_model_dir_for
+    from ft_cli.chat_profiles import chat_profile_for
 
-    tiny_dir = tiny_model_dir_for(model_type)
+    chat = chat_profile_for(recipe.model.name_or_path)  # the real model's template and special tokens, if shipped
+    tiny_dir = tiny_model_dir_for(model_type, chat=chat)
     swap("model.name_or_path", str(tiny_dir))
     swap("model.revision", None)
     swap("model.trust_remote_code", False)
@@ -111,12 +117,30 @@ def smoke_recipe(recipe: Recipe, *, echo: Any = None) -> Recipe:
         raise RuntimeError(f"--smoke produced an invalid recipe: {exc}") from exc
 
     echo(f"smoke: {recipe.method} on a tiny random {model_type} (2 layers, hidden 64) instead of "
-         f"{recipe.model.name_or_path} [family from {how}]; kept: method, quantization, data format, chat "
-         f"template, masking, packing")
+         f"{recipe.model.name_or_path} [family from {how}]; kept: method, quantization, data format, masking, "
+         f"packing")
+    echo(f"smoke: {template_note(recipe, chat)}")
     for path, old, new in changes:
         if path != "model.name_or_path":
             echo(f"smoke:   {path}: {_show(old)} -> {_show(new)}")
     return smoked
+
+
+def template_note(recipe: Recipe, chat: Any) -> str:
+    """Which chat template and special tokens the smoke run trains with - never claiming the real model's when ft
+    has no copy of them."""
+    name = recipe.model.name_or_path
+    tokens = (f"{chat.source}'s special tokens (end of turn {chat.eos_token})" if chat is not None
+              else "ChatML special tokens (<|im_start|>, end of turn <|im_end|>)")
+    if recipe.data.chat_template:
+        return f"chat template: the recipe's data.chat_template, with {tokens}"
+    if recipe.data.format == "text":
+        return f"format text (no chat template), with {tokens}"
+    if chat is not None:
+        return (f"chat template and special tokens: {chat.source}'s own (a copy ships with ft, "
+                f"builtin_chat/{chat.template_file}; end of turn {chat.eos_token})")
+    return (f"chat template: ChatML - ft ships no copy of {name}'s own template and special tokens, so its "
+            "rendering and masking are NOT exercised by this run (set data.chat_template to try another template)")
 
 
 def model_family(recipe: Recipe) -> tuple[str, str]:
