@@ -20,11 +20,16 @@ def fmt_duration(seconds: float) -> str:
 class MetricsWriter:
     """Append-only metrics.jsonl, flushed per line so a killed run keeps what it logged."""
 
-    def __init__(self, path: Path, keep_until_step: int | None = None):
+    def __init__(self, path: Path, keep_until_step: int | None = None, redo_eval: bool = False):
         self.path = path
         if keep_until_step is not None and path.exists():
-            # Resuming: drop lines logged after the checkpoint, so the curve continues exactly once.
-            kept = [ln for ln in path.read_text().splitlines() if ln.strip() and json.loads(ln).get("step", 0) <= keep_until_step]
+            # Resuming: drop lines logged after the checkpoint, so the curve continues exactly once; with
+            # `redo_eval` also the checkpoint step's own evaluation, which the resumed run does again.
+            def keep(line: dict[str, Any]) -> bool:
+                step = line.get("step", 0)
+                return step < keep_until_step or (step == keep_until_step and not (redo_eval and "eval_loss" in line))
+
+            kept = [ln for ln in path.read_text().splitlines() if ln.strip() and keep(json.loads(ln))]
             path.write_text("".join(ln + "\n" for ln in kept))
         self._f = path.open("a", encoding="utf-8")
 

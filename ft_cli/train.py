@@ -36,6 +36,7 @@ class Session:
     batches: Any  # ft_cli.batches.MicroBatches
     total_steps: int
     start_step: int = 0
+    pending_eval: bool = False  # resumed from a checkpoint written just before its step's evaluation
     state: dict[str, Any] = field(default_factory=dict)  # best_eval_loss, best_step, evals_without_improvement
     manifest: dict[str, Any] = field(default_factory=dict)
 
@@ -120,7 +121,8 @@ def setup(recipe: Recipe, recipe_path: Path, *, resume: bool, overwrite: bool) -
         state = load_checkpoint(ckpt, model=model, optimizer=optimizer, scheduler=scheduler, accelerator=accelerator)
         session.start_step = int(state["step"])
         session.state.update({k: state[k] for k in session.state if k in state})
-        _replan_schedule(session, planned=replan_schedule(scheduler, total_steps))
+        session.pending_eval = bool(state.get("evaluation_due")) and data.eval is not None
+        _report_schedule(session, planned=replan_schedule(scheduler, total_steps))
     session.manifest = _start_manifest(session, built, resumed=saved_state is not None)
     if accelerator.is_main_process:
         write_text_atomic(run.recipe, dump_recipe(recipe))
@@ -142,13 +144,13 @@ def fit(s: Session) -> Path:
     acc, t, model = s.accelerator, s.recipe.train, s.model
     main = acc.is_main_process
     world = acc.num_processes
-    if s.start_step >= s.total_steps:
+    if s.start_step >= s.total_steps and not s.pending_eval:
         _finish_manifest(s, "completed", s.start_step)
         if main:
             print(f"{s.run.root} already finished {s.start_step} of {s.total_steps} steps: nothing to do "
                   "(raise train.max_steps or epochs to continue training)", file=sys.stderr)
         return s.run.root
-    metrics = MetricsWriter(s.run.metrics, keep_until_step=s.start_step) if main else None
+    metrics = MetricsWriter(s.run.metrics, keep_until_step=s.start_step, redo_eval=s.pending_eval) if main else None
     reporter = Reporter(s.total_steps, start=s.start_step, enabled=main)
     if s.start_step:
         reporter.message(f"resuming {s.run.root} from checkpoint step {s.start_step} of {s.total_steps}")
@@ -159,9 +161,15 @@ def fit(s: Session) -> Path:
     last_eval_step = -1
     model.train()
     try:
-        if s.data.eval is not None:
+        if s.pending_eval:  # the run stopped between this step's checkpoint and its evaluation: evaluate now
+            last_eval_step = step
+            stopped_early = _evaluate(s, step, s.batches.epoch_of(step * t.grad_accum), metrics, reporter)
+            _update_checkpoint_state(s, step)
+            if stopped_early:
+                reporter.message(_early_stopping(s, step))
+        elif s.data.eval is not None:
             _sanity_eval(s, reporter)
-        while step < s.total_steps:
+        while step < s.total_steps and not stopped_early:
             first = step * t.grad_accum
             micro = [s.collate(_rows(s.data.train, s.batches.indices(m))) for m in range(first, first + t.grad_accum)]
             # DDP averages gradients over processes, so each process divides its loss sum by (global tokens / world).
@@ -205,9 +213,11 @@ def fit(s: Session) -> Path:
                 window_tokens, window_t0 = 0, time.perf_counter()
 
             saves = bool(t.save_every) and (step % t.save_every == 0 or step == s.total_steps)
+            evaluates = s.data.eval is not None and bool(t.eval_every) and (step % t.eval_every == 0
+                                                                            or step == s.total_steps)
             if saves:  # before evaluating: an evaluation that fails must not cost this step's checkpoint
-                _checkpoint(s, step)  # also at the end, so a finished run can be extended with --resume
-            if s.data.eval is not None and t.eval_every and (step % t.eval_every == 0 or step == s.total_steps):
+                _checkpoint(s, step, evaluation_due=evaluates)  # also at the end, so a run can be extended
+            if evaluates:
                 last_eval_step = step
                 stopped_early = _evaluate(s, step, epoch, metrics, reporter)
                 if saves:  # a resume from this checkpoint continues with this evaluation's best and patience
@@ -218,9 +228,7 @@ def fit(s: Session) -> Path:
             if stopped_early:
                 if not saves:
                     _checkpoint(s, step)
-                reporter.message(f"early stopping at step {step}: eval_loss has not improved for "
-                                 f"{t.early_stopping_patience} evaluations (best {s.state['best_eval_loss']:.4f} "
-                                 f"at step {s.state['best_step']})")
+                reporter.message(_early_stopping(s, step))
                 break
         if s.data.eval is not None and last_eval_step != step and step > s.start_step:
             _evaluate(s, step, s.batches.epoch_of(step * t.grad_accum), metrics, reporter)
@@ -285,6 +293,11 @@ def _evaluate(s: Session, step: int, epoch: float, metrics: Any, reporter: Any) 
     return patience is not None and s.state["evals_without_improvement"] >= patience
 
 
+def _early_stopping(s: Session, step: int) -> str:
+    return (f"early stopping at step {step}: eval_loss has not improved for {s.recipe.train.early_stopping_patience} "
+            f"evaluations (best {s.state['best_eval_loss']:.4f} at step {s.state['best_step']})")
+
+
 def _sanity_eval(s: Session, reporter: Any) -> None:
     """Evaluate the first 1-2 eval batches before the first optimizer step (litgpt's validate(max_iters=2)): a
     failure in the evaluation path (memory, a kernel that only runs in eval mode, a shape) shows at step 0, not
@@ -302,21 +315,23 @@ def _sanity_eval(s: Session, reporter: Any) -> None:
 
 def _update_checkpoint_state(s: Session, step: int) -> None:
     """Write the evaluation's outcome (best_eval_loss, best_step, patience) into the state of the checkpoint saved
-    just before it at this step."""
+    just before it at this step. Until then the state says the evaluation is due, and a resume from it evaluates
+    that step first."""
     import json
 
     from ft_cli.checkpoint import STATE_FILE
 
     if s.accelerator.is_main_process:
         path = s.run.checkpoint(step) / STATE_FILE
-        write_text_atomic(path, json.dumps({**json.loads(path.read_text()), **s.state}, indent=2) + "\n")
+        state = {**json.loads(path.read_text()), **s.state, "evaluation_due": False}
+        write_text_atomic(path, json.dumps(state, indent=2) + "\n")
     s.accelerator.wait_for_everyone()
 
 
-def _checkpoint(s: Session, step: int) -> None:
+def _checkpoint(s: Session, step: int, evaluation_due: bool = False) -> None:
     from ft_cli.checkpoint import save_checkpoint
 
-    state = {**s.state, "fingerprint": s.recipe.fingerprint_hash(),
+    state = {**s.state, "fingerprint": s.recipe.fingerprint_hash(), "evaluation_due": evaluation_due,
              "recipe_fields": s.recipe.training_fingerprint(), "total_steps": s.total_steps}
     save_checkpoint(s.run, step, model=s.model, optimizer=s.optimizer, scheduler=s.scheduler, state=state,
                     accelerator=s.accelerator, keep_last=s.recipe.train.keep_last)
@@ -407,7 +422,7 @@ def _diverged(s: Session, step: int, loss: float, grad_norm: float | None) -> Ch
                        f"Likely causes: " + "; ".join(hints))
 
 
-def _replan_schedule(s: Session, planned: int | None) -> None:
+def _report_schedule(s: Session, planned: int | None) -> None:
     """After the checkpoint's schedule was re-planned for s.total_steps: say so when the run is extended, and warn
     when the steps left would train at (nearly) no learning rate."""
     from ft_cli.optim import remaining_lr_peak

@@ -191,8 +191,8 @@ def test_losing_a_build_race_uses_the_winners_directory(tiny_dir, tmp_path, monk
     build = bm._build_model_dir
     target = tmp_path / "builtin" / tiny_dir.name
 
-    def build_then_lose(spec, out):
-        build(spec, out)
+    def build_then_lose(spec, out, *chat):
+        build(spec, out, *chat)
         shutil.copytree(tiny_dir, target)  # the other process finishes first
         (target / "winner").write_text("")
 
@@ -203,7 +203,7 @@ def test_losing_a_build_race_uses_the_winners_directory(tiny_dir, tmp_path, monk
 
 
 def test_a_failed_build_leaves_nothing_behind(tmp_path, monkeypatch):
-    def crash(spec, out):
+    def crash(spec, out, *chat):
         (out / "config.json").write_text("{}")
         raise KeyboardInterrupt
 

@@ -430,8 +430,10 @@ def test_freeze_trains_the_last_blocks_and_named_modules(model_type: str) -> Non
 def test_freeze_errors_name_the_field() -> None:
     with pytest.raises(UserError, match=r"freeze.trainable_modules: 'lm_haed' matches no module.*lm_head"):
         apply_method(tiny_model("llama"), recipe(method="freeze", freeze={"trainable_modules": ["lm_haed"]}))
-    every = apply_method(tiny_model("llama"), recipe(method="freeze", freeze={"trainable_layers": 10}))
-    assert all(p.requires_grad for n, p in every.named_parameters() if ".layers." in n)  # N >= blocks: all blocks
+    with pytest.raises(UserError, match=r"freeze.trainable_layers: 10, but the llama model has 3 transformer blocks"):
+        apply_method(tiny_model("llama"), recipe(method="freeze", freeze={"trainable_layers": 10}))
+    every = apply_method(tiny_model("llama"), recipe(method="freeze", freeze={"trainable_layers": 3}))
+    assert all(p.requires_grad for n, p in every.named_parameters() if ".layers." in n)  # N == blocks: all blocks
 
 
 def test_whole_model_is_written_in_the_recipe_dtype_without_touching_the_trained_model(tmp_path: Path) -> None:

@@ -97,3 +97,46 @@ def test_the_checkpoint_of_a_step_that_evaluated_carries_the_evaluation(tmp_path
         best = min((s for s in evals if s <= step), key=evals.get)
         assert state["best_step"] == best and state["best_eval_loss"] == pytest.approx(evals[best], rel=1e-12)
         assert state["step"] == step and "fingerprint" in state
+
+
+def resume_session(tmp: Path, data: tuple[Path, Path], **train_section):
+    from ft_cli.train import setup
+
+    path = write_recipe(tmp, *data, METHODS["lora"], train_section)
+    return setup(load_recipe(path), path, resume=True, overwrite=False)
+
+
+def metric_lines(run: Path) -> list[dict]:
+    return [json.loads(ln) for ln in (run / "metrics.jsonl").read_text().splitlines()]
+
+
+@pytest.mark.parametrize("fails_at", [2, 4])  # mid-run, and the last step's evaluation
+def test_a_resume_evaluates_the_step_whose_evaluation_was_cut_short(
+        tmp_path: Path, data: tuple[Path, Path], monkeypatch: pytest.MonkeyPatch, fails_at: int) -> None:
+    """Killed (here: an evaluation that raises) between a step's checkpoint and its evaluation: the resumed run does
+    that evaluation first, logs it once, and ends exactly like a run that was never interrupted."""
+    from ft_cli.train import fit
+
+    section = {"max_steps": 4, "eval_every": 2, "save_every": 2, "keep_last": None}
+    reference = fit(session_for(tmp_path / "reference", data, **section))
+
+    session = session_for(tmp_path / "cut", data, **section)
+    failing_eval(monkeypatch, on_call=1 + fails_at // 2)  # after the sanity check, the evaluation at `fails_at`
+    with pytest.raises(RuntimeError, match="evaluation broke"):
+        fit(session)
+    run = tmp_path / "cut" / "run"
+    state = json.loads((run / "checkpoints" / f"step-{fails_at}" / "state.json").read_text())
+    assert state["evaluation_due"] is True
+    monkeypatch.undo()
+    fit(resume_session(tmp_path / "cut", data, **section))
+
+    got, want = metric_lines(run), metric_lines(reference)
+    assert [(ln["step"], "eval_loss" in ln) for ln in got] == [(ln["step"], "eval_loss" in ln) for ln in want]
+    for a, b in zip(got, want, strict=True):
+        key = "eval_loss" if "eval_loss" in a else "loss"
+        assert a[key] == pytest.approx(b[key], rel=1e-6)
+    assert (run / "adapter" / "adapter_config.json").is_file()
+    manifest = json.loads((run / "run.json").read_text())
+    assert manifest["status"] == "completed" and manifest["best_step"] == json.loads(
+        (reference / "run.json").read_text())["best_step"]
+    assert json.loads((run / "checkpoints" / "step-4" / "state.json").read_text())["evaluation_due"] is False
