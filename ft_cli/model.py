@@ -184,7 +184,9 @@ def keep_bnb_cpu_path_trainable(model) -> int:
     first time a layer runs in eval mode without grad. The repack asserts unless out_features % 32 == 0, and after
     it every later training forward takes the packed kernel: outputs shift by ~4e-3 and no gradient reaches the
     layer's input — an evaluation would silently change training. ft keeps every layer on the dequantizing path
-    on every CPU, so numbers never depend on the host's instruction set (tests force both settings)."""
+    on every CPU, for training, eval, merge and generate alike, so numbers never depend on the host's instruction
+    set and ft never uses the packed kernel (docs/SPEC.md says why). tests/test_bnb_cpu_paths.py runs both
+    settings whatever the host and fails when a bitsandbytes release stops repacking."""
     n = 0
     for module in model.modules():
         if hasattr(module, "support_avx512bf16_for_cpu"):
