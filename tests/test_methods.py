@@ -617,8 +617,7 @@ def test_peft_and_transformers_still_disagree_on_the_cache_name(trained) -> None
     import peft
     import transformers
 
-    from ft_cli.generation import render_prompt
-    from ft_cli.generation import prompt_learning_generation
+    from ft_cli.generation import prompt_learning_generation, render_prompt
     from ft_cli.loading import load_run
 
     model, tok, _ = load_run(trained("prefix_tuning").run)
@@ -633,3 +632,31 @@ def test_peft_and_transformers_still_disagree_on_the_cache_name(trained) -> None
     versions = f"peft {peft.__version__}, transformers {transformers.__version__}"
     assert torch.equal(plain, base), f"{versions}: prefix tuning now generates with its prefix without ft's help"
     assert not torch.equal(fixed, base)
+
+
+@pytest.mark.parametrize("name", ["prefix_tuning", "prompt_tuning"])
+def test_ft_serve_decodes_prompt_learning_adapters_with_what_was_trained(trained, name: str) -> None:
+    """ft serve (one request at a time, and --max-batch) answers what the trained model's forward predicts."""
+    from ft_cli.evaluate import stop_token_ids
+    from ft_cli.generation import render_prompt
+    from ft_cli.serve import load_engine, plan_serve
+    from ft_cli.serve.engine import Job, Params
+
+    t = trained(name)
+    engine = load_engine(plan_serve(str(t.run), []), device="cpu", max_batch=4)
+    adapter = next(n for n in engine.names if n != "base")
+    tok = engine.tokenizers[adapter]
+    prompts = [render_prompt(tok, text) for text in PROMPTS]
+    stops = stop_token_ids(engine.model, tok)
+    with engine.selected(adapter):
+        expected = [tok.decode(hand_greedy(engine.model, p, stops, 8), skip_special_tokens=True) for p in prompts]
+    params = Params(max_new_tokens=8, temperature=0, top_p=1)
+    assert [engine.generate(adapter, p, params).text for p in prompts] == expected
+    if name == "prefix_tuning":  # left-padded rows keep their positions: batching is safe
+        assert [r.text for r in engine.generate_batch([Job(adapter, p, params) for p in prompts])] == expected
+    engine.decodes.clear()
+    futures = [engine.submit(adapter, p, params) for p in prompts]  # the queue may batch them (max_batch 4)
+    assert [f.result(timeout=300).text for f in futures] == expected
+    if name == "prompt_tuning":  # never batched: padding would move its tokens to other positions
+        assert {size for _, size in engine.decodes} == {1}
+    engine.close()

@@ -98,6 +98,8 @@ class Engine:
         return job.future
 
     def _next_batch(self) -> list[Job] | None:
+        from ft_cli.generation import generation_batch_size
+
         with self._wake:
             while not self._jobs and not self._closed:
                 self._wake.wait()
@@ -106,9 +108,10 @@ class Engine:
             head = self._jobs.popleft()
             batch, key = [head], head.params.batch_key
             width, new = len(head.ids), head.params.max_new_tokens
-            if self.max_batch > 1 and key is not None:
+            limit = generation_batch_size(self.model, self.max_batch)  # prompt tuning: one at a time
+            if limit > 1 and key is not None:
                 for job in list(self._jobs):
-                    if len(batch) == self.max_batch:
+                    if len(batch) == limit:
                         break
                     if job.name != head.name or job.params.batch_key != key:
                         continue
@@ -194,7 +197,7 @@ class Engine:
         row keeps its own max_new_tokens, stop strings, streaming and cancellation."""
         import torch
 
-        from ft_cli.generation import cut_at_stop, pad_token_id, sampling_kwargs
+        from ft_cli.generation import cut_at_stop, pad_token_id, prompt_learning_generation, sampling_kwargs
 
         name, params = jobs[0].name, jobs[0].params
         tokenizer = self.tokenizers[name]
@@ -209,7 +212,7 @@ class Engine:
         with self.lock, self.selected(name):
             self.decodes.append((name, len(jobs)))
             self.model.eval()
-            with torch.no_grad():
+            with torch.no_grad(), prompt_learning_generation(self.model):
                 out = self.model.generate(input_ids=ids, attention_mask=mask,
                                           max_new_tokens=max(j.params.max_new_tokens for j in jobs),
                                           eos_token_id=stops or None, pad_token_id=pad,
