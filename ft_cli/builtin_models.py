@@ -183,6 +183,10 @@ def build_key(spec: BuiltinSpec) -> str:
 def _ensure_built(spec: BuiltinSpec, root: Path) -> Path:
     target = root / "builtin" / f"{spec.name}-{build_key(spec)}"
     if (target / _COMPLETE_MARKER).is_file():
+        try:
+            os.utime(target / _COMPLETE_MARKER)  # last use, for `ft cache clean --older-than`
+        except OSError:
+            pass  # a read-only shared cache
         return target
     try:
         target.parent.mkdir(parents=True, exist_ok=True)

@@ -6,15 +6,20 @@ import math
 import os
 from pathlib import Path
 
-from ft_cli.recipe import Recipe, dump_recipe, load_recipe
+from ft_cli.recipe import Recipe, dump_recipe, load_recipe, recipe_errors
 
 
 def validate_recipe(recipe_path: Path, overrides: list[str], *, show: int = 0, check_data: bool = True) -> Recipe:
+    recipe = load_recipe(recipe_path, overrides)
+    with recipe_errors(recipe):
+        return _validate(recipe, recipe_path, show=show, check_data=check_data)
+
+
+def _validate(recipe: Recipe, recipe_path: Path, *, show: int, check_data: bool) -> Recipe:
     from rich.console import Console
     from rich.syntax import Syntax
     from rich.table import Table
 
-    recipe = load_recipe(recipe_path, overrides)
     console = Console(highlight=False)
     console.print(f"[bold green]recipe OK[/]: {recipe_path}")
     console.print(Syntax(dump_recipe(recipe), "yaml", theme="ansi_dark", background_color="default"))

@@ -239,11 +239,16 @@ def test_smoke_runs_a_real_model_recipe_offline(tmp_path: Path, alpaca_file: Pat
     assert any("eval_loss" in ln for ln in metric_lines(run))
 
 
-def test_smoke_with_missing_data_is_the_normal_data_error(tmp_path: Path) -> None:
-    recipe_path = _llama_qlora_recipe(tmp_path, tmp_path / "missing.jsonl")
+def test_smoke_with_bad_data_is_the_normal_data_error(tmp_path: Path) -> None:
+    """Data that is there is used, and checked as in a real run (missing data is replaced by ft's sample:
+    tests/test_shipped_recipes.py)."""
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"instruction": "Hi", "output": "Hello"}\n{"instruction": "Hi"}\n')
+    recipe_path = _llama_qlora_recipe(tmp_path, bad)
     result = runner.invoke(app, ["train", str(recipe_path), "--smoke"])
     assert result.exit_code == 2, result.output
-    assert "missing.jsonl" in result.output and "Traceback" not in result.output
+    assert "bad.jsonl:record 1 (line 2)" in result.output and "missing field 'output'" in result.output
+    assert "Traceback" not in result.output and "sample instead" not in result.output
 
 
 def _recipe(name: str, **sections) -> Recipe:

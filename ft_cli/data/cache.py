@@ -50,6 +50,19 @@ def tokenizer_digest(tokenizer: Any) -> str:
     return h.hexdigest()
 
 
+def vocab_digest(tokenizer: Any) -> str:
+    """What token ids mean: the vocabulary, merges, added and special tokens; not the chat template, which only
+    decides which ids a conversation becomes. Pre-tokenized data is checked against it."""
+    h = hashlib.blake2b()
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is not None:
+        h.update(backend.to_str().encode())
+    else:
+        h.update(json.dumps(sorted(tokenizer.get_vocab().items())).encode())
+    h.update(json.dumps(tokenizer.special_tokens_map, sort_keys=True, default=str).encode())
+    return h.hexdigest()
+
+
 def make_key(parts: dict[str, Any]) -> str:
     blob = json.dumps({"version": PIPELINE_VERSION, **parts}, sort_keys=True, default=str)
     return hashlib.sha256(blob.encode()).hexdigest()[:24]
@@ -80,9 +93,12 @@ def load_entry(key: str) -> tuple[Any, dict[str, Any]] | None:
     try:
         meta = json.loads(meta_file.read_text())
         with quiet_datasets():
-            return load_from_disk(str(path / "dataset")), meta
+            dataset = load_from_disk(str(path / "dataset"))
     except Exception:  # a damaged entry is rebuilt, never trusted
         return None
+    with contextlib.suppress(OSError):  # last use, for `ft cache clean --older-than`
+        os.utime(meta_file)
+    return dataset, meta
 
 
 def save_entry(key: str, dataset_dict: Any, meta: dict[str, Any]) -> None:

@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import os
 import shutil
+import sys
 import uuid
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
@@ -21,7 +22,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from ft_cli.data import cache
-from ft_cli.data.encode import Encoded, EncodeSettings, encode_examples
+from ft_cli.data.encode import IGNORE, Encoded, EncodeSettings, encode_examples
 from ft_cli.data.formats import Example, make_converter
 from ft_cli.data.packing import gather_packed, pack_sequences, packing_efficiency
 from ft_cli.data.sources import LoadedSource, data_files, load_source, mix_counts, sample_rows, split_eval
@@ -63,6 +64,8 @@ class DataStats:
     length_histogram: list[list[int]] = field(default_factory=list)  # [lo, hi, examples] with lo <= length < hi
     padding_efficiency: float | None = None  # real / padded tokens for micro-batches in random order
     sources: list[dict[str, Any]] = field(default_factory=list)  # [{path, rows}] as mixed in
+    split_documents: int = 0  # text documents over max_seq_len cut into chunks (data.text_chunking: split)
+    text_chunks: int = 0  # the examples they became (counted in rows)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -85,19 +88,10 @@ def build_datasets(recipe: Recipe, tokenizer: Any, *, main_process_first: Callab
     d = recipe.data
     if d.chat_template:  # usually already done by load_tokenizer; idempotent
         resolve_chat_template(tokenizer, d.chat_template)
-    key = _cache_key(recipe, tokenizer)
     with main_process_first() if main_process_first is not None else contextlib.nullcontext():
-        entry = cache.load_entry(key) if d.cache else None
-        if entry is not None:
-            bundle = _bundle_from_cache(entry, key)
-        else:
-            bundle = _build(recipe, tokenizer, key)
-            if d.cache:
-                try:
-                    cache.save_entry(key, _dataset_dict(bundle), _meta(bundle))
-                except OSError as exc:
-                    bundle.warnings.append(f"could not write the data cache ({exc}); set data.cache: false to "
-                                           "silence this")
+        bundle = _pretokenized_bundle(recipe, tokenizer)  # ft preprocess's output: used as is, never cached again
+        if bundle is None:
+            bundle = _tokenized_bundle(recipe, tokenizer)
     micro = recipe.train.micro_batch_size
     bundle.train_stats.padding_efficiency = _padding_efficiency(bundle.train, micro, recipe.train.seed)
     if bundle.eval is not None and bundle.eval_stats is not None:
@@ -106,9 +100,24 @@ def build_datasets(recipe: Recipe, tokenizer: Any, *, main_process_first: Callab
     return bundle
 
 
+def _tokenized_bundle(recipe: Recipe, tokenizer: Any) -> DataBundle:
+    """Raw data tokenized, from the cache when data, tokenizer and settings are unchanged."""
+    key = _cache_key(recipe, tokenizer)
+    entry = cache.load_entry(key) if recipe.data.cache else None
+    if entry is not None:
+        return _bundle_from_cache(entry, key)
+    bundle = _build(recipe, tokenizer, key)
+    if recipe.data.cache:
+        try:
+            cache.save_entry(key, _dataset_dict(bundle), _meta(bundle))
+        except OSError as exc:
+            bundle.warnings.append(f"could not write the data cache ({exc}); set data.cache: false to silence this")
+    return bundle
+
+
 def _settings(recipe: Recipe) -> EncodeSettings:
     d = recipe.data
-    return EncodeSettings(d.max_seq_len, d.truncation, d.train_on_inputs)
+    return EncodeSettings(d.max_seq_len, d.truncation, d.train_on_inputs, d.text_chunking, d.text_overlap)
 
 
 def _load(sources: list[DatasetSource], recipe: Recipe, field_name: str) -> list[LoadedSource]:
@@ -138,9 +147,11 @@ def _build(recipe: Recipe, tokenizer: Any, key: str) -> DataBundle:
     eval_examples: list[Example | None] = []
     eval_sources: list[dict[str, Any]] = []
     pools: list[list[Example | None]] = []
+    warnings: list[str] = []
     for i, src in enumerate(train_sources):
         if d.eval is None:
             keep, held = split_eval(len(src.examples), d.val_split, seed + i)
+            warnings += split_warnings(len(src.examples), len(held), d.val_split, src.label)
             eval_examples += [src.examples[j] for j in held]
             eval_sources.append({"path": src.label, "rows": len(held)})
             pools.append([src.examples[j] for j in keep])
@@ -160,8 +171,8 @@ def _build(recipe: Recipe, tokenizer: Any, key: str) -> DataBundle:
 
     settings = _settings(recipe)
     renderer = ChatRenderer(tokenizer) if any(ex is not None and ex.text is None for ex in train_examples) else None
-    warnings = _check_template(tokenizer, renderer, train_examples)
-    train_enc = encode_examples(train_examples, tokenizer, settings, renderer)
+    warnings += _check_template(tokenizer, renderer, train_examples)
+    train_enc = _encode(train_examples, tokenizer, settings, renderer, "data.train")
     _require_rows(train_enc, "data.train", d.max_seq_len, d.truncation)
     train_stats = _stats(train_enc, d.max_seq_len, train_mix)
     if d.packing:
@@ -175,7 +186,7 @@ def _build(recipe: Recipe, tokenizer: Any, key: str) -> DataBundle:
 
     eval_ds, eval_stats = None, None
     if eval_examples:
-        eval_enc = encode_examples(eval_examples, tokenizer, settings, renderer)
+        eval_enc = _encode(eval_examples, tokenizer, settings, renderer, "data.eval")
         eval_stats = _stats(eval_enc, d.max_seq_len, eval_sources)
         if len(eval_enc.lengths):
             eval_ds = _to_dataset(eval_enc.ids, eval_enc.labels, eval_enc.lengths)
@@ -183,6 +194,39 @@ def _build(recipe: Recipe, tokenizer: Any, key: str) -> DataBundle:
             warnings.append(f"every eval example was dropped ({_drop_summary(eval_enc, d.max_seq_len)}); "
                             "training runs without evaluation")
     return DataBundle(train, eval_ds, train_stats, eval_stats, key, warnings)
+
+
+TOKENIZE_PROGRESS_MIN = 20_000  # examples: below this, tokenizing takes seconds and needs no progress display
+
+
+def _encode(examples: list[Example | None], tokenizer: Any, settings: EncodeSettings,
+            renderer: ChatRenderer | None, label: str) -> Encoded:
+    """encode_examples, showing progress on big data (a bar on a terminal, a line per tenth in logs)."""
+    live = sum(ex is not None for ex in examples)
+    if live < TOKENIZE_PROGRESS_MIN:
+        return encode_examples(examples, tokenizer, settings, renderer)
+    from ft_cli.progress import CountProgress
+
+    progress = CountProgress(live, f"tokenizing {label} (examples)")
+    try:
+        return encode_examples(examples, tokenizer, settings, renderer, on_chunk=progress.advance)
+    finally:
+        progress.close()
+
+
+def split_warnings(n: int, n_eval: int, val_split: float, label: str, unit: str = "records") -> list[str]:
+    """data.val_split holds out at least one row, so on a small dataset the eval share can be far more than asked
+    for (1 of 3 rows is 33%), or nothing can be held out at all: say so."""
+    if val_split <= 0:
+        return []
+    if n_eval == 0:
+        return [f"data.val_split {val_split:g}: {label} has {n} {unit[:-1] if n == 1 else unit}, too few to hold "
+                "any out; training runs without evaluation (set data.eval to evaluate)"]
+    share = n_eval / n
+    if share > 2 * val_split:
+        return [f"data.val_split {val_split:g}: {label} has only {n} {unit}, so the eval split takes {n_eval} of "
+                f"them ({share:.0%}, not {val_split:.0%}); add data or set data.eval"]
+    return []
 
 
 def _check_template(tokenizer: Any, renderer: ChatRenderer | None, examples: list[Example | None]) -> list[str]:
@@ -214,7 +258,8 @@ def _stats(enc: Encoded, max_seq_len: int, sources: list[dict[str, Any]]) -> Dat
         dropped_too_long=enc.dropped_too_long, truncated=enc.truncated, tokens=int(lengths.sum()),
         trained_tokens=enc.trained_tokens, packed_rows=None, packing_efficiency=None, max_seq_len=max_seq_len,
         mean_length=float(lengths.mean()) if len(lengths) else 0.0, max_length=int(lengths.max(initial=0)),
-        length_histogram=_histogram(lengths, max_seq_len), sources=sources)
+        length_histogram=_histogram(lengths, max_seq_len), sources=sources, split_documents=enc.split_documents,
+        text_chunks=enc.text_chunks)
 
 
 def _histogram(lengths: np.ndarray, max_seq_len: int, bins: int = 10) -> list[list[int]]:
@@ -252,6 +297,136 @@ def _to_dataset(ids: np.ndarray, labels: np.ndarray, row_lengths: np.ndarray,
     return datasets.Dataset(InMemoryTable(pa.table(columns)))
 
 
+# Pre-tokenized data (ft preprocess's output) -------------------------------------------------------------------
+
+def _pretokenized(src: DatasetSource, where: str) -> tuple[Any, Path] | None:
+    """(rows, directory) when the source is a saved dataset of input_ids/labels; None otherwise."""
+    from ft_cli.data import saved
+
+    p = Path(src.path).expanduser()
+    if not (p.is_dir() and saved.saved_kind(p)):
+        return None
+    ds = saved.load_saved(p, src.split, where)
+    return (ds, p) if saved.is_pretokenized(ds) else None
+
+
+def _pretokenized_bundle(recipe: Recipe, tokenizer: Any) -> DataBundle | None:
+    """The training (and eval) rows of a pre-tokenized data.train, checked against the recipe; None when data.train
+    is raw data. Rows are used as saved; unpacked rows are packed when data.packing asks for it, and with no eval
+    split saved and data.eval null, val_split of the rows is held out as for raw data."""
+    from ft_cli.data import saved
+
+    d = recipe.data
+    found = [_pretokenized(s, _where(recipe, "data.train", i)) for i, s in enumerate(d.sources)]
+    if not any(found):
+        return None
+    if len(found) > 1:
+        raise UserError("data.train: a pre-tokenized dataset (input_ids, labels) must be the only training source; "
+                        "mix the raw data sources instead and let ft tokenize them")
+    ds, path = found[0]  # type: ignore[misc]
+    meta = saved.preprocess_meta(path) or saved.preprocess_meta(path.parent)
+    warnings = saved.check_pretokenized(ds, path, "data.train", tokenizer, meta)
+    differences = saved.settings_differences(meta, recipe)
+    if differences:
+        warnings.append(f"{path} is pre-tokenized and used as it is; these recipe settings do not apply to it: "
+                        + "; ".join(differences))
+    eval_ds = None
+    if d.eval is None:
+        from datasets import DatasetDict, load_from_disk
+
+        if saved.saved_kind(path) == "dict":
+            with cache.quiet_datasets():
+                whole = load_from_disk(str(path))
+            eval_ds = whole["eval"] if isinstance(whole, DatasetDict) and "eval" in whole else None
+        if eval_ds is None and d.val_split > 0:
+            keep, held = split_eval(len(ds), d.val_split, recipe.train.seed)
+            warnings += split_warnings(len(ds), len(held), d.val_split, str(path), unit="rows")
+            ds, eval_ds = ds.select(keep), (ds.select(held) if len(held) else None)
+    else:
+        eval_ds, more = _eval_rows(recipe, tokenizer)
+        warnings += more
+    train = _fit_rows(ds, recipe, path, "data.train")
+    train_stats = _stats_of_rows(train, d.max_seq_len, [{"path": str(path), "rows": len(train)}])
+    if eval_ds is not None:
+        eval_ds = _fit_rows(_unpack(eval_ds), recipe, path, "data.eval")
+    eval_stats = _stats_of_rows(eval_ds, d.max_seq_len, []) if eval_ds is not None else None
+    fingerprint = (meta or {}).get("fingerprint") or cache.make_key({"pretokenized": cache.files_digest(
+        sorted(f for f in path.rglob("*") if f.is_file()))})
+    return DataBundle(train, eval_ds, train_stats, eval_stats, fingerprint, warnings)
+
+
+def _eval_rows(recipe: Recipe, tokenizer: Any) -> tuple[Any, list[str]]:
+    """data.eval beside a pre-tokenized data.train: pre-tokenized too, or raw data tokenized here."""
+    from ft_cli.data import saved
+
+    d = recipe.data
+    rows = [_pretokenized(s, _where(recipe, "data.eval", i)) for i, s in enumerate(d.eval_sources)]
+    if any(rows):
+        if len(rows) > 1:
+            raise UserError("data.eval: a pre-tokenized dataset must be the only eval source")
+        ds, path = rows[0]  # type: ignore[misc]
+        meta = saved.preprocess_meta(path) or saved.preprocess_meta(path.parent)
+        return ds, saved.check_pretokenized(ds, path, "data.eval", tokenizer, meta)
+    examples = [ex for src in _load(d.eval_sources, recipe, "data.eval") for ex in src.examples]
+    enc = encode_examples(examples, tokenizer, _settings(recipe))
+    return (_to_dataset(enc.ids, enc.labels, enc.lengths) if len(enc.lengths) else None), []
+
+
+def _flat(ds: Any) -> tuple[np.ndarray, ...]:
+    """Flat numpy columns of tokenized rows: (ids, labels, position_ids or None, row lengths)."""
+    import pyarrow.compute as pc
+
+    def flat(name: str) -> np.ndarray:
+        return pc.list_flatten(ds.data.column(name)).to_numpy()
+
+    lengths = np.asarray(pc.list_value_length(ds.data.column("input_ids")).to_numpy(), dtype=np.int64)
+    pos = flat("position_ids") if "position_ids" in ds.column_names else None
+    return flat("input_ids"), flat("labels"), pos, lengths
+
+
+def _unpack(ds: Any) -> Any:
+    """Packed rows back into one row per example (evaluation scores examples unpacked)."""
+    if "position_ids" not in ds.column_names:
+        return ds
+    ids, labels, pos, _ = _flat(ds)
+    starts = np.flatnonzero(pos == 0)
+    lengths = np.diff(np.append(starts, len(pos)))
+    return _to_dataset(ids, labels, lengths)
+
+
+def _fit_rows(ds: Any, recipe: Recipe, path: Path, where: str) -> Any:
+    """Check the rows against max_seq_len and packing; pack unpacked training rows when data.packing is on."""
+    d = recipe.data
+    ids, labels, pos, lengths = _flat(ds)
+    if len(lengths) and int(lengths.max()) > d.max_seq_len:
+        raise UserError(f"data.max_seq_len: {d.max_seq_len} is shorter than the rows of {path} (the longest has "
+                        f"{int(lengths.max())} tokens); raise it, or run ft preprocess with this max_seq_len")
+    if where != "data.train":
+        return ds
+    if pos is not None and not d.packing:
+        raise UserError(f"data.packing: {path} holds packed rows (position_ids); set data.packing: true to train on "
+                        "them, or run ft preprocess with packing: false")
+    if pos is None and d.packing:
+        rows = pack_sequences(lengths, d.max_seq_len, recipe.train.seed)
+        p_ids, p_labels, p_pos, row_lengths = gather_packed(ids, labels, lengths, rows)
+        return _to_dataset(p_ids, p_labels, row_lengths, p_pos)
+    return ds
+
+
+def _stats_of_rows(ds: Any, max_seq_len: int, sources: list[dict[str, Any]]) -> DataStats:
+    """DataStats of tokenized rows; for packed rows per example (where position_ids restart)."""
+    ids, labels, pos, row_lengths = _flat(ds)
+    lengths = np.diff(np.append(np.flatnonzero(pos == 0), len(pos))) if pos is not None else row_lengths
+    packed = pos is not None
+    return DataStats(
+        rows_in=len(lengths), rows=len(lengths), dropped_empty=0, dropped_too_long=0, truncated=0,
+        tokens=int(lengths.sum()), trained_tokens=int((labels != IGNORE).sum()),
+        packed_rows=len(row_lengths) if packed else None,
+        packing_efficiency=packing_efficiency(lengths, len(row_lengths), max_seq_len) if packed else None,
+        max_seq_len=max_seq_len, mean_length=float(lengths.mean()) if len(lengths) else 0.0,
+        max_length=int(lengths.max(initial=0)), length_histogram=_histogram(lengths, max_seq_len), sources=sources)
+
+
 # Cache -----------------------------------------------------------------------------------------------------------
 
 def _cache_key(recipe: Recipe, tokenizer: Any) -> str:
@@ -269,7 +444,8 @@ def _cache_key(recipe: Recipe, tokenizer: Any) -> str:
                  if d.eval is not None else None),
         "tokenizer": cache.tokenizer_digest(tokenizer),
         "settings": {k: getattr(d, k) for k in ("format", "columns", "val_split", "max_seq_len", "truncation",
-                                                "packing", "train_on_inputs", "limit")},
+                                                "packing", "train_on_inputs", "limit", "text_chunking",
+                                                "text_overlap")},
         "seed": recipe.train.seed,
     })
 
@@ -300,9 +476,20 @@ def _bundle_from_cache(entry: tuple[Any, dict[str, Any]], key: str) -> DataBundl
 
 def load_eval_data(path: str | os.PathLike, recipe: Recipe, tokenizer: Any) -> datasets.Dataset:
     """`path` in the recipe's format and columns, masked as in training, never packed."""
+    from ft_cli.recipe import DatasetSource
+
     d = recipe.data
     if d.chat_template:
         resolve_chat_template(tokenizer, d.chat_template)
+    rows = _pretokenized(DatasetSource(path=str(path)), "--data")
+    if rows is not None:  # ft preprocess's output
+        from ft_cli.data import saved
+
+        ds, where = rows
+        meta = saved.preprocess_meta(where) or saved.preprocess_meta(where.parent)
+        for w in saved.check_pretokenized(ds, where, "--data", tokenizer, meta):
+            print(f"warning: {w}", file=sys.stderr)
+        return _unpack(ds)
     convert = make_converter(d.format, d.columns)
     src = load_source(str(path), None, convert, "--data")
     enc = encode_examples(src.examples, tokenizer, _settings(recipe))
@@ -316,21 +503,29 @@ def preprocess_to_disk(recipe_path: str | os.PathLike, overrides: list[str], out
 
     from rich.console import Console
 
+    from ft_cli.data.saved import PREPROCESS_META
     from ft_cli.model import load_tokenizer
-    from ft_cli.recipe import load_recipe
+    from ft_cli.recipe import load_recipe, recipe_errors
 
     out = Path(out)
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise UserError(f"--out {out}: already exists and is not empty; choose a new directory or remove it")
     recipe = load_recipe(recipe_path, overrides)
-    tokenizer = load_tokenizer(recipe)
-    bundle = build_datasets(recipe, tokenizer)
+    with recipe_errors(recipe):
+        tokenizer = load_tokenizer(recipe)
+        bundle = build_datasets(recipe, tokenizer)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.parent / f".{out.name}.tmp-{uuid.uuid4().hex[:8]}"
     try:
         with cache.quiet_datasets():
             _dataset_dict(bundle).save_to_disk(str(tmp))
-        (tmp / "stats.json").write_text(json.dumps(_meta(bundle), indent=2))
+        # What the rows were made with: a recipe that trains on them is checked against it (data/saved.py).
+        meta = {**_meta(bundle), "model": recipe.model.name_or_path,
+                "tokenizer_vocab": cache.vocab_digest(tokenizer),
+                "settings": recipe.data.model_dump(mode="json", include={
+                    "format", "columns", "max_seq_len", "packing", "train_on_inputs", "truncation", "text_chunking",
+                    "text_overlap", "chat_template", "limit"})}
+        (tmp / PREPROCESS_META).write_text(json.dumps(meta, indent=2))
         if out.exists():
             out.rmdir()  # empty, checked above
         os.rename(tmp, out)
