@@ -20,7 +20,7 @@ __all__ = ["__version__", "load_adapter"]
 
 def load_adapter(base_model: Any, adapter_dir: str | Path) -> Any:
     """Put an adapter that ft trained on `base_model` (a loaded transformers model) and return the model to use,
-    in eval mode with the adapter frozen.
+    frozen (no parameter requires grad) and in eval mode.
 
     - `method: adapter` (Houlsby bottleneck adapters, `ft_adapter_config.json`): peft has no such method, so ft's
       own layers are added to `base_model` in place and it is returned;
@@ -36,6 +36,7 @@ def load_adapter(base_model: Any, adapter_dir: str | Path) -> Any:
 
     if (path / CONFIG_FILE).is_file():
         model = load_bottleneck_adapter(base_model, path)
+        model.requires_grad_(False)  # frozen for inference, as peft's is_trainable=False leaves a model
         model.eval()
         return model
     if (path / "adapter_config.json").is_file():

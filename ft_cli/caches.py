@@ -132,17 +132,14 @@ def select(entries: list[Entry], kinds: list[str], older_than_days: float | None
 # The commands ----------------------------------------------------------------------------------------------------
 
 def list_cache(console: Any = None) -> list[Entry]:
-    from rich.table import Table
-
+    """One line per entry (newest use first), plain so it greps and never wraps in a log."""
     console = console or _console()
     root = cache_root()
     entries, foreign = scan(root)
-    table = Table(title=f"ft cache: {root}")
-    for col in ("kind", "entry", "size", "last used", "what"):
-        table.add_column(col, justify="right" if col == "size" else "left", overflow="fold")
+    console.print(f"ft cache: {root}", markup=False)
     for e in sorted(entries, key=lambda e: -e.last_used):
-        table.add_row(e.kind, e.path.name, human_bytes(e.bytes), _when(e.last_used), e.what)
-    console.print(table)
+        console.print(f"{e.kind:<8} {human_bytes(e.bytes):>10}  {_when(e.last_used)}  {e.path.name}  {e.what}",
+                      markup=False, soft_wrap=True)
     console.print(f"{len(entries)} entries, {human_bytes(sum(e.bytes for e in entries))}", markup=False)
     _print_foreign(console, foreign)
     return entries
@@ -179,7 +176,8 @@ def clean_cache(*, kinds: list[str] | None = None, older_than_days: float | None
                 continue
             shutil.rmtree(e.path)
         freed += e.bytes
-        console.print(f"{verb} {e.kind} {e.path.name} ({human_bytes(e.bytes)}): {e.what}", markup=False)
+        console.print(f"{verb} {e.kind} {e.path.name} ({human_bytes(e.bytes)}): {e.what}", markup=False,
+                      soft_wrap=True)
     kept = len(entries) - len(chosen)
     console.print(f"{verb} {len(chosen)} entries, {human_bytes(freed)}; kept {kept} in {root}", markup=False)
     _print_foreign(console, foreign)
@@ -189,7 +187,7 @@ def clean_cache(*, kinds: list[str] | None = None, older_than_days: float | None
 def _print_foreign(console: Any, foreign: list[Path]) -> None:
     if foreign:
         names = ", ".join(str(p) for p in foreign[:5]) + (f" and {len(foreign) - 5} more" if len(foreign) > 5 else "")
-        console.print(f"not ft's, left alone: {names}", markup=False)
+        console.print(f"not ft's, left alone: {names}", markup=False, soft_wrap=True)
 
 
 def _console() -> Any:

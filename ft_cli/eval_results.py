@@ -18,8 +18,9 @@ def result_path(run: RunDir, *, data: Path | None, split: str, which: str, name:
     if name is None:
         if data is None and split == "eval" and which == "final":
             return run.eval_json
-        name = Path(data).name.split(".")[0] if data is not None else split
-        name += "-best" if which == "best" else ""
+        parts = [Path(data).name.split(".")[0] if data is not None else split if split != "eval" else "",
+                 "best" if which == "best" else ""]
+        name = "-".join(p for p in parts if p)
     clean = re.sub(r"[^A-Za-z0-9_.-]+", "-", name).strip("-.") or "eval"
     return run.root / f"eval-{clean}.json"
 

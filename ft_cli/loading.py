@@ -79,6 +79,9 @@ def resolve_target(path: str | Path, which: Which = "final") -> Target:
     if any((p / f).is_file() for f in adapter_files) and parent.recipe.is_file() and p.name in ("adapter", "best"):
         return Target("run", parent.root, p, read_run_recipe(parent))
     if (p / "config.json").is_file():
+        if which != "final":
+            raise UserError(f"--which {which}: applies to run directories (best/ is a run's); {p} is a model "
+                            "directory")
         return Target("model", p, p, None)
     if (p / "adapter_config.json").is_file():
         raise UserError(f"{p}: a PEFT adapter outside an ft run directory; pass the run directory (the one with "

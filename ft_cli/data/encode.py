@@ -215,19 +215,21 @@ class _Labeler:
     def _add_chunks(self, ids: list[int], chunk_ids: list[int], chunk_labels: list[int]) -> None:
         """text_chunking: split: a long document becomes chunks of max_seq_len tokens, each starting text_overlap
         tokens before the previous one ended. Those repeated tokens are context only (label -100), and so is each
-        chunk's first token (nothing in the row predicts it), so every token is trained at most once."""
+        chunk's first token (nothing in the row predicts it), so every token is trained at most once (with an
+        overlap, every token but the document's first exactly once). A last chunk of a single token would train
+        nothing: it starts one token earlier, so the document's end (eos) is always trained."""
         L, overlap = self.settings.max_seq_len, self.settings.text_overlap
         start, count = 0, 0
         while True:
+            context = max(1, overlap) if start else 1
+            if start and len(ids) - start == 1:  # only without overlap: a lone last token nothing would predict
+                start -= 1
             piece = ids[start:start + L]
-            labels = list(piece)
-            for j in range(max(1, overlap if start else 1)):
-                labels[j] = IGNORE
-            if any(x != IGNORE for x in labels):
-                chunk_ids += piece
-                chunk_labels += labels
-                self.lengths.append(len(piece))
-                count += 1
+            labels = [IGNORE] * context + piece[context:]
+            chunk_ids += piece
+            chunk_labels += labels
+            self.lengths.append(len(piece))
+            count += 1
             if start + L >= len(ids):
                 break
             start += L - overlap
