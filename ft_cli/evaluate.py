@@ -191,10 +191,10 @@ def model_data_recipe(model: str, data: Path, data_format: str | None) -> Recipe
     """The data settings for scoring a plain model: --format (or the format its records show), max_seq_len 2048."""
     from ft_cli.recipe import recipe_from_dict
 
+    _check_format(data_format)
     fmt = data_format or guess_format(Path(data))
-    recipe = recipe_from_dict({"model": {"name_or_path": model}, "method": "full",
-                               "data": {"train": str(data), "format": fmt, "val_split": 0, "cache": False}})
-    return _with_format(recipe, data_format)
+    return recipe_from_dict({"model": {"name_or_path": model}, "method": "full",
+                             "data": {"train": str(data), "format": fmt, "val_split": 0, "cache": False}})
 
 
 def guess_format(data: Path) -> str:
@@ -220,12 +220,16 @@ def guess_format(data: Path) -> str:
     return fmt
 
 
+def _check_format(data_format: str | None) -> None:
+    allowed = ("alpaca", "chat", "sharegpt", "text")
+    if data_format is not None and data_format not in allowed:
+        raise UserError(f"--format: must be one of {', '.join(allowed)}, got {data_format!r}")
+
+
 def _with_format(recipe: Recipe, data_format: str | None) -> Recipe:
     if data_format is None or data_format == recipe.data.format:
         return recipe
-    allowed = ("alpaca", "chat", "sharegpt", "text")
-    if data_format not in allowed:
-        raise UserError(f"--format: must be one of {', '.join(allowed)}, got {data_format!r}")
+    _check_format(data_format)
     recipe = recipe.model_copy(deep=True)
     recipe.data.format = data_format  # type: ignore[assignment]
     return recipe
