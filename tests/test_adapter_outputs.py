@@ -93,38 +93,48 @@ import torch
 from transformers import AutoModelForCausalLM
 import ft_cli
 
-adapter_dir, ids = sys.argv[1], json.loads(sys.argv[2])
-config = json.load(open(adapter_dir + "/" + sys.argv[3]))
-base = AutoModelForCausalLM.from_pretrained(config["base_model_name_or_path"], dtype=torch.float32)
-before = base(torch.tensor([ids])).logits[0].tolist()
-model = ft_cli.load_adapter(base, adapter_dir)
-with torch.no_grad():
-    after = model(torch.tensor([ids])).logits[0].tolist()
-print(json.dumps({"before": before, "after": after, "trainable": sum(p.requires_grad for p in model.parameters()),
-                  "type": type(model).__name__,
-                  "ft_modules": sorted(m for m in sys.modules if m.startswith("ft_cli"))}))
+results = {}
+for adapter_dir, config_file in json.loads(sys.argv[1]):
+    ids = json.loads(sys.argv[2])
+    config = json.load(open(adapter_dir + "/" + config_file))
+    base = AutoModelForCausalLM.from_pretrained(config["base_model_name_or_path"], dtype=torch.float32)
+    with torch.no_grad():
+        before = base(torch.tensor([ids])).logits[0].tolist()
+    model = ft_cli.load_adapter(base, adapter_dir)
+    with torch.no_grad():
+        after = model(torch.tensor([ids])).logits[0].tolist()
+    results[adapter_dir] = {"before": before, "after": after, "type": type(model).__name__,
+                            "trainable": sum(p.requires_grad for p in model.parameters())}
+results["ft_modules"] = sorted(m for m in sys.modules if m.startswith("ft_cli"))
+print(json.dumps(results))
 """
 
 
-@pytest.mark.parametrize("method, config", [("adapter", "ft_adapter_config.json"), ("lora", "adapter_config.json")])
-def test_load_adapter_in_a_fresh_python_process(runs: dict[str, Path], method: str, config: str) -> None:
+def test_load_adapter_in_a_fresh_python_process(runs: dict[str, Path]) -> None:
     """Outside ft (a new interpreter, only `import ft_cli` and transformers): the adapter changes the base's
-    logits to exactly those of the trained model as ft evaluates it."""
+    logits to exactly those of the trained model as ft evaluates it — for ft's bottleneck adapter, which peft
+    cannot load, and for a peft adapter."""
     from ft_cli.loading import load_run
 
-    run = runs[method]
-    model, tokenizer, _ = load_run(run)
-    ids = tokenizer("Add the two numbers. 3 and 4")["input_ids"]
-    with torch.no_grad():
-        expected = model(torch.tensor([ids])).logits[0]
-    proc = subprocess.run([sys.executable, "-c", LOAD_OUTSIDE_FT, str(run / "adapter"), json.dumps(ids), config],
+    cases = {"adapter": "ft_adapter_config.json", "lora": "adapter_config.json"}
+    expected, ids = {}, None
+    for method in cases:
+        model, tokenizer, _ = load_run(runs[method])
+        ids = tokenizer("Add the two numbers. 3 and 4")["input_ids"]
+        with torch.no_grad():
+            expected[method] = model(torch.tensor([ids])).logits[0]
+    pairs = [[str(runs[m] / "adapter"), config] for m, config in cases.items()]
+    proc = subprocess.run([sys.executable, "-c", LOAD_OUTSIDE_FT, json.dumps(pairs), json.dumps(ids)],
                           capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr
     out = json.loads(proc.stdout.strip().splitlines()[-1])
-    after, before = torch.tensor(out["after"]), torch.tensor(out["before"])
-    assert torch.allclose(after, expected, atol=1e-5, rtol=1e-5)
-    assert (after - before).abs().max() > 1e-3  # the adapter does something
-    assert out["trainable"] == 0 and out["type"] == ("LlamaForCausalLM" if method == "adapter" else "PeftModelForCausalLM")
+    for method in cases:
+        got = out[str(runs[method] / "adapter")]
+        after, before = torch.tensor(got["after"]), torch.tensor(got["before"])
+        assert torch.allclose(after, expected[method], atol=1e-5, rtol=1e-5), method
+        assert (after - before).abs().max() > 1e-3  # the adapter does something
+        assert got["trainable"] == 0
+        assert got["type"] == ("LlamaForCausalLM" if method == "adapter" else "PeftModelForCausalLM")
     assert "ft_cli.train" not in out["ft_modules"] and "ft_cli.cli" not in out["ft_modules"]
 
 

@@ -56,6 +56,26 @@ def test_validate_show_marks_trained_tokens_in_plain_text(tmp_path: Path, alpaca
     assert not any("<|im_start|>user" in t or "<|im_start|>assistant" in t for t in trained)  # prompts unmarked
 
 
+def test_markers_on_a_terminal_only_without_colours(tmp_path: Path, alpaca_small: Path, data_tokenizer,
+                                                    data_recipe) -> None:
+    import io
+
+    from rich.console import Console
+
+    from ft_cli.data.audit import print_data_report
+    from ft_cli.data.pipeline import build_datasets
+
+    bundle = build_datasets(data_recipe(str(alpaca_small)), data_tokenizer)
+    shown = {}
+    for name, no_color in (("colours", False), ("NO_COLOR", True)):
+        out = io.StringIO()
+        print_data_report(bundle, data_tokenizer, Console(file=out, force_terminal=True, no_color=no_color,
+                                                          width=200), show=1)
+        shown[name] = out.getvalue()
+    assert "]]" not in shown["colours"] and "\x1b[32m" in shown["colours"]  # green, no markers
+    assert re.search(r"\[\[[^\[]*<\|im_end\|>\s*\]\]", shown["NO_COLOR"])  # a reply and its end of turn
+
+
 def test_highlight_keeps_colours_without_markers_on_a_terminal(data_tokenizer) -> None:
     from ft_cli.data.audit import TRAINED_STYLE, highlight_tokens
 

@@ -25,6 +25,7 @@ def test_the_shipped_recipes_are_found() -> None:
     assert len(SHIPPED) >= 10
 
 
+@pytest.mark.slow  # ~3-15 s each on the CPU; run by default, as CI must
 @pytest.mark.parametrize("recipe", SHIPPED, ids=lambda p: str(p.relative_to(ROOT / "recipes")))
 def test_every_shipped_recipe_smoke_trains(recipe: Path, tmp_path: Path) -> None:
     original = load_recipe(recipe)

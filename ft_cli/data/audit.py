@@ -37,7 +37,7 @@ def print_data_report(bundle: DataBundle, tokenizer: Any, console: Any, show: in
     for w in bundle.warnings:
         console.print(Text.assemble(("warning: ", "yellow"), w))
     if show > 0:
-        markers = console.color_system is None  # piped, redirected or NO_COLOR: colours would not show
+        markers = console.color_system is None or console.no_color  # piped, redirected, NO_COLOR: no colours
         if markers:
             console.print(f"first {show} training examples ({TRAINED_OPEN}trained tokens{TRAINED_CLOSE}, "
                           "masked tokens unmarked):", markup=False)
