@@ -15,17 +15,27 @@ import shutil
 import sys
 import uuid
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from ft_cli.data import cache
-from ft_cli.data.encode import IGNORE, Encoded, EncodeSettings, encode_examples
+from ft_cli.data.encode import Encoded, EncodeSettings, encode_examples
 from ft_cli.data.formats import Example, make_converter
 from ft_cli.data.packing import gather_packed, pack_sequences, packing_efficiency
-from ft_cli.data.sources import LoadedSource, data_files, load_source, mix_counts, sample_rows, split_eval
+from ft_cli.data.pretokenized import pretokenized_bundle, pretokenized_source, source_field
+from ft_cli.data.rows import DataBundle, DataStats, histogram, to_dataset, unpack_rows
+from ft_cli.data.saved import check_pretokenized, preprocess_meta
+from ft_cli.data.sources import (
+    LoadedSource,
+    data_files,
+    load_source,
+    mix_counts,
+    sample_rows,
+    split_eval,
+    split_warnings,
+)
 from ft_cli.data.templates import ChatRenderer, resolve_chat_template, template_warnings
 from ft_cli.errors import UserError
 
@@ -45,43 +55,6 @@ def make_collator(tokenizer: Any, *, packed: bool, pad_to_multiple_of: int | Non
     return _make(tokenizer, packed=packed, pad_to_multiple_of=pad_to_multiple_of)
 
 
-@dataclass
-class DataStats:
-    """What happened to one split. rows_in = examples read (after mixing); rows = examples kept."""
-
-    rows_in: int
-    rows: int
-    dropped_empty: int  # nothing to train on: no assistant answer, blank text
-    dropped_too_long: int  # over max_seq_len with truncation: drop, or nothing trained left after truncating
-    truncated: int  # kept, but cut to max_seq_len
-    tokens: int
-    trained_tokens: int  # tokens that carry loss
-    packed_rows: int | None
-    packing_efficiency: float | None  # tokens / (packed_rows * max_seq_len)
-    max_seq_len: int = 0
-    mean_length: float = 0.0
-    max_length: int = 0
-    length_histogram: list[list[int]] = field(default_factory=list)  # [lo, hi, examples] with lo <= length < hi
-    padding_efficiency: float | None = None  # real / padded tokens for micro-batches in random order
-    sources: list[dict[str, Any]] = field(default_factory=list)  # [{path, rows}] as mixed in
-    split_documents: int = 0  # text documents over max_seq_len cut into chunks (data.text_chunking: split)
-    text_chunks: int = 0  # the examples they became (counted in rows)
-
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
-
-
-@dataclass
-class DataBundle:
-    train: datasets.Dataset
-    eval: datasets.Dataset | None
-    train_stats: DataStats
-    eval_stats: DataStats | None
-    fingerprint: str
-    warnings: list[str] = field(default_factory=list)
-    from_cache: bool = False
-
-
 # build_datasets ----------------------------------------------------------------------------------------------
 
 def build_datasets(recipe: Recipe, tokenizer: Any, *, main_process_first: Callable | None = None) -> DataBundle:
@@ -89,7 +62,7 @@ def build_datasets(recipe: Recipe, tokenizer: Any, *, main_process_first: Callab
     if d.chat_template:  # usually already done by load_tokenizer; idempotent
         resolve_chat_template(tokenizer, d.chat_template)
     with main_process_first() if main_process_first is not None else contextlib.nullcontext():
-        bundle = _pretokenized_bundle(recipe, tokenizer)  # ft preprocess's output: used as is, never cached again
+        bundle = pretokenized_bundle(recipe, tokenizer, lambda: _raw_eval(recipe, tokenizer))  # used as saved
         if bundle is None:
             bundle = _tokenized_bundle(recipe, tokenizer)
     micro = recipe.train.micro_batch_size
@@ -137,8 +110,14 @@ def _load(sources: list[DatasetSource], recipe: Recipe, field_name: str) -> list
 
 
 def _where(recipe: Recipe, field_name: str, i: int) -> str:
-    """`data.train` for a single path, `data.train[i]` for source i of a list."""
-    return field_name if isinstance(getattr(recipe.data, field_name.split(".")[1]), str) else f"{field_name}[{i}]"
+    return source_field(recipe, field_name, i)
+
+
+def _raw_eval(recipe: Recipe, tokenizer: Any) -> datasets.Dataset | None:
+    """data.eval tokenized (beside a pre-tokenized data.train)."""
+    examples = [ex for src in _load(recipe.data.eval_sources, recipe, "data.eval") for ex in src.examples]
+    enc = encode_examples(examples, tokenizer, _settings(recipe))
+    return to_dataset(enc.ids, enc.labels, enc.lengths) if len(enc.lengths) else None
 
 
 def _build(recipe: Recipe, tokenizer: Any, key: str) -> DataBundle:
@@ -178,18 +157,18 @@ def _build(recipe: Recipe, tokenizer: Any, key: str) -> DataBundle:
     if d.packing:
         rows = pack_sequences(train_enc.lengths, d.max_seq_len, seed)
         ids, labels, pos, row_lengths = gather_packed(train_enc.ids, train_enc.labels, train_enc.lengths, rows)
-        train = _to_dataset(ids, labels, row_lengths, pos)
+        train = to_dataset(ids, labels, row_lengths, pos)
         train_stats.packed_rows = len(rows)
         train_stats.packing_efficiency = packing_efficiency(train_enc.lengths, len(rows), d.max_seq_len)
     else:
-        train = _to_dataset(train_enc.ids, train_enc.labels, train_enc.lengths)
+        train = to_dataset(train_enc.ids, train_enc.labels, train_enc.lengths)
 
     eval_ds, eval_stats = None, None
     if eval_examples:
         eval_enc = _encode(eval_examples, tokenizer, settings, renderer, "data.eval")
         eval_stats = _stats(eval_enc, d.max_seq_len, eval_sources)
         if len(eval_enc.lengths):
-            eval_ds = _to_dataset(eval_enc.ids, eval_enc.labels, eval_enc.lengths)
+            eval_ds = to_dataset(eval_enc.ids, eval_enc.labels, eval_enc.lengths)
         else:
             warnings.append(f"every eval example was dropped ({_drop_summary(eval_enc, d.max_seq_len)}); "
                             "training runs without evaluation")
@@ -212,21 +191,6 @@ def _encode(examples: list[Example | None], tokenizer: Any, settings: EncodeSett
         return encode_examples(examples, tokenizer, settings, renderer, on_chunk=progress.advance)
     finally:
         progress.close()
-
-
-def split_warnings(n: int, n_eval: int, val_split: float, label: str, unit: str = "records") -> list[str]:
-    """data.val_split holds out at least one row, so on a small dataset the eval share can be far more than asked
-    for (1 of 3 rows is 33%), or nothing can be held out at all: say so."""
-    if val_split <= 0:
-        return []
-    if n_eval == 0:
-        return [f"data.val_split {val_split:g}: {label} has {n} {unit[:-1] if n == 1 else unit}, too few to hold "
-                "any out; training runs without evaluation (set data.eval to evaluate)"]
-    share = n_eval / n
-    if share > 2 * val_split:
-        return [f"data.val_split {val_split:g}: {label} has only {n} {unit}, so the eval split takes {n_eval} of "
-                f"them ({share:.0%}, not {val_split:.0%}); add data or set data.eval"]
-    return []
 
 
 def _check_template(tokenizer: Any, renderer: ChatRenderer | None, examples: list[Example | None]) -> list[str]:
@@ -258,15 +222,8 @@ def _stats(enc: Encoded, max_seq_len: int, sources: list[dict[str, Any]]) -> Dat
         dropped_too_long=enc.dropped_too_long, truncated=enc.truncated, tokens=int(lengths.sum()),
         trained_tokens=enc.trained_tokens, packed_rows=None, packing_efficiency=None, max_seq_len=max_seq_len,
         mean_length=float(lengths.mean()) if len(lengths) else 0.0, max_length=int(lengths.max(initial=0)),
-        length_histogram=_histogram(lengths, max_seq_len), sources=sources, split_documents=enc.split_documents,
+        length_histogram=histogram(lengths, max_seq_len), sources=sources, split_documents=enc.split_documents,
         text_chunks=enc.text_chunks)
-
-
-def _histogram(lengths: np.ndarray, max_seq_len: int, bins: int = 10) -> list[list[int]]:
-    edges = np.unique(np.linspace(0, max_seq_len, bins + 1).round().astype(np.int64))
-    edges[-1] = max_seq_len + 1  # the last bin includes max_seq_len itself
-    counts, _ = np.histogram(lengths, bins=edges)
-    return [[int(lo), int(hi), int(c)] for lo, hi, c in zip(edges[:-1], edges[1:], counts, strict=True)]
 
 
 def _padding_efficiency(ds: datasets.Dataset, batch_size: int, seed: int) -> float | None:
@@ -279,152 +236,6 @@ def _padding_efficiency(ds: datasets.Dataset, batch_size: int, seed: int) -> flo
     pad = (-len(lengths)) % batch_size
     batches = np.concatenate([lengths, np.zeros(pad, np.int64)]).reshape(-1, batch_size)
     return float(lengths.sum() / (batches.max(axis=1) * batch_size).sum())
-
-
-def _to_dataset(ids: np.ndarray, labels: np.ndarray, row_lengths: np.ndarray,
-                position_ids: np.ndarray | None = None) -> datasets.Dataset:
-    import datasets
-    import pyarrow as pa
-    from datasets.table import InMemoryTable
-
-    offsets = np.concatenate([[0], np.cumsum(row_lengths)])
-    big = offsets[-1] > np.iinfo(np.int32).max
-    make = pa.LargeListArray.from_arrays if big else pa.ListArray.from_arrays
-    off = pa.array(offsets.astype(np.int64 if big else np.int32))
-    columns = {"input_ids": make(off, pa.array(ids)), "labels": make(off, pa.array(labels))}
-    if position_ids is not None:
-        columns["position_ids"] = make(off, pa.array(position_ids))
-    return datasets.Dataset(InMemoryTable(pa.table(columns)))
-
-
-# Pre-tokenized data (ft preprocess's output) -------------------------------------------------------------------
-
-def _pretokenized(src: DatasetSource, where: str) -> tuple[Any, Path] | None:
-    """(rows, directory) when the source is a saved dataset of input_ids/labels; None otherwise."""
-    from ft_cli.data import saved
-
-    p = Path(src.path).expanduser()
-    if not (p.is_dir() and saved.saved_kind(p)):
-        return None
-    ds = saved.load_saved(p, src.split, where)
-    return (ds, p) if saved.is_pretokenized(ds) else None
-
-
-def _pretokenized_bundle(recipe: Recipe, tokenizer: Any) -> DataBundle | None:
-    """The training (and eval) rows of a pre-tokenized data.train, checked against the recipe; None when data.train
-    is raw data. Rows are used as saved; unpacked rows are packed when data.packing asks for it, and with no eval
-    split saved and data.eval null, val_split of the rows is held out as for raw data."""
-    from ft_cli.data import saved
-
-    d = recipe.data
-    found = [_pretokenized(s, _where(recipe, "data.train", i)) for i, s in enumerate(d.sources)]
-    if not any(found):
-        return None
-    if len(found) > 1:
-        raise UserError("data.train: a pre-tokenized dataset (input_ids, labels) must be the only training source; "
-                        "mix the raw data sources instead and let ft tokenize them")
-    ds, path = found[0]  # type: ignore[misc]
-    meta = saved.preprocess_meta(path) or saved.preprocess_meta(path.parent)
-    warnings = saved.check_pretokenized(ds, path, "data.train", tokenizer, meta)
-    differences = saved.settings_differences(meta, recipe)
-    if differences:
-        warnings.append(f"{path} is pre-tokenized and used as it is; these recipe settings do not apply to it: "
-                        + "; ".join(differences))
-    eval_ds = None
-    if d.eval is None:
-        from datasets import DatasetDict, load_from_disk
-
-        if saved.saved_kind(path) == "dict":
-            with cache.quiet_datasets():
-                whole = load_from_disk(str(path))
-            eval_ds = whole["eval"] if isinstance(whole, DatasetDict) and "eval" in whole else None
-        if eval_ds is None and d.val_split > 0:
-            keep, held = split_eval(len(ds), d.val_split, recipe.train.seed)
-            warnings += split_warnings(len(ds), len(held), d.val_split, str(path), unit="rows")
-            ds, eval_ds = ds.select(keep), (ds.select(held) if len(held) else None)
-    else:
-        eval_ds, more = _eval_rows(recipe, tokenizer)
-        warnings += more
-    train = _fit_rows(ds, recipe, path, "data.train")
-    train_stats = _stats_of_rows(train, d.max_seq_len, [{"path": str(path), "rows": len(train)}])
-    if eval_ds is not None:
-        eval_ds = _fit_rows(_unpack(eval_ds), recipe, path, "data.eval")
-    eval_stats = _stats_of_rows(eval_ds, d.max_seq_len, []) if eval_ds is not None else None
-    fingerprint = (meta or {}).get("fingerprint") or cache.make_key({"pretokenized": cache.files_digest(
-        sorted(f for f in path.rglob("*") if f.is_file()))})
-    return DataBundle(train, eval_ds, train_stats, eval_stats, fingerprint, warnings)
-
-
-def _eval_rows(recipe: Recipe, tokenizer: Any) -> tuple[Any, list[str]]:
-    """data.eval beside a pre-tokenized data.train: pre-tokenized too, or raw data tokenized here."""
-    from ft_cli.data import saved
-
-    d = recipe.data
-    rows = [_pretokenized(s, _where(recipe, "data.eval", i)) for i, s in enumerate(d.eval_sources)]
-    if any(rows):
-        if len(rows) > 1:
-            raise UserError("data.eval: a pre-tokenized dataset must be the only eval source")
-        ds, path = rows[0]  # type: ignore[misc]
-        meta = saved.preprocess_meta(path) or saved.preprocess_meta(path.parent)
-        return ds, saved.check_pretokenized(ds, path, "data.eval", tokenizer, meta)
-    examples = [ex for src in _load(d.eval_sources, recipe, "data.eval") for ex in src.examples]
-    enc = encode_examples(examples, tokenizer, _settings(recipe))
-    return (_to_dataset(enc.ids, enc.labels, enc.lengths) if len(enc.lengths) else None), []
-
-
-def _flat(ds: Any) -> tuple[np.ndarray, ...]:
-    """Flat numpy columns of tokenized rows: (ids, labels, position_ids or None, row lengths)."""
-    import pyarrow.compute as pc
-
-    def flat(name: str) -> np.ndarray:
-        return pc.list_flatten(ds.data.column(name)).to_numpy()
-
-    lengths = np.asarray(pc.list_value_length(ds.data.column("input_ids")).to_numpy(), dtype=np.int64)
-    pos = flat("position_ids") if "position_ids" in ds.column_names else None
-    return flat("input_ids"), flat("labels"), pos, lengths
-
-
-def _unpack(ds: Any) -> Any:
-    """Packed rows back into one row per example (evaluation scores examples unpacked)."""
-    if "position_ids" not in ds.column_names:
-        return ds
-    ids, labels, pos, _ = _flat(ds)
-    starts = np.flatnonzero(pos == 0)
-    lengths = np.diff(np.append(starts, len(pos)))
-    return _to_dataset(ids, labels, lengths)
-
-
-def _fit_rows(ds: Any, recipe: Recipe, path: Path, where: str) -> Any:
-    """Check the rows against max_seq_len and packing; pack unpacked training rows when data.packing is on."""
-    d = recipe.data
-    ids, labels, pos, lengths = _flat(ds)
-    if len(lengths) and int(lengths.max()) > d.max_seq_len:
-        raise UserError(f"data.max_seq_len: {d.max_seq_len} is shorter than the rows of {path} (the longest has "
-                        f"{int(lengths.max())} tokens); raise it, or run ft preprocess with this max_seq_len")
-    if where != "data.train":
-        return ds
-    if pos is not None and not d.packing:
-        raise UserError(f"data.packing: {path} holds packed rows (position_ids); set data.packing: true to train on "
-                        "them, or run ft preprocess with packing: false")
-    if pos is None and d.packing:
-        rows = pack_sequences(lengths, d.max_seq_len, recipe.train.seed)
-        p_ids, p_labels, p_pos, row_lengths = gather_packed(ids, labels, lengths, rows)
-        return _to_dataset(p_ids, p_labels, row_lengths, p_pos)
-    return ds
-
-
-def _stats_of_rows(ds: Any, max_seq_len: int, sources: list[dict[str, Any]]) -> DataStats:
-    """DataStats of tokenized rows; for packed rows per example (where position_ids restart)."""
-    ids, labels, pos, row_lengths = _flat(ds)
-    lengths = np.diff(np.append(np.flatnonzero(pos == 0), len(pos))) if pos is not None else row_lengths
-    packed = pos is not None
-    return DataStats(
-        rows_in=len(lengths), rows=len(lengths), dropped_empty=0, dropped_too_long=0, truncated=0,
-        tokens=int(lengths.sum()), trained_tokens=int((labels != IGNORE).sum()),
-        packed_rows=len(row_lengths) if packed else None,
-        packing_efficiency=packing_efficiency(lengths, len(row_lengths), max_seq_len) if packed else None,
-        max_seq_len=max_seq_len, mean_length=float(lengths.mean()) if len(lengths) else 0.0,
-        max_length=int(lengths.max(initial=0)), length_histogram=_histogram(lengths, max_seq_len), sources=sources)
 
 
 # Cache -----------------------------------------------------------------------------------------------------------
@@ -476,25 +287,21 @@ def _bundle_from_cache(entry: tuple[Any, dict[str, Any]], key: str) -> DataBundl
 
 def load_eval_data(path: str | os.PathLike, recipe: Recipe, tokenizer: Any) -> datasets.Dataset:
     """`path` in the recipe's format and columns, masked as in training, never packed."""
-    from ft_cli.recipe import DatasetSource
-
     d = recipe.data
     if d.chat_template:
         resolve_chat_template(tokenizer, d.chat_template)
-    rows = _pretokenized(DatasetSource(path=str(path)), "--data")
+    rows = pretokenized_source(str(path), None, "--data")
     if rows is not None:  # ft preprocess's output
-        from ft_cli.data import saved
-
         ds, where = rows
-        meta = saved.preprocess_meta(where) or saved.preprocess_meta(where.parent)
-        for w in saved.check_pretokenized(ds, where, "--data", tokenizer, meta):
+        meta = preprocess_meta(where) or preprocess_meta(where.parent)
+        for w in check_pretokenized(ds, where, "--data", tokenizer, meta):
             print(f"warning: {w}", file=sys.stderr)
-        return _unpack(ds)
+        return unpack_rows(ds)
     convert = make_converter(d.format, d.columns)
     src = load_source(str(path), None, convert, "--data")
     enc = encode_examples(src.examples, tokenizer, _settings(recipe))
     _require_rows(enc, f"--data {path}", d.max_seq_len, d.truncation)
-    return _to_dataset(enc.ids, enc.labels, enc.lengths)
+    return to_dataset(enc.ids, enc.labels, enc.lengths)
 
 
 def preprocess_to_disk(recipe_path: str | os.PathLike, overrides: list[str], out: Path) -> None:

@@ -6,9 +6,10 @@ A saved `Dataset` or `DatasetDict` directory is read with `datasets.load_from_di
 - records in any format (alpaca, chat, sharegpt, text columns): converted and tokenized like a file's records;
   of a DatasetDict, the source's `split` is used (default: train, or the only split there is);
 - pre-tokenized rows (`input_ids`, `labels`, and `position_ids` when packed), as `ft preprocess` writes them:
-  used as they are. ft preprocess records the tokenizer's fingerprint beside them (stats.json), and training
-  refuses the rows when the recipe's tokenizer has a different vocabulary (the ids would mean other tokens).
-  Rows from elsewhere, without that record, are checked only for ids inside the vocabulary, with a warning.
+  used as they are (data/pretokenized.py). ft preprocess records the tokenizer's fingerprint beside them
+  (stats.json), and training refuses the rows when the recipe's tokenizer has a different vocabulary (the ids
+  would mean other tokens). Rows from elsewhere, without that record, are checked only for ids inside the
+  vocabulary, with a warning.
 """
 
 from __future__ import annotations

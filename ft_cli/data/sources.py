@@ -216,6 +216,21 @@ def split_eval(n: int, val_split: float, seed: int) -> tuple[np.ndarray, np.ndar
     return np.sort(order[n_eval:]), np.sort(order[:n_eval])
 
 
+def split_warnings(n: int, n_eval: int, val_split: float, label: str, unit: str = "records") -> list[str]:
+    """data.val_split holds out at least one row, so on a small dataset the eval share can be far more than asked
+    for (1 of 3 rows is 33%), or nothing can be held out at all: say so."""
+    if val_split <= 0:
+        return []
+    if n_eval == 0:
+        return [f"data.val_split {val_split:g}: {label} has {n} {unit[:-1] if n == 1 else unit}, too few to hold "
+                "any out; training runs without evaluation (set data.eval to evaluate)"]
+    share = n_eval / n
+    if share > 2 * val_split:
+        return [f"data.val_split {val_split:g}: {label} has only {n} {unit}, so the eval split takes {n_eval} of "
+                f"them ({share:.0%}, not {val_split:.0%}); add data or set data.eval"]
+    return []
+
+
 def mix_counts(sizes: list[int], weights: list[float | None]) -> list[int]:
     """Rows each source contributes (see the module docstring)."""
     if all(w is None for w in weights):
