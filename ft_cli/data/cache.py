@@ -36,15 +36,21 @@ def files_digest(files: list[Path]) -> list[Any]:
     return out
 
 
-def tokenizer_digest(tokenizer: Any) -> str:
-    h = hashlib.blake2b()
+def _vocabulary(tokenizer: Any) -> bytes:
     backend = getattr(tokenizer, "backend_tokenizer", None)
     if backend is not None:
-        h.update(backend.to_str().encode())
-    else:
-        h.update(json.dumps(sorted(tokenizer.get_vocab().items())).encode())
+        return backend.to_str().encode()
+    return json.dumps(sorted(tokenizer.get_vocab().items())).encode()
+
+
+def _special_tokens(tokenizer: Any) -> bytes:
+    return json.dumps(tokenizer.special_tokens_map, sort_keys=True, default=str).encode()
+
+
+def tokenizer_digest(tokenizer: Any) -> str:
+    h = hashlib.blake2b(_vocabulary(tokenizer))
     h.update(type(tokenizer).__name__.encode())
-    h.update(json.dumps(tokenizer.special_tokens_map, sort_keys=True, default=str).encode())
+    h.update(_special_tokens(tokenizer))
     h.update(json.dumps(tokenizer.chat_template, sort_keys=True).encode())
     h.update(repr(tokenizer("x").input_ids).encode())  # whether it adds BOS/EOS
     return h.hexdigest()
@@ -53,14 +59,7 @@ def tokenizer_digest(tokenizer: Any) -> str:
 def vocab_digest(tokenizer: Any) -> str:
     """What token ids mean: the vocabulary, merges, added and special tokens; not the chat template, which only
     decides which ids a conversation becomes. Pre-tokenized data is checked against it."""
-    h = hashlib.blake2b()
-    backend = getattr(tokenizer, "backend_tokenizer", None)
-    if backend is not None:
-        h.update(backend.to_str().encode())
-    else:
-        h.update(json.dumps(sorted(tokenizer.get_vocab().items())).encode())
-    h.update(json.dumps(tokenizer.special_tokens_map, sort_keys=True, default=str).encode())
-    return h.hexdigest()
+    return hashlib.blake2b(_vocabulary(tokenizer) + _special_tokens(tokenizer)).hexdigest()
 
 
 def make_key(parts: dict[str, Any]) -> str:
