@@ -114,7 +114,7 @@ def test_a_cached_hub_id_generates_like_its_directory(work: dict[str, Path], tmp
 # --raw, --compare-base ------------------------------------------------------------------------------------------
 
 def test_generate_is_raw_for_text_runs_and_chat_otherwise(work: dict[str, Path], monkeypatch) -> None:
-    import ft_cli.generate as gen
+    import ft_cli.generation as gen  # render_prompt: shared by ft generate and ft serve
 
     seen: list[bool] = []
     real = gen.render_prompt
