@@ -1,6 +1,19 @@
-"""ft: fine-tune large language models from validated YAML recipes."""
+"""ft: fine-tune large language models from validated YAML recipes.
+
+Python API (importing ft_cli loads nothing heavy; torch and peft are imported when a function is called):
+
+    from transformers import AutoModelForCausalLM
+    import ft_cli
+
+    base = AutoModelForCausalLM.from_pretrained("Qwen/Qwen2.5-7B-Instruct", dtype="auto")
+    model = ft_cli.load_adapter(base, "runs/my-run/adapter")
+"""
+
+from __future__ import annotations
 
 import logging as _logging
+from pathlib import Path
+from typing import Any
 
 __version__ = "0.1.0"
 
@@ -12,3 +25,34 @@ __version__ = "0.1.0"
 BNB_KERNEL_NOTICE = "from kernels-community"
 _logging.getLogger("bitsandbytes.backends.cpu.ops").addFilter(
     lambda record: BNB_KERNEL_NOTICE not in record.getMessage())
+__all__ = ["__version__", "load_adapter"]
+
+
+def load_adapter(base_model: Any, adapter_dir: str | Path) -> Any:
+    """Put an adapter that ft trained on `base_model` (a loaded transformers model) and return the model to use,
+    frozen (no parameter requires grad) and in eval mode.
+
+    - `method: adapter` (Houlsby bottleneck adapters, `ft_adapter_config.json`): peft has no such method, so ft's
+      own layers are added to `base_model` in place and it is returned;
+    - every other PEFT method (`adapter_config.json`): `peft.PeftModel.from_pretrained(base_model, adapter_dir)`,
+      with the adapter weights kept in float32 on a 16-bit base, as during training.
+
+    The base must be the model the adapter was trained on (`base_model_name_or_path` in its config); a bottleneck
+    adapter refuses a base of another architecture or size. `adapter_dir` is a run's `adapter/` or `best/`."""
+    from ft_cli.errors import UserError
+
+    path = Path(adapter_dir).expanduser()
+    from ft_cli.methods.bottleneck import CONFIG_FILE, load_bottleneck_adapter
+
+    if (path / CONFIG_FILE).is_file():
+        model = load_bottleneck_adapter(base_model, path)
+        model.requires_grad_(False)  # frozen for inference, as peft's is_trainable=False leaves a model
+        model.eval()
+        return model
+    if (path / "adapter_config.json").is_file():
+        from peft import PeftModel
+
+        return PeftModel.from_pretrained(base_model, str(path), is_trainable=False, autocast_adapter_dtype=True)
+    raise UserError(f"{path}: no {CONFIG_FILE} or adapter_config.json; pass a run's adapter/ or best/ directory "
+                    "(full and freeze runs write a whole model to model/: load it with "
+                    "AutoModelForCausalLM.from_pretrained)")

@@ -190,6 +190,10 @@ def _ensure_built(spec: BuiltinSpec, root: Path, chat: ChatProfile | None = None
     name = spec.name if chat is None else f"{spec.name}+{chat.name}"
     target = root / "builtin" / f"{name}-{build_key(spec, chat)}"
     if (target / _COMPLETE_MARKER).is_file():
+        try:
+            os.utime(target / _COMPLETE_MARKER)  # last use, for `ft cache clean --older-than`
+        except OSError:
+            pass  # a read-only shared cache
         return target
     try:
         target.parent.mkdir(parents=True, exist_ok=True)

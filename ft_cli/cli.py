@@ -12,7 +12,7 @@ from typing import Annotated, Any
 
 import typer
 
-from ft_cli.errors import FtExit
+from ft_cli.errors import FtExit, UserError
 
 app = typer.Typer(
     name="ft",
@@ -89,16 +89,22 @@ WhichOpt = Annotated[
 ]
 
 
+TargetArg = Annotated[str, typer.Argument(
+    help="A run directory (written by ft train), a model directory (e.g. ft merge's output) or a hub model id.",
+    show_default=False)]
+
+
 @app.command(name="eval")
 def eval_(
-    run_dir: RunDirArg,
+    run_dir: TargetArg,
     data: Annotated[Path | None, typer.Option("--data", help="Evaluate on this data (any supported format).")] = None,
     data_format: Annotated[
         str | None, typer.Option("--format", help="Format of --data (default: the recipe's data.format).")
     ] = None,
     split: Annotated[str, typer.Option("--split", help="Which split of the run to evaluate: eval or train.")] = "eval",
     which: WhichOpt = "final",
-    compare_base: Annotated[bool, typer.Option("--compare-base", help="Also score the base model.")] = False,
+    compare_base: Annotated[bool, typer.Option(
+        "--compare-base", help="Also score the base model (its loss, and its replies with --generate).")] = False,
     generate: Annotated[int, typer.Option("--generate", help="Generate for N examples and score them.")] = 0,
     max_new_tokens: Annotated[int, typer.Option("--max-new-tokens", min=1, help="Per --generate reply.")] = 256,
     fail_if: Annotated[
@@ -106,13 +112,19 @@ def eval_(
                                        "'perplexity>12' (repeatable; > >= < <= ==; names as in eval.json).")
     ] = None,
     batch_size: Annotated[int, typer.Option("--batch-size", min=1, help="Rows per forward pass.")] = 8,
+    name: Annotated[str | None, typer.Option(
+        "--name", help="Write RUN_DIR/eval-NAME.json (default: named after --data, --split and --which).")] = None,
+    output: Annotated[Path | None, typer.Option(
+        "--output", help="Write the result to this JSON file instead (needed to keep results of hub models).")] = None,
 ) -> None:
-    """Evaluate a run: token-weighted loss and perplexity (and generation metrics); writes RUN_DIR/eval.json."""
+    """Evaluate a run, a model directory or a hub model: token-weighted loss and perplexity (and generation
+    metrics). A run's own eval split goes to RUN_DIR/eval.json, any other evaluation to RUN_DIR/eval-NAME.json."""
     from ft_cli.evaluate import evaluate_run
 
     code = _guard(lambda: evaluate_run(run_dir, data=data, split=split, compare_base=compare_base,
                                        generate=generate, fail_if=fail_if or [], batch_size=batch_size,
-                                       which=which, data_format=data_format, max_new_tokens=max_new_tokens))
+                                       which=which, data_format=data_format, max_new_tokens=max_new_tokens,
+                                       name=name, output=output))
     if code:
         raise typer.Exit(code=code)
 
@@ -123,7 +135,8 @@ def merge(
         help="A run directory; several with --combine.", show_default=False)],
     out: Annotated[Path, typer.Option("--out", help="Directory for the merged model (or combined adapter).")],
     force: Annotated[bool, typer.Option("--force", help="Write the merge even if the parity check fails.")] = False,
-    dtype: Annotated[str | None, typer.Option("--dtype", help="Output dtype (default: the recipe's model dtype).")] = None,
+    dtype: Annotated[str | None, typer.Option(
+        "--dtype", help="Output dtype: bfloat16, float16 or float32 (default: the recipe's model.dtype).")] = None,
     combine: Annotated[str | None, typer.Option(
         "--combine", help="Combine the runs' LoRA adapters into one adapter: linear, cat, ties or dare_ties "
                           "(peft add_weighted_adapter).")] = None,
@@ -133,8 +146,9 @@ def merge(
         "--density", help="With --combine ties/dare_ties: fraction of each update kept (default 0.5).")] = None,
     seed: Annotated[int, typer.Option("--seed", help="With --combine dare_ties: seed of the random drop.")] = 0,
 ) -> None:
-    """Merge the adapter into a 16-bit copy of the base model and check merged vs adapter logits; or, with
-    --combine, combine several runs' LoRA adapters into one adapter."""
+    """Merge the adapter into a copy of the base model in the recipe's dtype (16-bit for bfloat16/float16 runs;
+    --dtype to choose) and check merged vs adapter logits; or, with --combine, combine several runs' LoRA
+    adapters into one adapter."""
     if combine is not None:
         from ft_cli.compose import combine_runs
 
@@ -156,6 +170,12 @@ def merge(
         merge_run(run_dirs[0], out, force=force, dtype=dtype)
 
     _guard(run_merge)
+
+
+def _top_p_in_range(value: float) -> float:
+    if not 0 < value <= 1:
+        raise typer.BadParameter(f"must be in (0, 1] (0 < P <= 1), got {value:g}")
+    return value
 
 
 @app.command()
@@ -183,20 +203,27 @@ def export(
 
 @app.command()
 def generate(
-    target: Annotated[str, typer.Argument(help="A run directory or a model directory.", show_default=False)],
+    target: TargetArg,
     prompt: Annotated[str, typer.Option("--prompt", "-p", help="The user message.")],
     system: Annotated[str | None, typer.Option("--system", help="An optional system message.")] = None,
     max_new_tokens: Annotated[int, typer.Option("--max-new-tokens", min=1)] = 256,
     temperature: Annotated[float, typer.Option("--temperature", min=0.0, help="0 = greedy.")] = 0.7,
-    top_p: Annotated[float, typer.Option("--top-p", min=0.0, max=1.0)] = 0.9,
+    top_p: Annotated[float, typer.Option(
+        "--top-p", callback=_top_p_in_range,
+        help="Nucleus sampling: sample from the most likely tokens whose probabilities add up to P; "
+             "0 < P <= 1 (1: all tokens).")] = 0.9,
     seed: Annotated[int | None, typer.Option("--seed", help="Seed for sampling.")] = None,
     which: WhichOpt = "final",
+    raw: Annotated[bool | None, typer.Option(
+        "--raw/--chat", help="--raw: continue the prompt as plain text, no chat template (the default for runs "
+        "trained on format text); --chat: use the chat template (the default otherwise).",
+        show_default=False)] = None,
 ) -> None:
-    """Generate a reply with the fine-tuned model, using its chat template; streams tokens to stdout."""
+    """Generate a reply with the fine-tuned model, using its chat template (or --raw); streams tokens to stdout."""
     from ft_cli.generate import generate_cli
 
     _guard(lambda: generate_cli(target, prompt, system=system, max_new_tokens=max_new_tokens,
-                                temperature=temperature, top_p=top_p, seed=seed, which=which))
+                                temperature=temperature, top_p=top_p, seed=seed, which=which, raw=raw))
 
 
 @app.command()
@@ -269,6 +296,49 @@ def plan(
     from ft_cli.plan import plan_recipe
 
     _guard(lambda: plan_recipe(recipe, set_ or [], gpu_memory=gpu_memory))
+
+
+cache_app = typer.Typer(
+    help="ft's caches (tokenized data, built-in models) under $FT_CACHE_DIR, default ~/.cache/ft: list, size, clean.",
+    no_args_is_help=True)
+app.add_typer(cache_app, name="cache")
+CacheKindOpt = Annotated[list[str] | None, typer.Option(
+    "--kind", help="Only entries of this kind: data, builtin or leftover (repeatable; default: all).")]
+
+
+@cache_app.command("list")
+def cache_list() -> None:
+    """Every entry ft keeps in its cache: kind, size, last use, what it holds."""
+    from ft_cli.caches import list_cache
+
+    _guard(list_cache)
+
+
+@cache_app.command("size")
+def cache_size() -> None:
+    """How much disk ft's cache takes, per kind."""
+    from ft_cli.caches import cache_size as size
+
+    _guard(size)
+
+
+@cache_app.command("clean")
+def cache_clean(
+    kind: CacheKindOpt = None,
+    older_than: Annotated[float | None, typer.Option(
+        "--older-than", help="Only entries not used for this many days.")] = None,
+    dry_run: Annotated[bool, typer.Option("--dry-run", help="Say what would be deleted; delete nothing.")] = False,
+) -> None:
+    """Delete cache entries ft wrote (never anything else); they are rebuilt when needed."""
+    from ft_cli.caches import KINDS, clean_cache
+
+    def run() -> None:
+        bad = [k for k in kind or [] if k not in KINDS]
+        if bad:
+            raise UserError(f"--kind: must be one of {', '.join(KINDS)}, got {', '.join(map(repr, bad))}")
+        clean_cache(kinds=kind or None, older_than_days=older_than, dry_run=dry_run)
+
+    _guard(run)
 
 
 @app.command()

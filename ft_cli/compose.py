@@ -175,9 +175,11 @@ def combined_inputs(run_dir: Path) -> dict[str, Any] | None:
 
 
 def evaluate_combined_run(run_dir: Path, combined: dict[str, Any], *, split: str, batch_size: int,
-                          thresholds: list[Any], compare_base: bool = False, generate: int = 0) -> int:
-    """`ft eval DIR` for a combined adapter (without --data): write eval.json, print, apply --fail-if."""
-    from ft_cli.evaluate import write_json
+                          thresholds: list[Any], compare_base: bool = False, generate: int = 0,
+                          path: Path | None = None) -> int:
+    """`ft eval DIR` for a combined adapter (without --data): write `path` (default eval.json), print, apply
+    --fail-if."""
+    from ft_cli.eval_results import write_json
 
     if compare_base or generate:
         raise UserError(f"{run_dir} is a combined adapter: without --data, ft eval scores it against each input on "
@@ -185,7 +187,7 @@ def evaluate_combined_run(run_dir: Path, combined: dict[str, Any], *, split: str
     result = evaluate_combined(run_dir, combined, split=split, batch_size=batch_size)
     failed = [t for t in thresholds if t.crossed(float(result[t.metric]))]
     result.update(evaluated_at=now_iso(), fail_if=[str(t) for t in thresholds], failed=[str(t) for t in failed])
-    path = RunDir(Path(run_dir)).eval_json
+    path = path or RunDir(Path(run_dir)).eval_json
     write_json(path, result)
     print_combined(result, path)
     if failed:

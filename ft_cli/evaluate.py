@@ -1,9 +1,10 @@
-"""`ft eval`: score a run on its eval split (or any data) and write RUN_DIR/eval.json.
+"""`ft eval`: score a run on its eval split (or any data), or a model directory / hub model on --data.
 
 The loss is token-weighted over the whole set — the sum of per-token cross-entropies over trained tokens
 divided by their number, never a mean of batch means — so it does not depend on the batch size and equals the
 eval_loss logged during training. perplexity = exp(loss). `--generate N` also generates greedily for N examples
-and scores the replies against the references (ft_cli.metrics_text). `--fail-if` turns any metric into a CI gate.
+and scores the replies against the references (ft_cli.metrics_text); `--compare-base` scores the base model's
+loss (and replies) too. `--fail-if` turns any metric into a CI gate. Where results go: ft_cli.eval_results.
 """
 
 from __future__ import annotations
@@ -18,11 +19,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from ft_cli.errors import CheckFailed, UserError
+from ft_cli.errors import UserError
+from ft_cli.eval_results import add_base, finish, result_path
 from ft_cli.generation import greedy_generate, stop_token_ids  # noqa: F401 (shared; also imported from here)
 from ft_cli.metrics_text import GENERATION_METRICS
 from ft_cli.recipe import WHOLE_MODEL_METHODS, Recipe
-from ft_cli.run_dir import RunDir, now_iso, write_text_atomic
+from ft_cli.run_dir import RunDir
 from ft_cli.scoring import IGNORE
 
 SPLITS = ("eval", "train")
@@ -57,6 +59,8 @@ def available_metrics(compare_base: bool, generate: int) -> list[str]:
         names += ["base_loss", "base_perplexity", "delta_loss", "delta_perplexity"]
     if generate:
         names += list(GENERATION_METRICS) + ["generated"]
+        if compare_base:
+            names += [f"{p}_{m}" for m in GENERATION_METRICS for p in ("base", "delta")]
     return names
 
 
@@ -85,10 +89,12 @@ def parse_thresholds(specs: Sequence[str], allowed: Sequence[str]) -> list[Thres
 
 # The command -------------------------------------------------------------------------------------------------------
 
-def evaluate_run(run_dir: Path, *, data: Path | None = None, split: str = "eval", compare_base: bool = False,
+def evaluate_run(run_dir: Path | str, *, data: Path | None = None, split: str = "eval", compare_base: bool = False,
                  generate: int = 0, fail_if: Sequence[str] = (), batch_size: int = 8, which: str = "final",
-                 data_format: str | None = None, max_new_tokens: int = 256) -> int:
-    """Evaluate, write eval.json, print a table; raise CheckFailed (exit 3) when a --fail-if threshold is crossed."""
+                 data_format: str | None = None, max_new_tokens: int = 256, name: str | None = None,
+                 output: Path | None = None) -> int:
+    """Evaluate a run (or a model directory / hub model on --data), write the result (see `result_path`), print
+    a table; raise CheckFailed (exit 3) when a --fail-if threshold is crossed."""
     from ft_cli.compose import combined_inputs
     from ft_cli.loading import (
         default_device,
@@ -103,19 +109,23 @@ def evaluate_run(run_dir: Path, *, data: Path | None = None, split: str = "eval"
         raise UserError(f"--split: must be one of {', '.join(SPLITS)}, got {split!r}")
     if batch_size < 1 or generate < 0 or max_new_tokens < 1:
         raise UserError("--batch-size and --max-new-tokens must be at least 1, --generate at least 0")
-    target = resolve_target(run_dir, which)  # type: ignore[arg-type]
-    if target.kind != "run" or target.recipe is None:
-        raise UserError(f"{run_dir}: ft eval needs a run directory written by ft train (with recipe.yaml)")
-    if data is not None and not Path(data).exists():
+    if data is not None and not Path(data).expanduser().exists():
         raise UserError(f"--data: {data} not found")
     if data_format is not None and data is None:
         raise UserError("--format describes the file given with --data; the run's own splits use its recipe")
+    target = resolve_target(run_dir, which)  # type: ignore[arg-type]
+    if target.kind != "run":
+        return _evaluate_model(target, data=data, data_format=data_format, split=split, compare_base=compare_base,
+                               generate=generate, thresholds=thresholds, batch_size=batch_size,
+                               max_new_tokens=max_new_tokens, name=name, output=output)
+    assert target.recipe is not None
     recipe = _with_format(target.recipe, data_format)
     if data is None and (combined := combined_inputs(target.path)) is not None:  # written by ft merge --combine
         from ft_cli.compose import evaluate_combined_run
 
         return evaluate_combined_run(target.path, combined, split=split, batch_size=batch_size, thresholds=thresholds,
-                                     compare_base=compare_base, generate=generate)
+                                     compare_base=compare_base, generate=generate, path=output or result_path(
+                                         RunDir(target.path), data=None, split=split, which=which, name=name))
 
     # Data first: a data problem should not wait for the model to load.
     tokenizer = load_run_tokenizer(recipe, target.output)
@@ -132,32 +142,94 @@ def evaluate_run(run_dir: Path, *, data: Path | None = None, split: str = "eval"
         "split": None if data is not None else split, "format": recipe.data.format,
     }
     result.update(score(model, dataset, tokenizer, batch_size, device, label="eval"))
-    if compare_base:
-        with base_model(model, recipe, device, base_path or run_base_path(target)) as base:
-            scored = score(base, dataset, tokenizer, batch_size, device, label="eval base")
-        result.update(base_loss=scored["loss"], base_perplexity=scored["perplexity"],
-                      delta_loss=result["loss"] - scored["loss"],
-                      delta_perplexity=result["perplexity"] - scored["perplexity"])
     if generate:
         result.update(generation_eval(model, tokenizer, recipe, data, split, generate, max_new_tokens, device,
                                       batch_size, scored_rows=dataset))
-    failed = [t for t in thresholds if t.crossed(float(result[t.metric]))]
-    result.update(evaluated_at=now_iso(), fail_if=[str(t) for t in thresholds], failed=[str(t) for t in failed])
-    run = RunDir(target.path)
-    write_json(run.eval_json, result)
-    print_result(result, run.eval_json)
-    if failed:
-        lines = [f"  {t.metric} = {result[t.metric]:.6g} crosses {t}" for t in failed]
-        raise CheckFailed("eval check failed (--fail-if):\n" + "\n".join(lines))
-    return 0
+    if compare_base:
+        with base_model(model, recipe, device, base_path or run_base_path(target)) as base:
+            scored = score(base, dataset, tokenizer, batch_size, device, label="eval base")
+            base_gen = generation_eval(base, tokenizer, recipe, data, split, generate, max_new_tokens, device,
+                                       batch_size, scored_rows=dataset, label="base") if generate else None
+        add_base(result, scored, base_gen)
+    path = output or result_path(RunDir(target.path), data=data, split=split, which=which, name=name)
+    return finish(result, thresholds, path)
+
+
+def _evaluate_model(target: Any, *, data: Path | None, data_format: str | None, split: str, compare_base: bool,
+                    generate: int, thresholds: list[Threshold], batch_size: int, max_new_tokens: int,
+                    name: str | None, output: Path | None) -> int:
+    """A model directory (e.g. ft merge's output) or a hub model on --data, in the model's own dtype."""
+    from ft_cli.loading import default_device, load_model_dir, load_model_dir_tokenizer
+
+    what = "a hub model" if target.kind == "hub" else "a model directory"
+    if data is None:
+        raise UserError(f"--data: evaluating {what} ({target.path}) needs --data PATH; only a run directory has "
+                        "eval and train splits of its own")
+    if split != "eval":
+        raise UserError(f"--split: applies to run directories; {target.path} is {what}")
+    if compare_base:
+        raise UserError(f"--compare-base: needs a run directory (its recipe names the base); {target.path} is {what}")
+    recipe = model_data_recipe(str(target.output), data, data_format)
+    tokenizer = load_model_dir_tokenizer(target.output)
+    dataset, source = eval_dataset(recipe, tokenizer, data, split)
+    if len(dataset) == 0:
+        raise UserError(f"{source}: no example with a trained token to evaluate")
+    device = default_device()
+    model = load_model_dir(target.output, device=device)
+    result: dict[str, Any] = {"run_dir": None, "model": str(target.output), "which": None, "method": None,
+                              "data": str(data), "split": None, "format": recipe.data.format}
+    result.update(score(model, dataset, tokenizer, batch_size, device, label="eval"))
+    if generate:
+        result.update(generation_eval(model, tokenizer, recipe, data, split, generate, max_new_tokens, device,
+                                      batch_size, scored_rows=dataset))
+    if output is None and target.kind == "model" and (Path(target.path) / "merge_report.json").is_file():
+        output = result_path(RunDir(Path(target.path)), data=data, split=split, which="final", name=name)
+    return finish(result, thresholds, output)
+
+
+def model_data_recipe(model: str, data: Path, data_format: str | None) -> Recipe:
+    """The data settings for scoring a plain model: --format (or the format its records show), max_seq_len 2048."""
+    from ft_cli.recipe import recipe_from_dict
+
+    _check_format(data_format)
+    fmt = data_format or guess_format(Path(data))
+    return recipe_from_dict({"model": {"name_or_path": model}, "method": "full",
+                             "data": {"train": str(data), "format": fmt, "val_split": 0, "cache": False}})
+
+
+def guess_format(data: Path) -> str:
+    """The format of a data file from the fields of its first record; --format when they say nothing."""
+    from ft_cli.data import saved
+    from ft_cli.data.formats import format_of_record
+    from ft_cli.data.sources import data_files, read_records
+
+    p = Path(data).expanduser()
+    if p.is_dir() and saved.saved_kind(p):
+        ds = saved.load_saved(p, None, "--data")
+        if saved.is_pretokenized(ds):
+            return "alpaca"  # used as tokenized; the format does not apply
+        record = ds[0] if len(ds) else {}
+    else:
+        files = data_files(str(p), "--data") or []
+        record = next((r for f in files for r, _ in read_records(f)), {})
+    fmt = format_of_record(record)
+    if fmt is None:
+        raise UserError(f"--format: cannot tell the format of {data} from its fields ({', '.join(record) or 'none'}); "
+                        "pass --format alpaca|chat|sharegpt|text")
+    print(f"--data {data}: format {fmt} (from its fields; --format to say otherwise)", file=sys.stderr)
+    return fmt
+
+
+def _check_format(data_format: str | None) -> None:
+    allowed = ("alpaca", "chat", "sharegpt", "text")
+    if data_format is not None and data_format not in allowed:
+        raise UserError(f"--format: must be one of {', '.join(allowed)}, got {data_format!r}")
 
 
 def _with_format(recipe: Recipe, data_format: str | None) -> Recipe:
     if data_format is None or data_format == recipe.data.format:
         return recipe
-    allowed = ("alpaca", "chat", "sharegpt", "text")
-    if data_format not in allowed:
-        raise UserError(f"--format: must be one of {', '.join(allowed)}, got {data_format!r}")
+    _check_format(data_format)
     recipe = recipe.model_copy(deep=True)
     recipe.data.format = data_format  # type: ignore[assignment]
     return recipe
@@ -192,28 +264,16 @@ def score(model: Any, dataset: Any, tokenizer: Any, batch_size: int, device: Any
         -> dict[str, Any]:
     """loss (token-weighted mean over the whole set), perplexity = exp(loss), tokens, examples."""
     from ft_cli.data.pipeline import make_collator
-    from ft_cli.progress import Reporter
+    from ft_cli.progress import CountProgress
     from ft_cli.scoring import token_loss
 
     packed = "position_ids" in dataset.column_names
     collate = make_collator(tokenizer, packed=packed)
-    total = len(dataset)
-    # A live bar on a terminal; on CI, a plain line per tenth of the set.
-    reporter = Reporter(total, description=label, enabled=sys.stderr.isatty())
-    done = [0]
-    every = max(1, total // 10)
-
-    def advance(rows: int) -> None:
-        before, done[0] = done[0], done[0] + rows
-        if reporter.tty:
-            reporter.update(done[0])
-        elif done[0] // every != before // every or done[0] == total:
-            print(f"{label}: {done[0]}/{total} rows", file=sys.stderr, flush=True)
-
+    progress = CountProgress(len(dataset), f"{label} (rows)")
     try:
-        loss_sum, tokens = token_loss(model, dataset, collate, batch_size, device=device, on_batch=advance)
+        loss_sum, tokens = token_loss(model, dataset, collate, batch_size, device=device, on_batch=progress.advance)
     finally:
-        reporter.close()
+        progress.close()
     if tokens == 0:
         raise UserError("no trained tokens in the evaluation data (every label is masked)")
     loss = loss_sum / tokens
@@ -258,7 +318,8 @@ def base_model(model: Any, recipe: Recipe, device: Any, base_path: str | None = 
 # Generation ----------------------------------------------------------------------------------------------------------
 
 def generation_eval(model: Any, tokenizer: Any, recipe: Recipe, data: Path | None, split: str, n: int,
-                    max_new_tokens: int, device: Any, batch_size: int, scored_rows: Any = None) -> dict[str, Any]:
+                    max_new_tokens: int, device: Any, batch_size: int, scored_rows: Any = None,
+                    label: str = "generate") -> dict[str, Any]:
     from ft_cli.metrics_text import generation_metrics
 
     if recipe.data.format == "text":
@@ -279,11 +340,11 @@ def generation_eval(model: Any, tokenizer: Any, recipe: Recipe, data: Path | Non
     prompts = [p for p, _ in pairs]
     references = [tokenizer.decode(r, skip_special_tokens=True).strip() for _, r in pairs]
     room = recipe.data.max_seq_len
-    print(f"generating {len(prompts)} replies (greedy, at most {max_new_tokens} new tokens each)", file=sys.stderr,
+    print(f"{label}: {len(prompts)} replies (greedy, at most {max_new_tokens} new tokens each)", file=sys.stderr,
           flush=True)
     predictions = greedy_generate(model, tokenizer, prompts, max_new_tokens=max_new_tokens, device=device,
                                   batch_size=batch_size, max_total=max(room, max(len(p) for p in prompts) + 1),
-                                  on_batch=lambda done: print(f"generate: {done}/{len(prompts)}", file=sys.stderr,
+                                  on_batch=lambda done: print(f"{label}: {done}/{len(prompts)}", file=sys.stderr,
                                                               flush=True))
     samples = [{"prompt": tokenizer.decode(p, skip_special_tokens=False), "reference": r, "prediction": g}
                for p, r, g in zip(prompts, references, predictions, strict=True)]
@@ -304,39 +365,3 @@ def split_prompt(input_ids: Sequence[int], labels: Sequence[int]) -> tuple[list[
     return list(input_ids[:start]), list(input_ids[start:end])
 
 
-# Output --------------------------------------------------------------------------------------------------------------
-
-def write_json(path: Path, data: dict[str, Any]) -> None:
-    import json
-
-    write_text_atomic(path, json.dumps(data, indent=2, default=str) + "\n")
-
-
-def print_result(result: dict[str, Any], path: Path) -> None:
-    from rich.console import Console
-    from rich.table import Table
-
-    compared = "base_loss" in result
-    where = result["data"] if result["split"] is None else f"{result['split']} split of {result['data']}"
-    table = Table(title=f"ft eval: {result['model']} on {where}")
-    table.add_column("metric")
-    table.add_column("run", justify="right")
-    if compared:
-        table.add_column("base", justify="right")
-        table.add_column("delta (run - base)", justify="right")
-    for name in ("loss", "perplexity"):
-        row = [name, f"{result[name]:.4f}"]
-        if compared:
-            row += [f"{result['base_' + name]:.4f}", f"{result['delta_' + name]:+.4f}"]
-        table.add_row(*row)
-    for name in ("tokens", "examples"):
-        table.add_row(name, f"{result[name]:,}", *([""] * 2 if compared else []))
-    if "generated" in result:
-        table.add_row("generated", str(result["generated"]), *([""] * 2 if compared else []))
-        for name, scale in (("exact_match", "0-1"), ("rouge_l", "0-1"), ("bleu", "0-100"), ("chrf", "0-100")):
-            table.add_row(f"{name} ({scale})", f"{result[name]:.4f}", *([""] * 2 if compared else []))
-    console = Console(highlight=False)
-    console.print(table)
-    for failed in result.get("failed", []):
-        console.print(f"[bold red]FAILED[/] --fail-if {failed}")
-    console.print(f"wrote {path}")

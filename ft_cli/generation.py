@@ -37,9 +37,14 @@ def render_messages(tokenizer: Any, messages: Sequence[dict[str, str]]) -> list[
     return list(encoded["input_ids"])
 
 
-def render_prompt(tokenizer: Any, prompt: str, system: str | None = None) -> list[int]:
-    """One user message (and an optional system message) rendered for generation; without a chat template the
-    prompt is tokenized as plain text."""
+def render_prompt(tokenizer: Any, prompt: str, system: str | None = None, raw: bool = False) -> list[int]:
+    """One user message (and an optional system message) rendered for generation; with `raw` (ft generate --raw)
+    or without a chat template the prompt is tokenized as plain text (and BOS where the tokenizer adds one), as
+    format text trained on it."""
+    if raw:
+        if system:
+            raise UserError("--system needs the chat template; --raw continues the prompt as plain text")
+        return tokenizer(prompt)["input_ids"]
     if not getattr(tokenizer, "chat_template", None):
         if system:
             raise UserError("--system needs a chat template; this model's tokenizer has none")

@@ -7,6 +7,7 @@ A model directory is anything `AutoModelForCausalLM.from_pretrained` loads (e.g.
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -22,11 +23,12 @@ PEFT_MERGEABLE = ("lora", "qlora", "dora", "ia3")
 
 @dataclass(frozen=True)
 class Target:
-    """What a path on the command line points at: `run` (with its recipe and chosen output) or `model`."""
+    """What a path on the command line points at: `run` (with its recipe and chosen output), `model` (a model
+    directory) or `hub` (a Hugging Face model id, cached or downloadable)."""
 
-    kind: Literal["run", "model"]
-    path: Path  # the run root, or the model directory
-    output: Path  # adapter/, model/ or best/ of a run; the model directory itself otherwise
+    kind: Literal["run", "model", "hub"]
+    path: Path  # the run root, or the model directory (for a hub id: the id)
+    output: Path  # adapter/, model/ or best/ of a run; the model directory (or hub id) itself otherwise
     recipe: Recipe | None
 
     @property
@@ -55,6 +57,8 @@ def resolve_target(path: str | Path, which: Which = "final") -> Target:
     """Classify PATH: a run directory, a run's adapter/ or best/ directory, or a model directory."""
     p = Path(path).expanduser()
     if not p.exists():
+        if _HUB_ID.match(str(path)) and not str(path).startswith((".", "~")):
+            return _hub_target(str(path), which)
         raise UserError(f"{p}: no such directory")
     if not p.is_dir():
         raise UserError(f"{p}: expected a run directory or a model directory, got a file")
@@ -75,11 +79,31 @@ def resolve_target(path: str | Path, which: Which = "final") -> Target:
     if any((p / f).is_file() for f in adapter_files) and parent.recipe.is_file() and p.name in ("adapter", "best"):
         return Target("run", parent.root, p, read_run_recipe(parent))
     if (p / "config.json").is_file():
+        if which != "final":
+            raise UserError(f"--which {which}: applies to run directories (best/ is a run's); {p} is a model "
+                            "directory")
         return Target("model", p, p, None)
     if (p / "adapter_config.json").is_file():
         raise UserError(f"{p}: a PEFT adapter outside an ft run directory; pass the run directory (the one with "
                         "recipe.yaml), or merge it into a model directory first")
     raise UserError(f"{p}: not an ft run directory (no recipe.yaml) and not a model directory (no config.json)")
+
+
+_HUB_ID = re.compile(r"^[\w.-]+/[\w.-]+$")
+
+
+def _hub_target(repo_id: str, which: Which) -> Target:
+    """`org/name` that is no local path: a hub model, if it is cached or the hub is reachable (fails fast)."""
+    from ft_cli.model import check_hub_reachable
+
+    if which != "final":
+        raise UserError(f"--which: applies to run directories; {repo_id} is a hub model id")
+    try:
+        check_hub_reachable(repo_id, None)
+    except UserError as exc:
+        reason = exc.message.removeprefix("model.name_or_path: ")
+        raise UserError(f"{repo_id}: no such directory, and as a hub model id: {reason}") from None
+    return Target("hub", Path(repo_id), Path(repo_id), None)
 
 
 def load_run(run_dir: str | Path, which: Which = "final", device: Any = "cpu", merged: bool = False,
@@ -95,7 +119,7 @@ def load_run(run_dir: str | Path, which: Which = "final", device: Any = "cpu", m
 
 def load_target(target: Target, *, device: Any = "cpu", merged: bool = False,
                 quantize: bool | None = None) -> tuple[Any, Any, Recipe | None]:
-    if target.kind == "model":
+    if target.kind in ("model", "hub"):
         tokenizer = load_model_dir_tokenizer(target.output)
         model = load_model_dir(target.output, device=device)
         return model, tokenizer, None
@@ -205,6 +229,9 @@ def load_model_dir(path: Path, *, device: Any = "cpu", dtype: str | None = None,
 def load_model_dir_tokenizer(path: Path) -> Any:
     from transformers import AutoTokenizer
 
+    from ft_cli.model import check_tokenizer_files
+
+    check_tokenizer_files(path, field=None)
     try:
         tok = AutoTokenizer.from_pretrained(str(path))
     except (OSError, ValueError) as exc:

@@ -1,8 +1,9 @@
 """`ft merge`: fold a run's adapter into a 16-bit copy of its base and prove the result computes the same thing.
 
 1. The base is loaded UNQUANTIZED in the recipe's model.dtype — also for QLoRA: merging into 4-bit weights would
-   re-quantize the update away. The output dtype is the recipe's model.dtype unless --dtype says otherwise, so
-   a bfloat16 base never turns into a float32 copy by accident.
+   re-quantize the update away. The output dtype is the recipe's model.dtype unless --dtype says otherwise (the
+   user contract, docs/SPEC.md): a bfloat16/float16 run gives a 16-bit copy and never a float32 one by accident;
+   a run trained in float32 (e.g. on a CPU) gives float32 unless --dtype bfloat16 asks for 16 bits.
 2. Reference logits on a few held-out rows come from base + adapter, unmerged (computed in float32 when memory
    allows). The merge runs in that same precision, is cast once to the output dtype and saved (safetensors,
    tokenizer, chat template, generation config stopping at the chat's end-of-turn token).
@@ -92,7 +93,9 @@ def merge_run(run_dir: Path, out: Path, *, force: bool = False, dtype: str | Non
         os.replace(tmp, out)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
-    _echo(f"wrote {out} ({out_dtype}{', parity check FAILED, written because of --force' if not ok else ''}); "
+    why = "--dtype" if dtype else "the recipe's model.dtype" + ("; --dtype bfloat16 for a 16-bit copy"
+                                                                 if out_dtype == "float32" else "")
+    _echo(f"wrote {out} ({out_dtype}: {why}{', parity check FAILED, written because of --force' if not ok else ''}); "
           f"load it with AutoModelForCausalLM.from_pretrained({str(out)!r})")
     return out
 
@@ -121,6 +124,7 @@ def _merge_into(output: Path, recipe: Recipe, tmp: Path, out_dtype: str, *, run_
     samples = parity_samples(recipe, tokenizer)
     report: dict[str, Any] = {"run_dir": str(run_dir), "source": str(output), "method": recipe.method,
                               "base_model": recipe.model.name_or_path, "dtype": out_dtype,
+                              "dtype_from": "model.dtype" if out_dtype == recipe.model.dtype else "--dtype",
                               "tolerance": TOLERANCE[out_dtype]}
     quantized_logits = None
     if recipe.quantized:

@@ -36,7 +36,7 @@ def resolve_model_path(model: ModelSection) -> str:
         return str(path)
     if path.exists() or name.startswith(("/", "./", "../", "~")):
         raise UserError(f"model.name_or_path: local model directory not found: {path}")
-    cached = _check_hub_reachable(name, model.revision)
+    cached = check_hub_reachable(name, model.revision)
     if cached is not None:
         _check_model_config(Path(cached), model)
     return name
@@ -72,9 +72,10 @@ def _check_model_config(config_file: Path, model: ModelSection) -> None:
                     f"{transformers.__version__} does not know; upgrade transformers or check the model directory")
 
 
-def _check_hub_reachable(repo_id: str, revision: str | None) -> str | None:
+def check_hub_reachable(repo_id: str, revision: str | None) -> str | None:
     """Fail fast, with a clear message, when a hub id is neither cached nor downloadable; the cached config.json,
-    if any."""
+    if any. One metadata request with a 10 s timeout: without a network it fails at once, where a download would
+    retry for half a minute."""
     from huggingface_hub import try_to_load_from_cache
 
     cached = try_to_load_from_cache(repo_id, "config.json", revision=revision)
@@ -97,11 +98,42 @@ def _check_hub_reachable(repo_id: str, revision: str | None) -> str | None:
         raise UserError(f"model.name_or_path: cannot reach the hub for {repo_id!r} ({reason}); {hint}") from None
 
 
+# Files a tokenizer is saved as (fast, sentencepiece, BPE/WordPiece vocabularies, tiktoken, Mistral's tekken).
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json", "vocab.txt",
+                   "merges.txt", "spiece.model", "sentencepiece.bpe.model", "tekken.json", "tokenizer.tiktoken")
+
+
+def check_tokenizer_files(path: str | Path, field: str | None = "model.name_or_path") -> None:
+    """A local model directory must hold its tokenizer: without one transformers fails deep inside (or builds
+    something unusable), so say so first."""
+    p = Path(path)
+    if p.is_dir() and not any((p / f).is_file() for f in TOKENIZER_FILES) and not any(p.glob("*.tiktoken")):
+        raise UserError(f"{field + ': ' if field else ''}no tokenizer files in {p} (none of {', '.join(TOKENIZER_FILES[:4])}, ...); "
+                        "save the base model's tokenizer there: AutoTokenizer.from_pretrained(BASE)"
+                        f".save_pretrained({str(p)!r})")
+
+
+def check_attn_implementation(recipe: Recipe, device_type: str) -> None:
+    """model.attn_implementation: flash_attention_2 needs the flash-attn package and a CUDA GPU; say so before
+    anything loads (transformers would fail only when the model loads, naming no recipe field)."""
+    import importlib.util
+
+    if recipe.model.attn_implementation != "flash_attention_2":
+        return
+    if importlib.util.find_spec("flash_attn") is None:
+        raise UserError("model.attn_implementation: flash_attention_2 needs the flash-attn package, which is not "
+                        "installed (pip install flash-attn); use sdpa (the default) instead")
+    if device_type != "cuda":
+        raise UserError(f"model.attn_implementation: flash_attention_2 runs on CUDA GPUs only and this run is on "
+                        f"the {device_type}; use sdpa (the default) instead")
+
+
 def load_tokenizer(recipe: Recipe, path: str | None = None):
     """The model's tokenizer, with a pad token and the recipe's chat template applied."""
     from transformers import AutoTokenizer
 
     path = path or resolve_model_path(recipe.model)
+    check_tokenizer_files(path)
     try:
         tok = AutoTokenizer.from_pretrained(path, trust_remote_code=recipe.model.trust_remote_code,
                                             revision=recipe.model.revision)
@@ -153,7 +185,8 @@ def load_base_model(recipe: Recipe, path: str, device: Any = None, quantize: boo
             raise remote_code_refused(path) from None
         raise
     except ImportError as exc:
-        raise UserError(f"cannot load {path}: {exc}") from None
+        field = "model.attn_implementation" if "attention" in str(exc).lower() else "model.name_or_path"
+        raise UserError(f"{field}: cannot load {path}: {exc}") from None
     if quantize and recipe.quantized:
         keep_bnb_cpu_path_trainable(model)
     # The pad token must be known to the model (generation, and models that mask pads themselves).

@@ -55,6 +55,10 @@ def find_model_config(model: ModelSection, *, download: bool = False) -> FoundCo
         return None
     from huggingface_hub import hf_hub_download
 
+    from ft_cli.model import check_hub_reachable
+
+    check_hub_reachable(name, model.revision)  # as ft train does: no network fails in a second, not after retries
+
     try:
         fetched = hf_hub_download(name, "config.json", revision=model.revision)
     except Exception as exc:  # offline, gated without a token, no such repo: all mean "not available"

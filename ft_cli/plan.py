@@ -39,7 +39,7 @@ from pathlib import Path
 from typing import Any
 
 from ft_cli.errors import UserError
-from ft_cli.recipe import LORA_METHODS, Recipe, load_recipe
+from ft_cli.recipe import LORA_METHODS, Recipe, load_recipe, recipe_errors
 
 GIB = 2**30
 CUDA_CONTEXT_BYTES = int(0.8 * GIB)  # CUDA context, cuBLAS/cuDNN workspaces: outside torch's allocator
@@ -143,8 +143,9 @@ def plan_recipe(recipe_path: Path, overrides: list[str], *, gpu_memory: float | 
     recipe = load_recipe(recipe_path, overrides)
     if gpu_memory is not None and gpu_memory <= 0:
         raise UserError(f"--gpu-memory: must be a positive number of GiB, got {gpu_memory:g}")
-    config, where = load_model_config(recipe)
-    plan = estimate_memory(config, recipe)
+    with recipe_errors(recipe):
+        config, where = load_model_config(recipe)
+        plan = estimate_memory(config, recipe)
     console = console or Console(highlight=False)
     print_plan(plan, console, where)
     if gpu_memory is not None:
@@ -443,13 +444,13 @@ def _overhead(subtotal: int) -> int:
 # Suggestion ------------------------------------------------------------------------------------------------------
 
 def suggest_micro_batch(plan: MemoryPlan, budget_bytes: float) -> Suggestion:
-    """The largest micro_batch_size whose estimate fits `budget_bytes` (up to the recipe's effective batch),
-    with the grad_accum that keeps the effective batch."""
+    """The largest micro_batch_size whose estimate fits `budget_bytes`, among those that divide the recipe's
+    effective batch, with the grad_accum that keeps that effective batch exactly (7 x 3 would turn 16 into 21)."""
     t = plan.recipe.train
     effective = t.micro_batch_size * t.grad_accum
     budget_gib = budget_bytes / GIB
     best: MemoryPlan | None = None
-    for b in range(1, effective + 1):
+    for b in (d for d in range(1, effective + 1) if effective % d == 0):
         candidate = _plan(plan.recipe, plan.shape, plan.counts, b)
         if candidate.total > budget_bytes:
             break
@@ -469,10 +470,9 @@ def suggest_micro_batch(plan: MemoryPlan, budget_bytes: float) -> Suggestion:
                           f"[bold red]does not fit[/] in {budget_gib:g} GiB even at micro_batch_size 1 (estimated "
                           f"{one.total / GIB:.1f} GiB); try: " + "; ".join(hints))
     b = best.micro_batch_size
-    accum = math.ceil(effective / b)
+    accum = effective // b
     note = (f"[bold green]fits[/] in {budget_gib:g} GiB: micro_batch_size {b}, grad_accum {accum} "
-            f"(estimated {best.total / GIB:.1f} GiB; effective batch {b * accum}")
-    note += ")" if b * accum == effective else f", the recipe's is {effective})"
+            f"(estimated {best.total / GIB:.1f} GiB; effective batch {b * accum}, as the recipe's)")
     if b < t.micro_batch_size:
         note += f"; the recipe's micro_batch_size {t.micro_batch_size} needs {plan.total / GIB:.1f} GiB"
     note += f"\n  --set train.micro_batch_size={b} --set train.grad_accum={accum}"

@@ -90,3 +90,25 @@ class Reporter:
         if self._progress is not None:
             self._progress.stop()
             self._progress = None
+
+
+class CountProgress:
+    """Progress through `total` items of a long preparation (tokenizing, scoring): a live bar on a terminal, and
+    elsewhere (CI logs) a plain line at every tenth, so a long step never looks hung."""
+
+    def __init__(self, total: int, label: str, stream=None):
+        self.total, self.label, self.done = total, label, 0
+        self.stream = stream or sys.stderr
+        self.every = max(1, total // 10)
+        self.reporter = Reporter(total, description=label, stream=self.stream,
+                                 enabled=self.stream.isatty())
+
+    def advance(self, count: int) -> None:
+        before, self.done = self.done, self.done + count
+        if self.reporter.tty:
+            self.reporter.update(self.done)
+        elif self.done // self.every != before // self.every or self.done == self.total:
+            print(f"{self.label}: {self.done:,}/{self.total:,}", file=self.stream, flush=True)
+
+    def close(self) -> None:
+        self.reporter.close()

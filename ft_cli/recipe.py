@@ -6,15 +6,26 @@ Every section forbids unknown keys. Each field's help lives once, in `Field(desc
 
 from __future__ import annotations
 
+import contextlib
 import difflib
+import glob
 import hashlib
 import json
 import os
+import re
 from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    PrivateAttr,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 from ft_cli.errors import UserError
 
@@ -138,7 +149,8 @@ Format = Literal["alpaca", "chat", "sharegpt", "text"]
 
 
 class DatasetSource(Section):
-    path: str = Field(description="A .json/.jsonl/.csv/.parquet file, a directory of them, or a hub dataset id.")
+    path: str = Field(description="A .json/.jsonl/.csv/.parquet file, a glob, a directory of them, a dataset saved with "
+                      "save_to_disk (ft preprocess's output is used as is), or a hub dataset id.")
     format: Format | None = Field(None, description="Format of this source; default: data.format.")
     columns: dict[str, str] | None = Field(None, description="Column renames for this source; default: data.columns.")
     weight: float | None = Field(
@@ -147,12 +159,13 @@ class DatasetSource(Section):
         "every row k times plus a seeded random remainder. No weights: every row once. Eval is split off each "
         "source before mixing; weights don't apply to eval."
     )
-    split: str | None = Field(None, description="Split of a hub dataset (default: train).")
+    split: str | None = Field(None, description="Split of a hub dataset or of a saved DatasetDict (default: train).")
 
 
 class DataSection(Section):
     train: str | list[DatasetSource] = Field(
-        description="Training data: one path (file, directory or hub id) or a list of sources with weights."
+        description="Training data: one path (file, glob such as data/*.jsonl, directory, a dataset saved with "
+        "save_to_disk, or hub id; ~ is expanded) or a list of sources with weights."
     )
     format: Format = Field("alpaca", description="Record format: alpaca | chat | sharegpt | text.")
     columns: dict[str, str] | None = Field(
@@ -164,8 +177,18 @@ class DataSection(Section):
     val_split: float = Field(0.05, ge=0, lt=1, description="Fraction of train held out for eval when eval is null.")
     max_seq_len: int = Field(2048, gt=0, description="Longest sequence in tokens; longer examples are truncated.")
     truncation: Literal["truncate", "drop"] = Field(
-        "truncate", description="Over-long examples: 'truncate' keeps the first max_seq_len tokens; 'drop' skips them. "
-        "Either way, examples left with no trained token are dropped and counted."
+        "truncate", description="Over-long conversations (and text documents with text_chunking: truncate): "
+        "'truncate' keeps the first max_seq_len tokens; 'drop' skips them. Either way, examples left with no trained "
+        "token are dropped and counted."
+    )
+    text_chunking: Literal["split", "truncate"] = Field(
+        "split", description="Text documents (format text) longer than max_seq_len: 'split' cuts them into "
+        "max_seq_len-token chunks, each its own example, so no token is lost (continued pre-training); 'truncate' "
+        "handles them like conversations (data.truncation). Counted in ft validate."
+    )
+    text_overlap: int = Field(
+        0, ge=0, description="text_chunking: split: each chunk after the first starts with the last N tokens of the "
+        "previous one as context; they carry no loss there, so every token is trained exactly once."
     )
     packing: bool = Field(
         False, description="Pack several examples into each max_seq_len row (attention never crosses examples)."
@@ -181,6 +204,15 @@ class DataSection(Section):
         None, gt=0, description="Use only the first N records of each source (before the eval split and mixing); "
         "null: all. ft train --smoke sets it to try a recipe on a slice of its data."
     )
+
+    @model_validator(mode="after")
+    def _overlap_fits(self) -> DataSection:
+        if self.text_overlap and self.text_chunking != "split":
+            raise _FieldError("text_overlap", "only applies to text_chunking: split")
+        if self.text_overlap >= self.max_seq_len:
+            raise _FieldError("text_overlap", f"must be less than max_seq_len ({self.max_seq_len}), got "
+                              f"{self.text_overlap}")
+        return self
 
     @property
     def sources(self) -> list[DatasetSource]:
@@ -274,6 +306,14 @@ class Recipe(Section):
     output_dir: str | None = Field(
         None, description="Run directory (relative to the current directory); default runs/<recipe file name>."
     )
+    # Where each field came from, for messages: the recipe file and its lines, and the --set items.
+    _source: str | None = PrivateAttr(None)
+    _lines: dict[tuple, int] = PrivateAttr(default_factory=dict)
+    _overrides: dict[tuple, str] = PrivateAttr(default_factory=dict)
+
+    def location(self, loc: tuple) -> str | None:
+        """`recipe.yaml:12` or `--set train.lr=x` for a field path such as ("train", "lr"); None when unknown."""
+        return _location(loc, self._source, self._lines, self._overrides)
 
     @model_validator(mode="after")
     def _sections_match_method(self) -> Recipe:
@@ -408,28 +448,60 @@ def _flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
 def load_recipe(path: str | os.PathLike, overrides: list[str] | None = None) -> Recipe:
     """Read, override and validate a recipe; raise UserError listing every problem at once."""
     path = Path(path)
+    if path.is_dir():
+        found = sorted(p.name for p in path.glob("*.y*ml"))[:5]
+        hint = f"; recipes in it: {', '.join(found)}" if found else ""
+        raise UserError(f"{path}: is a directory, not a recipe file (give the path of a .yaml file){hint}")
     if not path.is_file():
         raise UserError(f"{path}: recipe file not found")
     raw, lines = _parse_yaml(_read_utf8(path), path)
+    set_items: dict[tuple, str] = {}
     if isinstance(raw, dict):  # a list or a scalar is refused by recipe_from_dict
         for item in overrides or []:
-            _apply_override(raw, item)
+            set_items[_apply_override(raw, item)] = item
         if not raw:
             raise UserError(f"{path}: the recipe is empty; it needs at least model.name_or_path and data.train")
-    recipe = recipe_from_dict(raw, source=str(path), lines=lines)
+    recipe = recipe_from_dict(raw, source=str(path), lines=lines, overrides=set_items)
     resolve_paths(recipe, path.parent)
     if recipe.output_dir is None:
         recipe.output_dir = str(Path("runs") / path.stem)
     return recipe
 
 
-def recipe_from_dict(raw: Any, source: str = "recipe", lines: dict[tuple, int] | None = None) -> Recipe:
+def recipe_from_dict(raw: Any, source: str = "recipe", lines: dict[tuple, int] | None = None,
+                     overrides: dict[tuple, str] | None = None) -> Recipe:
+    """Validate a recipe mapping. `lines` (key path -> line in `source`) and `overrides` (key path -> the --set item
+    that set it) say where each value came from, in error messages now and in `Recipe.location` later."""
     if not isinstance(raw, dict):
         raise UserError(f"{source}: a recipe is a YAML mapping of sections (model, method, data, train, ...)")
     try:
-        return Recipe.model_validate(raw)
+        recipe = Recipe.model_validate(raw)
     except ValidationError as exc:
-        raise UserError("\n".join(format_errors(exc, source, lines or {}))) from None
+        raise UserError("\n".join(format_errors(exc, source, lines or {}, overrides or {}))) from None
+    recipe._source, recipe._lines, recipe._overrides = source, dict(lines or {}), dict(overrides or {})
+    return recipe
+
+
+_FIELD_MESSAGE = re.compile(r"^([a-z_]+(?:\.[a-z_0-9]+|\[\d+\])*): ")
+
+
+@contextlib.contextmanager
+def recipe_errors(recipe: Recipe):
+    """Errors about a recipe field ("model.attn_implementation: ...") raised inside get the field's place in front:
+    the recipe file and line, or the --set item that set it."""
+    try:
+        yield
+    except UserError as exc:
+        m = _FIELD_MESSAGE.match(exc.message)
+        if m is None or m.group(1).split(".")[0].split("[")[0] not in Recipe.model_fields:
+            raise
+        loc = tuple(int(p) if p.isdigit() else p for p in re.split(r"\.|\[|\]\.?", m.group(1)) if p)
+        where = recipe.location(loc)
+        if where is None:
+            raise
+        exc.message = f"{where}: {exc.message}"
+        exc.args = (exc.message,)
+        raise
 
 
 def _read_utf8(path: Path) -> str:
@@ -474,7 +546,8 @@ def _parse_yaml(text: str, path: Path) -> tuple[Any, dict[tuple, int]]:
     return data if data is not None else {}, lines
 
 
-def _apply_override(raw: dict, item: str) -> None:
+def _apply_override(raw: dict, item: str) -> tuple:
+    """Set `raw`'s dotted key to the value of `item` (KEY=VALUE); returns the key path."""
     if "=" not in item:
         raise UserError(f"--set {item}: expected KEY=VALUE, e.g. --set train.lr=1e-4")
     key, value = item.split("=", 1)
@@ -494,19 +567,17 @@ def _apply_override(raw: dict, item: str) -> None:
             raise UserError(f"--set {item}: {part} is not a section")
         node = nxt
     node[parts[-1]] = parsed
+    return tuple(parts)
 
 
 def resolve_paths(recipe: Recipe, base: Path) -> None:
-    """Relative local paths in a recipe are relative to the recipe file, not the current directory."""
+    """Relative local paths in a recipe are relative to the recipe file, not the current directory; `~` is the
+    user's home. Data paths may be globs (data/*.jsonl), resolved the same way and expanded when the data loads."""
     name = recipe.model.name_or_path
     if not name.startswith("builtin:"):
-        candidate = (base / name).expanduser()
-        if _looks_like_path(name) or candidate.exists():
-            recipe.model.name_or_path = str(candidate.resolve())
+        recipe.model.name_or_path = _resolve_one(name, base)
     for src in recipe.data.sources + recipe.data.eval_sources:
-        candidate = (base / src.path).expanduser()
-        if _looks_like_path(src.path) or candidate.exists():
-            src.path = str(candidate.resolve())
+        src.path = _resolve_one(src.path, base)
     # _as_sources builds new objects for plain strings: write the resolved paths back.
     if isinstance(recipe.data.train, str):
         recipe.data.train = _resolve_one(recipe.data.train, base)
@@ -515,12 +586,15 @@ def resolve_paths(recipe: Recipe, base: Path) -> None:
 
 
 def _resolve_one(p: str, base: Path) -> str:
-    candidate = (base / p).expanduser()
-    return str(candidate.resolve()) if (_looks_like_path(p) or candidate.exists()) else p
+    candidate = base / Path(p).expanduser()  # an absolute path (also ~/...) replaces base
+    if _looks_like_path(p) or candidate.exists():
+        return str(candidate.resolve())
+    return p
 
 
 def _looks_like_path(p: str) -> bool:
-    return p.startswith(("/", "./", "../", "~")) or p.endswith((".json", ".jsonl", ".csv", ".parquet", ".yaml"))
+    return (p.startswith(("/", "./", "../", "~")) or p.endswith((".json", ".jsonl", ".csv", ".parquet", ".yaml"))
+            or glob.has_magic(p))
 
 
 # Friendly errors -------------------------------------------------------------------------------------------------
@@ -533,18 +607,46 @@ _MESSAGES = {
 }
 
 
-def format_errors(exc: ValidationError, source: str, lines: dict[tuple, int]) -> list[str]:
+def format_errors(exc: ValidationError, source: str, lines: dict[tuple, int],
+                  overrides: dict[tuple, str] | None = None) -> list[str]:
+    """One line per problem: `recipe.yaml:LINE: field: message`, or `--set ITEM: message` for a value a --set
+    item gave (the field is named too when the problem is deeper inside it)."""
     out: list[str] = []
     seen: set[str] = set()
     for loc, msg in _problems(exc.errors(include_url=False)):
         dotted = ".".join(str(p) for p in loc)
-        line = _line_for(loc, lines)
-        where = f"{source}:{line}" if line else source
-        text = f"{where}: {dotted}: {msg}" if dotted else f"{where}: {msg}"
+        item = _override_for(loc, overrides or {})
+        if item is not None:
+            key = item.split("=", 1)[0].strip()
+            text = f"--set {item}: {msg}" if dotted == key else f"--set {item}: {dotted}: {msg}"
+        else:
+            where = _location(loc, source, lines, {}) or source
+            text = f"{where}: {dotted}: {msg}" if dotted else f"{where}: {msg}"
         if text not in seen:
             seen.add(text)
             out.append(text)
     return out
+
+
+def _override_for(loc: tuple, overrides: dict[tuple, str]) -> str | None:
+    """The --set item that set this field, a section above it, or a key below it (a misspelt section)."""
+    if not loc:
+        return None
+    for path, item in overrides.items():
+        n = min(len(path), len(loc))
+        if path[:n] == loc[:n]:
+            return item
+    return None
+
+
+def _location(loc: tuple, source: str | None, lines: dict[tuple, int], overrides: dict[tuple, str]) -> str | None:
+    item = _override_for(loc, overrides)
+    if item is not None:
+        return f"--set {item}"
+    line = _line_for(loc, lines)
+    if source is None:
+        return None
+    return f"{source}:{line}" if line else None
 
 
 def _line_for(loc: tuple, lines: dict[tuple, int]) -> int | None:

@@ -54,7 +54,7 @@ def write_report(run_dir: str | Path) -> Path:
     title = run.root.resolve().name
     if recipe or manifest:
         title += f": {Path(_model_name(recipe, manifest)).name} ({_method(recipe, manifest)})"
-    plot_curves(metrics, out / LOSS_PNG, title=title)
+    plot_curves(metrics, out / LOSS_PNG, title=title, resumed_at=resume_steps(manifest))
     summary = render_summary(run, metrics, recipe, manifest, eval_result)
     write_text_atomic(out / SUMMARY_MD, summary)
     print(f"wrote {out / LOSS_PNG}")
@@ -121,8 +121,22 @@ def _require_matplotlib() -> None:
 
 # Plots -----------------------------------------------------------------------------------------------------------
 
-def plot_curves(metrics: Metrics, path: Path, title: str = "") -> None:
-    """One PNG, two panels sharing the step axis: loss (train, smoothed train, eval, best eval) and learning rate."""
+def resume_steps(manifest: dict[str, Any]) -> list[int]:
+    """The steps a run was resumed from (run.json "resumes"; older runs recorded only the last one)."""
+    steps = [r.get("step") for r in manifest.get("resumes") or [] if isinstance(r, dict)]
+    if not steps and manifest.get("resumed_from_step") is not None:
+        steps = [manifest["resumed_from_step"]]
+    return sorted({s for s in steps if isinstance(s, int)})
+
+
+def _marker(n: int) -> str:
+    """Points are drawn as markers when there are few (one point with no marker draws nothing)."""
+    return "o" if n == 1 else "." if n <= 40 else ""
+
+
+def plot_curves(metrics: Metrics, path: Path, title: str = "", resumed_at: list[int] | None = None) -> Any:
+    """One PNG, two panels sharing the step axis: loss (train, smoothed train, eval, best eval) and learning rate,
+    with a dashed line where the run was resumed. Returns the matplotlib Figure."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
     from matplotlib.ticker import MaxNLocator
@@ -136,7 +150,7 @@ def plot_curves(metrics: Metrics, path: Path, title: str = "") -> None:
     if steps:
         smooth = len(steps) >= 20
         loss_ax.plot(steps, losses, color="tab:blue", lw=1, alpha=0.35 if smooth else 1.0,
-                     marker="" if len(steps) > 40 else ".", label="train loss")
+                     marker=_marker(len(steps)), label="train loss")
         if smooth:
             loss_ax.plot(steps, _ema(losses, alpha=2 / (1 + max(5, len(steps) // 20))), color="tab:blue", lw=2,
                          label="train loss (smoothed)")
@@ -147,6 +161,9 @@ def plot_curves(metrics: Metrics, path: Path, title: str = "") -> None:
         assert best is not None
         loss_ax.plot([best["step"]], [best["eval_loss"]], marker="*", ms=16, color="tab:red", ls="",
                      label=f"best eval {best['eval_loss']:.4f} (step {best['step']})")
+    for i, step in enumerate(resumed_at or []):
+        for ax in (loss_ax, lr_ax):
+            ax.axvline(step, color="tab:gray", ls="--", lw=1, label=None if ax is lr_ax or i else "resumed")
     loss_ax.set_ylabel("loss (per trained token)")
     loss_ax.grid(alpha=0.3)
     loss_ax.legend(loc="best")
@@ -155,7 +172,7 @@ def plot_curves(metrics: Metrics, path: Path, title: str = "") -> None:
 
     lr_points = [(r["step"], r["lr"]) for r in metrics.train if _finite(r.get("lr"))]
     if lr_points:
-        lr_ax.plot(*zip(*lr_points, strict=True), color="tab:green", lw=1.5)
+        lr_ax.plot(*zip(*lr_points, strict=True), color="tab:green", lw=1.5, marker=_marker(len(lr_points)))
     else:
         lr_ax.text(0.5, 0.5, "no learning rate logged", ha="center", va="center", transform=lr_ax.transAxes)
     lr_ax.set_ylabel("learning rate")
@@ -164,6 +181,7 @@ def plot_curves(metrics: Metrics, path: Path, title: str = "") -> None:
     lr_ax.ticklabel_format(axis="y", style="sci", scilimits=(-2, 3))
     lr_ax.grid(alpha=0.3)
     fig.savefig(path, format="png")
+    return fig
 
 
 def _ema(values: list[float], alpha: float) -> list[float]:
@@ -287,7 +305,10 @@ def _timing_rows(metrics: Metrics, manifest: dict[str, Any]) -> list[list[str]]:
     started, finished = manifest.get("started_at"), manifest.get("finished_at")
     if started:
         rows.append(["started", started])
-    if manifest.get("resumed_at"):
+    resumes = [r for r in manifest.get("resumes") or [] if isinstance(r, dict)]
+    for r in resumes:
+        rows.append(["resumed", f"{r.get('at')} (from step {r.get('step')})"])
+    if manifest.get("resumed_at") and not resumes:
         rows.append(["resumed", f"{manifest['resumed_at']} (from step {manifest.get('resumed_from_step')})"])
     if finished:
         rows.append(["finished", finished])

@@ -10,7 +10,9 @@ it big is swapped:
   (ft_cli.chat_profiles: Llama-3.1 Instruct, Mistral-7B-Instruct-v0.3, Qwen2.5 Instruct) its tokenizer has that
   model's template and special tokens, so rendering, masking and the end-of-turn token are the real run's (for
   others it says that it uses ChatML);
-- a few optimizer steps on the first rows of the real data, short sequences, small batches;
+- a few optimizer steps on the first rows of the real data, short sequences, small batches; data that is not
+  there (a missing file, or a hub dataset, which would need the network) is replaced by the small sample of the
+  same format that ships with ft (ft_cli/samples/), and the summary says so;
 - float32 on the CPU, without liger-kernel (CUDA only; train.compile stays on where a C++ compiler is found);
   trackers off; the run goes to `<output_dir>-smoke`.
 """
@@ -19,10 +21,11 @@ from __future__ import annotations
 
 import re
 import sys
+from pathlib import Path
 from typing import Any
 
 from ft_cli.errors import UserError
-from ft_cli.recipe import Recipe
+from ft_cli.recipe import DatasetSource, Recipe
 
 SMOKE_STEPS = 4
 SMOKE_ROWS = 64
@@ -94,6 +97,7 @@ def smoke_recipe(recipe: Recipe, *, echo: Any = None) -> Recipe:
         swap("train.liger_kernel", False)  # Triton kernels: CUDA only
 
     d, t = r.data, r.train
+    substituted = use_samples_for_missing_data(r, changes)
     swap("data.limit", min(d.limit or SMOKE_ROWS, SMOKE_ROWS))
     swap("data.max_seq_len", min(d.max_seq_len, SMOKE_MAX_SEQ_LEN))
     swap("train.max_steps", min(t.max_steps or SMOKE_STEPS, SMOKE_STEPS))
@@ -123,6 +127,8 @@ def smoke_recipe(recipe: Recipe, *, echo: Any = None) -> Recipe:
     for path, old, new in changes:
         if path != "model.name_or_path":
             echo(f"smoke:   {path}: {_show(old)} -> {_show(new)}")
+    for line in substituted:
+        echo(f"smoke: {line}")
     return smoked
 
 
@@ -141,6 +147,52 @@ def template_note(recipe: Recipe, chat: Any) -> str:
                 f"builtin_chat/{chat.template_file}; end of turn {chat.eos_token})")
     return (f"chat template: ChatML - ft ships no copy of {name}'s own template and special tokens, so its "
             "rendering and masking are NOT exercised by this run (set data.chat_template to try another template)")
+
+
+SAMPLE_FILES = {"alpaca": "alpaca.json", "chat": "chat.jsonl", "sharegpt": "sharegpt.jsonl", "text": "text.jsonl"}
+
+
+def sample_data(fmt: str) -> Path:
+    """The sample dataset of format `fmt` that ships inside ft (so it is there in an installed ft too)."""
+    from importlib import resources
+
+    return Path(str(resources.files("ft_cli").joinpath("samples", SAMPLE_FILES[fmt])))
+
+
+def use_samples_for_missing_data(r: Recipe, changes: list[tuple[str, Any, Any]]) -> list[str]:
+    """Replace every data source that is not there (no such local file, directory or glob match; or a hub
+    dataset) by ft's sample of the source's format, so any recipe smoke-tests offline; returns what it said."""
+    d = r.data
+    notes: list[str] = []
+    for field in ("train", "eval"):
+        value = getattr(d, field)
+        if value is None:
+            continue
+        sources = d.sources if field == "train" else d.eval_sources
+        for i, src in enumerate(sources):
+            if _is_there(src.path):
+                continue
+            fmt = src.format or d.format
+            sample = sample_data(fmt)
+            where = f"data.{field}" + ("" if isinstance(value, str) else f"[{i}]")
+            changes.append((where, src.path, str(sample)))
+            notes.append(f"{where}: {src.path} is not there (a missing file, or a hub dataset that needs the "
+                         f"network); using ft's {fmt} sample instead ({sample.name}, {SMOKE_ROWS} records). The "
+                         "real run needs the real data.")
+            if isinstance(value, str) and not d.columns:
+                setattr(d, field, str(sample))
+            elif isinstance(value, str):  # data.columns renames the real data's fields, not the sample's
+                setattr(d, field, [DatasetSource(path=str(sample), columns={})])
+            else:
+                src.path, src.split, src.columns = str(sample), None, {}
+    return notes
+
+
+def _is_there(path: str) -> bool:
+    import glob
+
+    p = Path(path).expanduser()
+    return p.exists() or (glob.has_magic(path) and bool(glob.glob(str(p), recursive=True)))
 
 
 def model_family(recipe: Recipe) -> tuple[str, str]:

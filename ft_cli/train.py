@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from ft_cli.errors import CheckFailed, RunInterrupted, UserError
-from ft_cli.recipe import Recipe, dump_recipe, load_recipe
+from ft_cli.recipe import Recipe, dump_recipe, load_recipe, recipe_errors
 from ft_cli.run_dir import RunDir, check_run_dir, now_iso, prepare_run_dir, write_text_atomic
 
 
@@ -44,14 +44,15 @@ class Session:
 def train_from_recipe(recipe_path: Path, overrides: list[str], *, output_dir: Path | None = None,
                       resume: bool = False, overwrite: bool = False, smoke: bool = False) -> Path:
     recipe = load_recipe(recipe_path, overrides)
-    if smoke:  # before --output-dir: an explicit directory is used as given, the recipe's gets "-smoke"
-        from ft_cli.smoke import smoke_recipe
+    with recipe_errors(recipe):  # "model.x: ..." errors get the recipe file and line (or the --set item)
+        if smoke:  # before --output-dir: an explicit directory is used as given, the recipe's gets "-smoke"
+            from ft_cli.smoke import smoke_recipe
 
-        recipe = smoke_recipe(recipe)
-    if output_dir is not None:
-        recipe.output_dir = str(output_dir)
-    session = setup(recipe, Path(recipe_path), resume=resume, overwrite=overwrite)
-    return fit(session)
+            recipe = smoke_recipe(recipe)
+        if output_dir is not None:
+            recipe.output_dir = str(output_dir)
+        session = setup(recipe, Path(recipe_path), resume=resume, overwrite=overwrite)
+        return fit(session)
 
 
 def setup(recipe: Recipe, recipe_path: Path, *, resume: bool, overwrite: bool) -> Session:
@@ -61,7 +62,7 @@ def setup(recipe: Recipe, recipe_path: Path, *, resume: bool, overwrite: bool) -
     from ft_cli.batches import MicroBatches
     from ft_cli.data.audit import data_notes
     from ft_cli.data.pipeline import build_datasets, make_collator
-    from ft_cli.model import build_model, compile_blocks, load_tokenizer
+    from ft_cli.model import build_model, check_attn_implementation, compile_blocks, load_tokenizer
     from ft_cli.model_config import check_context_length
     from ft_cli.optim import build_optimizer, build_scheduler, check_optimizer_supported, replan_schedule
 
@@ -72,6 +73,7 @@ def setup(recipe: Recipe, recipe_path: Path, *, resume: bool, overwrite: bool) -
     _check_dtype(recipe, accelerator.device.type)
     _check_kernels(recipe, accelerator.device.type)
     check_context_length(recipe)
+    check_attn_implementation(recipe, accelerator.device.type)
     # Every rank checks the run directory before any rank changes it, so a refusal is raised everywhere. The
     # directory itself is only touched once tokenizer, data and model have loaded: bad input writes nothing.
     check_run_dir(run, resume=resume, overwrite=overwrite)
@@ -112,7 +114,8 @@ def setup(recipe: Recipe, recipe_path: Path, *, resume: bool, overwrite: bool) -
     session = Session(recipe=recipe, recipe_path=recipe_path, run=run, accelerator=accelerator, tokenizer=tokenizer,
                       model=model, optimizer=optimizer, scheduler=scheduler, data=data, collate=collate,
                       batches=batches, total_steps=total_steps)
-    session.state = {"best_eval_loss": None, "best_step": None, "evals_without_improvement": 0}
+    session.state = {"best_eval_loss": None, "best_step": None, "evals_without_improvement": 0,
+                     "last_eval_loss": None, "last_eval_step": None}
     if saved_state is not None:
         from ft_cli.checkpoint import load_checkpoint
 
@@ -212,6 +215,7 @@ def fit(s: Session) -> Path:
                 reporter.update(step, f"loss {loss:.4f} lr {lr:.2e} {tps:,.0f} tok/s", log_line=True)
                 window_tokens, window_t0 = 0, time.perf_counter()
 
+            paused = time.perf_counter()
             saves = bool(t.save_every) and (step % t.save_every == 0 or step == s.total_steps)
             evaluates = s.data.eval is not None and bool(t.eval_every) and (step % t.eval_every == 0
                                                                             or step == s.total_steps)
@@ -222,6 +226,7 @@ def fit(s: Session) -> Path:
                 stopped_early = _evaluate(s, step, epoch, metrics, reporter)
                 if saves:  # a resume from this checkpoint continues with this evaluation's best and patience
                     _update_checkpoint_state(s, step)
+            window_t0 += time.perf_counter() - paused  # tokens_per_s counts training time, not eval or saving
             if _reduce_sum(acc, int(stop.signum is not None)):
                 _checkpoint(s, step)
                 raise _interrupted(s, step, stop.signum or signal.SIGTERM)
@@ -233,7 +238,7 @@ def fit(s: Session) -> Path:
         if s.data.eval is not None and last_eval_step != step and step > s.start_step:
             _evaluate(s, step, s.batches.epoch_of(step * t.grad_accum), metrics, reporter)
         out_dir = s.run.output(whole_model=s.recipe.method in ("full", "freeze"))
-        _save_trained(s, out_dir)
+        _save_trained(s, out_dir, step=step)
         _finish_manifest(s, "completed", step)
         reporter.close()
         reporter.message(_summary(s, step, out_dir))
@@ -284,9 +289,10 @@ def _evaluate(s: Session, step: int, epoch: float, metrics: Any, reporter: Any) 
     best = s.state["best_eval_loss"]
     improved = best is None or eval_loss < best
     reporter.message(f"step {step}: eval_loss {eval_loss:.4f}" + (" (best)" if improved else ""))
+    s.state.update(last_eval_loss=eval_loss, last_eval_step=step)
     if improved:
         s.state.update(best_eval_loss=eval_loss, best_step=step, evals_without_improvement=0)
-        _save_trained(s, s.run.best, replace=True)
+        _save_trained(s, s.run.best, step=step, replace=True)
         return False
     s.state["evals_without_improvement"] += 1
     patience = t.early_stopping_patience
@@ -337,13 +343,15 @@ def _checkpoint(s: Session, step: int, evaluation_due: bool = False) -> None:
                     accelerator=s.accelerator, keep_last=s.recipe.train.keep_last)
 
 
-def _save_trained(s: Session, out_dir: Path, *, replace: bool = False) -> None:
-    """Rank 0 writes the adapter (or model) to `out_dir`; `replace` swaps a whole new copy in for an old one.
+def _save_trained(s: Session, out_dir: Path, *, step: int, replace: bool = False) -> None:
+    """Rank 0 writes the adapter (or model) of `step` to `out_dir`, with a model card (README.md); `replace` swaps a
+    whole new copy in for an old one.
     Under FSDP (and DeepSpeed ZeRO-3) every rank holds only shards of each weight, so all ranks first gather whole
     tensors to rank 0 (a collective) and the savers, which call model.state_dict(), are handed those."""
     from accelerate.utils import DistributedType
 
     from ft_cli.methods import save_trained
+    from ft_cli.model_card import write_model_card
 
     acc = s.accelerator
     model = acc.unwrap_model(s.model)
@@ -352,11 +360,15 @@ def _save_trained(s: Session, out_dir: Path, *, replace: bool = False) -> None:
     if acc.is_main_process:
         if full is not None:
             model.state_dict = lambda *args, **kwargs: full  # instance attribute: shadows the method until del
+        def write(path: Path) -> None:
+            save_trained(model, s.tokenizer, path, s.recipe)
+            write_model_card(path, s.recipe, s.manifest, s.state, step=step, best=out_dir == s.run.best)
+
         try:
             if replace:
-                _replace_dir(out_dir, lambda tmp: save_trained(model, s.tokenizer, tmp, s.recipe))
+                _replace_dir(out_dir, write)
             else:
-                save_trained(model, s.tokenizer, out_dir, s.recipe)
+                write(out_dir)
         finally:
             if full is not None:
                 del model.state_dict
@@ -597,6 +609,8 @@ def _start_manifest(s: Session, built: Any, *, resumed: bool) -> dict[str, Any]:
         "started_at": previous.get("started_at", now_iso()),
         "resumed_at": now_iso() if resumed else None,
         "resumed_from_step": s.start_step if resumed else None,
+        # every resume, for ft report to mark on the curves
+        "resumes": previous.get("resumes", []) + ([{"at": now_iso(), "step": s.start_step}] if resumed else []),
         "recipe_hash": s.recipe.fingerprint_hash(),
         "seed": s.recipe.train.seed,
         "method": s.recipe.method,

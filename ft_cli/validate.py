@@ -6,17 +6,22 @@ import math
 import os
 from pathlib import Path
 
-from ft_cli.recipe import Recipe, dump_recipe, load_recipe
+from ft_cli.recipe import Recipe, dump_recipe, load_recipe, recipe_errors
 
 
 def validate_recipe(recipe_path: Path, overrides: list[str], *, show: int = 0, check_data: bool = True) -> Recipe:
+    recipe = load_recipe(recipe_path, overrides)
+    with recipe_errors(recipe):
+        return _validate(recipe, recipe_path, show=show, check_data=check_data)
+
+
+def _validate(recipe: Recipe, recipe_path: Path, *, show: int, check_data: bool) -> Recipe:
     from rich.console import Console
     from rich.syntax import Syntax
     from rich.table import Table
 
     from ft_cli.model_config import check_context_length
 
-    recipe = load_recipe(recipe_path, overrides)
     check_context_length(recipe)
     console = Console(highlight=False)
     console.print(f"[bold green]recipe OK[/]: {recipe_path}")

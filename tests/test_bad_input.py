@@ -236,7 +236,7 @@ def test_bad_recipe_file(work: Path, text: str | bytes, needles: list[str]) -> N
 
 def test_recipe_path_is_a_directory(work: Path) -> None:
     (work / "recipes").mkdir()
-    expect_user_error(run_ft(work, "validate", work / "recipes"), "recipe file not found")
+    expect_user_error(run_ft(work, "validate", work / "recipes"), "recipes: is a directory, not a recipe file")
 
 
 SET_CASES: list[tuple[str, list[str], list[str]]] = [
@@ -244,10 +244,10 @@ SET_CASES: list[tuple[str, list[str], list[str]]] = [
     ("empty-key", ["=1"], ["--set =1: bad key"]),
     ("empty-part", ["train..lr=1"], ["--set train..lr=1: bad key 'train..lr'"]),
     ("into-a-value", ["model.name_or_path.x=1"], ["--set model.name_or_path.x=1: name_or_path is not a section"]),
-    ("wrong-type", ["train.lr=abc"], ["train.lr: must be a valid number", "'abc'"]),
-    ("unknown-key", ["lora.rnak=8"], ["lora.rnak: unknown key (did you mean 'rank'?)"]),
-    ("bad-enum", ["method=lorra"], ["method: must be one of", "'lorra'"]),
-    ("out-of-range", ["lora.rank=0"], ["lora.rank: must be greater than 0, got 0"]),
+    ("wrong-type", ["train.lr=abc"], ["--set train.lr=abc: must be a valid number", "'abc'"]),
+    ("unknown-key", ["lora.rnak=8"], ["--set lora.rnak=8: unknown key (did you mean 'rank'?)"]),
+    ("bad-enum", ["method=lorra"], ["--set method=lorra: must be one of", "'lorra'"]),
+    ("out-of-range", ["lora.rank=0"], ["--set lora.rank=0: must be greater than 0, got 0"]),
     ("incompatible", ["method=full", "quantization.bits=4"], ["quantization: cannot be used with method 'full'"]),
 ]
 

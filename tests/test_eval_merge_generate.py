@@ -146,7 +146,7 @@ def test_eval_on_data_with_compare_base(lora_run: Path, rows: list[dict], tmp_pa
     data = write_rows(tmp_path / "extra.json", rows[:6])
     result = invoke("eval", lora_run, "--data", data, "--compare-base")
     assert result.exit_code == 0, result.output
-    report = json.loads((lora_run / "eval.json").read_text())
+    report = json.loads((lora_run / "eval-extra.json").read_text())  # named after --data; eval.json is the split's
     assert report["data"] == str(data) and report["split"] is None and report["examples"] == 6
 
     from ft_cli.data.pipeline import load_eval_data
@@ -223,7 +223,7 @@ def test_split_prompt_takes_the_last_trained_span() -> None:
 def test_eval_data_in_another_format(lora_run: Path, chat_file: Path) -> None:
     result = invoke("eval", lora_run, "--data", chat_file, "--format", "chat")
     assert result.exit_code == 0, result.output
-    report = json.loads((lora_run / "eval.json").read_text())
+    report = json.loads((lora_run / f"eval-{chat_file.name.split('.')[0]}.json").read_text())
     assert report["format"] == "chat" and report["examples"] > 0 and report["tokens"] > 0
     assert invoke("eval", lora_run, "--format", "chat").exit_code == 2  # --format is for --data
 
@@ -417,6 +417,6 @@ def test_early_stopping_halts_and_best_loads(tmp_path: Path, rows: list[dict]) -
     assert all(e["eval_loss"] >= best["eval_loss"] for e in evals if e["step"] > best["step"])
     # best/ is the model at best_step; adapter/ the last step. ft eval --which best reproduces the logged number.
     assert invoke("eval", run, "--which", "best").exit_code == 0
-    assert json.loads((run / "eval.json").read_text())["loss"] == pytest.approx(best["eval_loss"], rel=1e-4)
+    assert json.loads((run / "eval-best.json").read_text())["loss"] == pytest.approx(best["eval_loss"], rel=1e-4)
     assert invoke("eval", run).exit_code == 0
     assert json.loads((run / "eval.json").read_text())["loss"] == pytest.approx(evals[-1]["eval_loss"], rel=1e-4)

@@ -325,7 +325,8 @@ def test_bottleneck_adapter_dir(trained) -> None:
     out = trained("adapter").run / "adapter"
     config = json.loads((out / bottleneck.CONFIG_FILE).read_text())
     assert config["size"] == 16 and config["model_type"] == "llama" and config["blocks"] == "model.layers"
-    assert config["base_model_name_or_path"] == "builtin:tiny-llama"
+    assert config["recipe_model"] == "builtin:tiny-llama"
+    assert (Path(config["base_model_name_or_path"]) / "config.json").is_file()  # loadable as it is, as peft's
     with safe_open(str(out / bottleneck.WEIGHTS_FILE), "pt") as f:
         assert len(list(f.keys())) == 2 * 2 * 4  # blocks x (attention, mlp) x (down, up) x (weight, bias)
     assert not (out / "adapter_config.json").exists()  # not a peft adapter

@@ -239,11 +239,16 @@ def test_smoke_runs_a_real_model_recipe_offline(tmp_path: Path, alpaca_file: Pat
     assert any("eval_loss" in ln for ln in metric_lines(run))
 
 
-def test_smoke_with_missing_data_is_the_normal_data_error(tmp_path: Path) -> None:
-    recipe_path = _llama_qlora_recipe(tmp_path, tmp_path / "missing.jsonl")
+def test_smoke_with_bad_data_is_the_normal_data_error(tmp_path: Path) -> None:
+    """Data that is there is used, and checked as in a real run (missing data is replaced by ft's sample:
+    tests/test_shipped_recipes.py)."""
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"instruction": "Hi", "output": "Hello"}\n{"instruction": "Hi"}\n')
+    recipe_path = _llama_qlora_recipe(tmp_path, bad)
     result = runner.invoke(app, ["train", str(recipe_path), "--smoke"])
     assert result.exit_code == 2, result.output
-    assert "missing.jsonl" in result.output and "Traceback" not in result.output
+    assert "bad.jsonl:record 1 (line 2)" in result.output and "missing field 'output'" in result.output
+    assert "Traceback" not in result.output and "sample instead" not in result.output
 
 
 def _recipe(name: str, **sections) -> Recipe:
@@ -401,9 +406,11 @@ def test_plan_llama_8b_qlora_vs_bf16(llama_8b_dir: Path, tmp_path: Path) -> None
     assert double.activations.bytes == 2 * qlora.activations.bytes and double.logits.bytes == 2 * qlora.logits.bytes
     s = suggest_micro_batch(qlora, 24 * GIB)
     assert s.micro_batch_size is not None and s.total <= 24 * GIB
-    above = estimate_memory(_llama_8b_config(), qlora.recipe, counts=c, micro_batch_size=s.micro_batch_size + 1)
+    effective = 16  # micro_batch_size x grad_accum in the recipe: the suggestion keeps it exactly
+    bigger = next(b for b in range(s.micro_batch_size + 1, effective + 1) if effective % b == 0)
+    above = estimate_memory(_llama_8b_config(), qlora.recipe, counts=c, micro_batch_size=bigger)
     assert above.total > 24 * GIB
-    assert s.micro_batch_size * s.grad_accum >= 16
+    assert s.micro_batch_size * s.grad_accum == effective
     assert suggest_micro_batch(qlora, 8 * GIB).micro_batch_size is None  # weights ~5.3 GiB, logits ~3.4 GiB
 
 

@@ -125,7 +125,8 @@ def test_custom_code_model_is_refused_naming_trust_remote_code(tmp_path: Path, c
         result = runner.invoke(app, [command, str(recipe)])
         assert result.exit_code == 2, result.output
         err = result.stderr.strip()
-        assert err.startswith("error: model.trust_remote_code:") and len(err.splitlines()) == 1, err
+        # the field, after the recipe line of its section (model.trust_remote_code is not written in it)
+        assert err.startswith(f"error: {recipe}:1: model.trust_remote_code:") and len(err.splitlines()) == 1, err
         assert str(model) in err and "model.trust_remote_code: true" in err
         assert "Traceback" not in result.output
     assert not marker.exists(), "the model's own code ran without model.trust_remote_code"

@@ -1,5 +1,6 @@
 """The data audit `ft validate` prints: counts per split, a length histogram, packing and padding efficiency,
-warnings, and samples with the trained tokens highlighted (green: carries loss; dim: masked)."""
+warnings, and samples with the trained tokens highlighted (green: carries loss; dim: masked). Without colours
+(output piped or redirected, NO_COLOR, TERM=dumb) trained spans are marked [[like this]] instead."""
 
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ from ft_cli.data.encode import IGNORE
 from ft_cli.data.pipeline import DataBundle, DataStats
 
 TRAINED_STYLE, MASKED_STYLE = "green", "dim"
+TRAINED_OPEN, TRAINED_CLOSE = "[[", "]]"  # the marker when there are no colours
 
 
 def print_data_report(bundle: DataBundle, tokenizer: Any, console: Any, show: int = 0) -> None:
@@ -35,11 +37,16 @@ def print_data_report(bundle: DataBundle, tokenizer: Any, console: Any, show: in
     for w in bundle.warnings:
         console.print(Text.assemble(("warning: ", "yellow"), w))
     if show > 0:
-        console.print(f"first {show} training examples ([{TRAINED_STYLE}]trained tokens[/], "
-                      f"[{MASKED_STYLE}]masked tokens[/]):")
+        markers = console.color_system is None or console.no_color  # piped, redirected, NO_COLOR: no colours
+        if markers:
+            console.print(f"first {show} training examples ({TRAINED_OPEN}trained tokens{TRAINED_CLOSE}, "
+                          "masked tokens unmarked):", markup=False)
+        else:
+            console.print(f"first {show} training examples ([{TRAINED_STYLE}]trained tokens[/], "
+                          f"[{MASKED_STYLE}]masked tokens[/]):")
         for i, (ids, labels) in enumerate(iter_examples(bundle.train, show)):
             console.rule(f"example {i} ({len(ids)} tokens, {sum(x != IGNORE for x in labels)} trained)")
-            console.print(highlight_tokens(tokenizer, ids, labels))
+            console.print(highlight_tokens(tokenizer, ids, labels, markers=markers))
 
 
 def data_notes(bundle: DataBundle) -> list[str]:
@@ -71,6 +78,8 @@ _ROWS = [
     ("dropped: nothing to train on", lambda s: f"{s.dropped_empty:,}" if s.dropped_empty else ""),
     ("dropped: too long", lambda s: f"{s.dropped_too_long:,}" if s.dropped_too_long else ""),
     ("truncated to max_seq_len", lambda s: _pct(s.truncated, s.rows) if s.truncated else ""),
+    ("documents split into chunks", lambda s: f"{s.split_documents:,} -> {s.text_chunks:,} examples"
+     if s.split_documents else ""),
     ("tokens", lambda s: f"{s.tokens:,}"),
     ("trained tokens", lambda s: _pct(s.trained_tokens, s.tokens)),
     ("mean / max length", lambda s: f"{s.mean_length:.0f} / {s.max_length}"),
@@ -105,8 +114,9 @@ def iter_examples(dataset: Any, limit: int):
                 return
 
 
-def highlight_tokens(tokenizer: Any, ids: list[int], labels: list[int]) -> Any:
-    """A rich Text of the decoded example: runs of trained tokens green, masked ones dim."""
+def highlight_tokens(tokenizer: Any, ids: list[int], labels: list[int], *, markers: bool = False) -> Any:
+    """A rich Text of the decoded example: runs of trained tokens green, masked ones dim; with `markers`, trained
+    runs are also wrapped in [[ ]], which survives where colours do not (CI logs, `| less`, files)."""
     from rich.text import Text
 
     text = Text()
@@ -114,6 +124,9 @@ def highlight_tokens(tokenizer: Any, ids: list[int], labels: list[int]) -> Any:
     for i in range(1, len(ids) + 1):
         if i == len(ids) or (labels[i] != IGNORE) != (labels[start] != IGNORE):
             piece = tokenizer.decode(ids[start:i], skip_special_tokens=False)
-            text.append(piece, style=TRAINED_STYLE if labels[start] != IGNORE else MASKED_STYLE)
+            trained = labels[start] != IGNORE
+            if trained and markers:
+                piece = f"{TRAINED_OPEN}{piece}{TRAINED_CLOSE}"
+            text.append(piece, style=TRAINED_STYLE if trained else MASKED_STYLE)
             start = i
     return text

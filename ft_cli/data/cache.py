@@ -36,18 +36,30 @@ def files_digest(files: list[Path]) -> list[Any]:
     return out
 
 
-def tokenizer_digest(tokenizer: Any) -> str:
-    h = hashlib.blake2b()
+def _vocabulary(tokenizer: Any) -> bytes:
     backend = getattr(tokenizer, "backend_tokenizer", None)
     if backend is not None:
-        h.update(backend.to_str().encode())
-    else:
-        h.update(json.dumps(sorted(tokenizer.get_vocab().items())).encode())
+        return backend.to_str().encode()
+    return json.dumps(sorted(tokenizer.get_vocab().items())).encode()
+
+
+def _special_tokens(tokenizer: Any) -> bytes:
+    return json.dumps(tokenizer.special_tokens_map, sort_keys=True, default=str).encode()
+
+
+def tokenizer_digest(tokenizer: Any) -> str:
+    h = hashlib.blake2b(_vocabulary(tokenizer))
     h.update(type(tokenizer).__name__.encode())
-    h.update(json.dumps(tokenizer.special_tokens_map, sort_keys=True, default=str).encode())
+    h.update(_special_tokens(tokenizer))
     h.update(json.dumps(tokenizer.chat_template, sort_keys=True).encode())
     h.update(repr(tokenizer("x").input_ids).encode())  # whether it adds BOS/EOS
     return h.hexdigest()
+
+
+def vocab_digest(tokenizer: Any) -> str:
+    """What token ids mean: the vocabulary, merges, added and special tokens; not the chat template, which only
+    decides which ids a conversation becomes. Pre-tokenized data is checked against it."""
+    return hashlib.blake2b(_vocabulary(tokenizer) + _special_tokens(tokenizer)).hexdigest()
 
 
 def make_key(parts: dict[str, Any]) -> str:
@@ -80,9 +92,12 @@ def load_entry(key: str) -> tuple[Any, dict[str, Any]] | None:
     try:
         meta = json.loads(meta_file.read_text())
         with quiet_datasets():
-            return load_from_disk(str(path / "dataset")), meta
+            dataset = load_from_disk(str(path / "dataset"))
     except Exception:  # a damaged entry is rebuilt, never trusted
         return None
+    with contextlib.suppress(OSError):  # last use, for `ft cache clean --older-than`
+        os.utime(meta_file)
+    return dataset, meta
 
 
 def save_entry(key: str, dataset_dict: Any, meta: dict[str, Any]) -> None:

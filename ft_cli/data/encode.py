@@ -29,6 +29,8 @@ class EncodeSettings:
     max_seq_len: int
     truncation: str  # "truncate" | "drop"
     train_on_inputs: bool
+    text_chunking: str = "truncate"  # "split": text documents become max_seq_len chunks; "truncate": as truncation
+    text_overlap: int = 0  # split: tokens of the previous chunk repeated as (untrained) context
 
 
 @dataclass
@@ -42,6 +44,8 @@ class Encoded:
     dropped_empty: int = 0
     dropped_too_long: int = 0
     truncated: int = 0
+    split_documents: int = 0  # text documents longer than max_seq_len cut into chunks (text_chunking: split)
+    text_chunks: int = 0  # the examples those documents became
 
     @property
     def trained_tokens(self) -> int:
@@ -57,8 +61,9 @@ def adds_bos(tokenizer: Any) -> bool:
 
 
 def encode_examples(examples: list[Example | None], tokenizer: Any, settings: EncodeSettings,
-                    renderer: ChatRenderer | None = None) -> Encoded:
+                    renderer: ChatRenderer | None = None, on_chunk: Any = None) -> Encoded:
     """Tokenize and mask; a text example (ex.text set) trains every token, a conversation its assistant turns.
+    `on_chunk(n)` is called as each n examples are done (progress on big data).
 
     Rendering (Python) and tokenizing (Rust, which releases the GIL and uses its own threads) overlap: a worker
     thread tokenizes chunk i while this thread renders chunk i+1 and then labels chunk i."""
@@ -77,9 +82,13 @@ def encode_examples(examples: list[Example | None], tokenizer: Any, settings: En
             job = (pool.submit(encode, texts), texts, spans)
             if pending is not None:
                 labeler.add(pending[0].result(), *pending[1:])
+                if on_chunk is not None:
+                    on_chunk(len(pending[1]))
             pending = job
         if pending is not None:
             labeler.add(pending[0].result(), *pending[1:])
+            if on_chunk is not None:
+                on_chunk(len(pending[1]))
     return labeler.result()
 
 
@@ -169,6 +178,9 @@ class _Labeler:
                 ids = ids + [self.eos_id]
                 if bos_id is not None:
                     ids = [bos_id] + ids
+                if self.settings.text_chunking == "split" and len(ids) > L:
+                    self._add_chunks(ids, chunk_ids, chunk_labels)
+                    continue
                 labels = list(ids)
             else:
                 if bos_id is not None and not texts[i].startswith(self.bos_text):
@@ -199,6 +211,30 @@ class _Labeler:
             self.lengths.append(len(ids))
         self.id_chunks.append(np.array(chunk_ids, dtype=np.int32))
         self.label_chunks.append(np.array(chunk_labels, dtype=np.int32))
+
+    def _add_chunks(self, ids: list[int], chunk_ids: list[int], chunk_labels: list[int]) -> None:
+        """text_chunking: split: a long document becomes chunks of max_seq_len tokens, each starting text_overlap
+        tokens before the previous one ended. Those repeated tokens are context only (label -100), and so is each
+        chunk's first token (nothing in the row predicts it), so every token is trained at most once (with an
+        overlap, every token but the document's first exactly once). A last chunk of a single token would train
+        nothing: it starts one token earlier, so the document's end (eos) is always trained."""
+        L, overlap = self.settings.max_seq_len, self.settings.text_overlap
+        start, count = 0, 0
+        while True:
+            context = max(1, overlap) if start else 1
+            if start and len(ids) - start == 1:  # only without overlap: a lone last token nothing would predict
+                start -= 1
+            piece = ids[start:start + L]
+            labels = [IGNORE] * context + piece[context:]
+            chunk_ids += piece
+            chunk_labels += labels
+            self.lengths.append(len(piece))
+            count += 1
+            if start + L >= len(ids):
+                break
+            start += L - overlap
+        self.out.split_documents += 1
+        self.out.text_chunks += count
 
     def result(self) -> Encoded:
         out = self.out

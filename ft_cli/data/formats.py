@@ -66,6 +66,15 @@ def check_columns(fmt: str, columns: dict[str, str] | None, where: str = "data.c
     return mapping
 
 
+def format_of_record(record: dict[str, Any]) -> str | None:
+    """The format whose fields a record has (messages: chat, conversations: sharegpt, instruction + output: alpaca,
+    text: text); None when none or several match."""
+    found = [fmt for fmt, needs in (("chat", ("messages",)), ("sharegpt", ("conversations",)),
+                                    ("alpaca", ("instruction", "output")), ("text", ("text",)))
+             if all(k in record for k in needs)]
+    return found[0] if len(found) == 1 else None
+
+
 def make_converter(fmt: str, columns: dict[str, str] | None) -> Converter:
     col = check_columns(fmt, columns)
     return {"alpaca": _alpaca, "chat": _chat, "sharegpt": _sharegpt, "text": _text}[fmt](col)

@@ -12,9 +12,9 @@ from __future__ import annotations
 import contextlib
 import os
 import shutil
+import sys
 import uuid
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -24,7 +24,18 @@ from ft_cli.data import cache
 from ft_cli.data.encode import Encoded, EncodeSettings, encode_examples
 from ft_cli.data.formats import Example, make_converter
 from ft_cli.data.packing import gather_packed, pack_sequences, packing_efficiency
-from ft_cli.data.sources import LoadedSource, data_files, load_source, mix_counts, sample_rows, split_eval
+from ft_cli.data.pretokenized import pretokenized_bundle, pretokenized_source, source_field
+from ft_cli.data.rows import DataBundle, DataStats, histogram, to_dataset, unpack_rows
+from ft_cli.data.saved import check_pretokenized, preprocess_meta
+from ft_cli.data.sources import (
+    LoadedSource,
+    data_files,
+    load_source,
+    mix_counts,
+    sample_rows,
+    split_eval,
+    split_warnings,
+)
 from ft_cli.data.templates import ChatRenderer, resolve_chat_template, template_warnings
 from ft_cli.errors import UserError
 
@@ -44,60 +55,16 @@ def make_collator(tokenizer: Any, *, packed: bool, pad_to_multiple_of: int | Non
     return _make(tokenizer, packed=packed, pad_to_multiple_of=pad_to_multiple_of)
 
 
-@dataclass
-class DataStats:
-    """What happened to one split. rows_in = examples read (after mixing); rows = examples kept."""
-
-    rows_in: int
-    rows: int
-    dropped_empty: int  # nothing to train on: no assistant answer, blank text
-    dropped_too_long: int  # over max_seq_len with truncation: drop, or nothing trained left after truncating
-    truncated: int  # kept, but cut to max_seq_len
-    tokens: int
-    trained_tokens: int  # tokens that carry loss
-    packed_rows: int | None
-    packing_efficiency: float | None  # tokens / (packed_rows * max_seq_len)
-    max_seq_len: int = 0
-    mean_length: float = 0.0
-    max_length: int = 0
-    length_histogram: list[list[int]] = field(default_factory=list)  # [lo, hi, examples] with lo <= length < hi
-    padding_efficiency: float | None = None  # real / padded tokens for micro-batches in random order
-    sources: list[dict[str, Any]] = field(default_factory=list)  # [{path, rows}] as mixed in
-
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
-
-
-@dataclass
-class DataBundle:
-    train: datasets.Dataset
-    eval: datasets.Dataset | None
-    train_stats: DataStats
-    eval_stats: DataStats | None
-    fingerprint: str
-    warnings: list[str] = field(default_factory=list)
-    from_cache: bool = False
-
-
 # build_datasets ----------------------------------------------------------------------------------------------
 
 def build_datasets(recipe: Recipe, tokenizer: Any, *, main_process_first: Callable | None = None) -> DataBundle:
     d = recipe.data
     if d.chat_template:  # usually already done by load_tokenizer; idempotent
         resolve_chat_template(tokenizer, d.chat_template)
-    key = _cache_key(recipe, tokenizer)
     with main_process_first() if main_process_first is not None else contextlib.nullcontext():
-        entry = cache.load_entry(key) if d.cache else None
-        if entry is not None:
-            bundle = _bundle_from_cache(entry, key)
-        else:
-            bundle = _build(recipe, tokenizer, key)
-            if d.cache:
-                try:
-                    cache.save_entry(key, _dataset_dict(bundle), _meta(bundle))
-                except OSError as exc:
-                    bundle.warnings.append(f"could not write the data cache ({exc}); set data.cache: false to "
-                                           "silence this")
+        bundle = pretokenized_bundle(recipe, tokenizer, lambda: _raw_eval(recipe, tokenizer))  # used as saved
+        if bundle is None:
+            bundle = _tokenized_bundle(recipe, tokenizer)
     micro = recipe.train.micro_batch_size
     bundle.train_stats.padding_efficiency = _padding_efficiency(bundle.train, micro, recipe.train.seed)
     if bundle.eval is not None and bundle.eval_stats is not None:
@@ -106,9 +73,24 @@ def build_datasets(recipe: Recipe, tokenizer: Any, *, main_process_first: Callab
     return bundle
 
 
+def _tokenized_bundle(recipe: Recipe, tokenizer: Any) -> DataBundle:
+    """Raw data tokenized, from the cache when data, tokenizer and settings are unchanged."""
+    key = _cache_key(recipe, tokenizer)
+    entry = cache.load_entry(key) if recipe.data.cache else None
+    if entry is not None:
+        return _bundle_from_cache(entry, key)
+    bundle = _build(recipe, tokenizer, key)
+    if recipe.data.cache:
+        try:
+            cache.save_entry(key, _dataset_dict(bundle), _meta(bundle))
+        except OSError as exc:
+            bundle.warnings.append(f"could not write the data cache ({exc}); set data.cache: false to silence this")
+    return bundle
+
+
 def _settings(recipe: Recipe) -> EncodeSettings:
     d = recipe.data
-    return EncodeSettings(d.max_seq_len, d.truncation, d.train_on_inputs)
+    return EncodeSettings(d.max_seq_len, d.truncation, d.train_on_inputs, d.text_chunking, d.text_overlap)
 
 
 def _load(sources: list[DatasetSource], recipe: Recipe, field_name: str,
@@ -151,8 +133,14 @@ def _preference_warning(where: str, fmt: str, count: int, examples: list[Example
 
 
 def _where(recipe: Recipe, field_name: str, i: int) -> str:
-    """`data.train` for a single path, `data.train[i]` for source i of a list."""
-    return field_name if isinstance(getattr(recipe.data, field_name.split(".")[1]), str) else f"{field_name}[{i}]"
+    return source_field(recipe, field_name, i)
+
+
+def _raw_eval(recipe: Recipe, tokenizer: Any) -> datasets.Dataset | None:
+    """data.eval tokenized (beside a pre-tokenized data.train)."""
+    examples = [ex for src in _load(recipe.data.eval_sources, recipe, "data.eval") for ex in src.examples]
+    enc = encode_examples(examples, tokenizer, _settings(recipe))
+    return to_dataset(enc.ids, enc.labels, enc.lengths) if len(enc.lengths) else None
 
 
 def _build(recipe: Recipe, tokenizer: Any, key: str) -> DataBundle:
@@ -162,9 +150,11 @@ def _build(recipe: Recipe, tokenizer: Any, key: str) -> DataBundle:
     eval_examples: list[Example | None] = []
     eval_sources: list[dict[str, Any]] = []
     pools: list[list[Example | None]] = []
+    warnings: list[str] = []
     for i, src in enumerate(train_sources):
         if d.eval is None:
             keep, held = split_eval(len(src.examples), d.val_split, seed + i)
+            warnings += split_warnings(len(src.examples), len(held), d.val_split, src.label)
             eval_examples += [src.examples[j] for j in held]
             eval_sources.append({"path": src.label, "rows": len(held)})
             pools.append([src.examples[j] for j in keep])
@@ -184,29 +174,47 @@ def _build(recipe: Recipe, tokenizer: Any, key: str) -> DataBundle:
 
     settings = _settings(recipe)
     renderer = ChatRenderer(tokenizer) if any(ex is not None and ex.text is None for ex in train_examples) else None
-    warnings = notes + _check_template(tokenizer, renderer, train_examples)
-    train_enc = encode_examples(train_examples, tokenizer, settings, renderer)
+    warnings += notes + _check_template(tokenizer, renderer, train_examples)
+    train_enc = _encode(train_examples, tokenizer, settings, renderer, "data.train")
     _require_rows(train_enc, "data.train", d.max_seq_len, d.truncation)
     train_stats = _stats(train_enc, d.max_seq_len, train_mix)
     if d.packing:
         rows = pack_sequences(train_enc.lengths, d.max_seq_len, seed)
         ids, labels, pos, row_lengths = gather_packed(train_enc.ids, train_enc.labels, train_enc.lengths, rows)
-        train = _to_dataset(ids, labels, row_lengths, pos)
+        train = to_dataset(ids, labels, row_lengths, pos)
         train_stats.packed_rows = len(rows)
         train_stats.packing_efficiency = packing_efficiency(train_enc.lengths, len(rows), d.max_seq_len)
     else:
-        train = _to_dataset(train_enc.ids, train_enc.labels, train_enc.lengths)
+        train = to_dataset(train_enc.ids, train_enc.labels, train_enc.lengths)
 
     eval_ds, eval_stats = None, None
     if eval_examples:
-        eval_enc = encode_examples(eval_examples, tokenizer, settings, renderer)
+        eval_enc = _encode(eval_examples, tokenizer, settings, renderer, "data.eval")
         eval_stats = _stats(eval_enc, d.max_seq_len, eval_sources)
         if len(eval_enc.lengths):
-            eval_ds = _to_dataset(eval_enc.ids, eval_enc.labels, eval_enc.lengths)
+            eval_ds = to_dataset(eval_enc.ids, eval_enc.labels, eval_enc.lengths)
         else:
             warnings.append(f"every eval example was dropped ({_drop_summary(eval_enc, d.max_seq_len)}); "
                             "training runs without evaluation")
     return DataBundle(train, eval_ds, train_stats, eval_stats, key, warnings)
+
+
+TOKENIZE_PROGRESS_MIN = 20_000  # examples: below this, tokenizing takes seconds and needs no progress display
+
+
+def _encode(examples: list[Example | None], tokenizer: Any, settings: EncodeSettings,
+            renderer: ChatRenderer | None, label: str) -> Encoded:
+    """encode_examples, showing progress on big data (a bar on a terminal, a line per tenth in logs)."""
+    live = sum(ex is not None for ex in examples)
+    if live < TOKENIZE_PROGRESS_MIN:
+        return encode_examples(examples, tokenizer, settings, renderer)
+    from ft_cli.progress import CountProgress
+
+    progress = CountProgress(live, f"tokenizing {label} (examples)")
+    try:
+        return encode_examples(examples, tokenizer, settings, renderer, on_chunk=progress.advance)
+    finally:
+        progress.close()
 
 
 def _check_template(tokenizer: Any, renderer: ChatRenderer | None, examples: list[Example | None]) -> list[str]:
@@ -238,14 +246,8 @@ def _stats(enc: Encoded, max_seq_len: int, sources: list[dict[str, Any]]) -> Dat
         dropped_too_long=enc.dropped_too_long, truncated=enc.truncated, tokens=int(lengths.sum()),
         trained_tokens=enc.trained_tokens, packed_rows=None, packing_efficiency=None, max_seq_len=max_seq_len,
         mean_length=float(lengths.mean()) if len(lengths) else 0.0, max_length=int(lengths.max(initial=0)),
-        length_histogram=_histogram(lengths, max_seq_len), sources=sources)
-
-
-def _histogram(lengths: np.ndarray, max_seq_len: int, bins: int = 10) -> list[list[int]]:
-    edges = np.unique(np.linspace(0, max_seq_len, bins + 1).round().astype(np.int64))
-    edges[-1] = max_seq_len + 1  # the last bin includes max_seq_len itself
-    counts, _ = np.histogram(lengths, bins=edges)
-    return [[int(lo), int(hi), int(c)] for lo, hi, c in zip(edges[:-1], edges[1:], counts, strict=True)]
+        length_histogram=histogram(lengths, max_seq_len), sources=sources, split_documents=enc.split_documents,
+        text_chunks=enc.text_chunks)
 
 
 def _padding_efficiency(ds: datasets.Dataset, batch_size: int, seed: int) -> float | None:
@@ -258,22 +260,6 @@ def _padding_efficiency(ds: datasets.Dataset, batch_size: int, seed: int) -> flo
     pad = (-len(lengths)) % batch_size
     batches = np.concatenate([lengths, np.zeros(pad, np.int64)]).reshape(-1, batch_size)
     return float(lengths.sum() / (batches.max(axis=1) * batch_size).sum())
-
-
-def _to_dataset(ids: np.ndarray, labels: np.ndarray, row_lengths: np.ndarray,
-                position_ids: np.ndarray | None = None) -> datasets.Dataset:
-    import datasets
-    import pyarrow as pa
-    from datasets.table import InMemoryTable
-
-    offsets = np.concatenate([[0], np.cumsum(row_lengths)])
-    big = offsets[-1] > np.iinfo(np.int32).max
-    make = pa.LargeListArray.from_arrays if big else pa.ListArray.from_arrays
-    off = pa.array(offsets.astype(np.int64 if big else np.int32))
-    columns = {"input_ids": make(off, pa.array(ids)), "labels": make(off, pa.array(labels))}
-    if position_ids is not None:
-        columns["position_ids"] = make(off, pa.array(position_ids))
-    return datasets.Dataset(InMemoryTable(pa.table(columns)))
 
 
 # Cache -----------------------------------------------------------------------------------------------------------
@@ -293,7 +279,8 @@ def _cache_key(recipe: Recipe, tokenizer: Any) -> str:
                  if d.eval is not None else None),
         "tokenizer": cache.tokenizer_digest(tokenizer),
         "settings": {k: getattr(d, k) for k in ("format", "columns", "val_split", "max_seq_len", "truncation",
-                                                "packing", "train_on_inputs", "limit")},
+                                                "packing", "train_on_inputs", "limit", "text_chunking",
+                                                "text_overlap")},
         "seed": recipe.train.seed,
     })
 
@@ -327,11 +314,18 @@ def load_eval_data(path: str | os.PathLike, recipe: Recipe, tokenizer: Any) -> d
     d = recipe.data
     if d.chat_template:
         resolve_chat_template(tokenizer, d.chat_template)
+    rows = pretokenized_source(str(path), None, "--data")
+    if rows is not None:  # ft preprocess's output
+        ds, where = rows
+        meta = preprocess_meta(where) or preprocess_meta(where.parent)
+        for w in check_pretokenized(ds, where, "--data", tokenizer, meta):
+            print(f"warning: {w}", file=sys.stderr)
+        return unpack_rows(ds)
     convert = make_converter(d.format, d.columns)
     src = load_source(str(path), None, convert, "--data")
     enc = encode_examples(src.examples, tokenizer, _settings(recipe))
     _require_rows(enc, f"--data {path}", d.max_seq_len, d.truncation)
-    return _to_dataset(enc.ids, enc.labels, enc.lengths)
+    return to_dataset(enc.ids, enc.labels, enc.lengths)
 
 
 def preprocess_to_disk(recipe_path: str | os.PathLike, overrides: list[str], out: Path) -> None:
@@ -340,21 +334,29 @@ def preprocess_to_disk(recipe_path: str | os.PathLike, overrides: list[str], out
 
     from rich.console import Console
 
+    from ft_cli.data.saved import PREPROCESS_META
     from ft_cli.model import load_tokenizer
-    from ft_cli.recipe import load_recipe
+    from ft_cli.recipe import load_recipe, recipe_errors
 
     out = Path(out)
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise UserError(f"--out {out}: already exists and is not empty; choose a new directory or remove it")
     recipe = load_recipe(recipe_path, overrides)
-    tokenizer = load_tokenizer(recipe)
-    bundle = build_datasets(recipe, tokenizer)
+    with recipe_errors(recipe):
+        tokenizer = load_tokenizer(recipe)
+        bundle = build_datasets(recipe, tokenizer)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.parent / f".{out.name}.tmp-{uuid.uuid4().hex[:8]}"
     try:
         with cache.quiet_datasets():
             _dataset_dict(bundle).save_to_disk(str(tmp))
-        (tmp / "stats.json").write_text(json.dumps(_meta(bundle), indent=2))
+        # What the rows were made with: a recipe that trains on them is checked against it (data/saved.py).
+        meta = {**_meta(bundle), "model": recipe.model.name_or_path,
+                "tokenizer_vocab": cache.vocab_digest(tokenizer),
+                "settings": recipe.data.model_dump(mode="json", include={
+                    "format", "columns", "max_seq_len", "packing", "train_on_inputs", "truncation", "text_chunking",
+                    "text_overlap", "chat_template", "limit"})}
+        (tmp / PREPROCESS_META).write_text(json.dumps(meta, indent=2))
         if out.exists():
             out.rmdir()  # empty, checked above
         os.rename(tmp, out)

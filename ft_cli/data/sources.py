@@ -10,6 +10,7 @@ once. The eval split (val_split) is taken from each source before mixing, so no 
 from __future__ import annotations
 
 import csv
+import glob
 import json
 import os
 import re
@@ -36,8 +37,20 @@ class LoadedSource:
 
 
 def data_files(path: str, where: str) -> list[Path] | None:
-    """The local files of a source, or None when `path` is a hub dataset id."""
+    """The local files of a source (for a dataset saved with save_to_disk: every file it is made of), or None when
+    `path` is a hub dataset id. A glob (data/*.jsonl, data/**/*.json) matches files; `~` is the home directory."""
+    from ft_cli.data.saved import saved_kind
+
     p = Path(path).expanduser()
+    if glob.has_magic(path) and not p.exists():
+        matched = sorted(Path(f) for f in glob.glob(str(p), recursive=True))
+        files = [f for f in matched if f.is_file() and f.suffix.lower() in EXTENSIONS]
+        if not files:
+            found = f" (it matches {len(matched)} paths, none a {', '.join(EXTENSIONS)} file)" if matched else ""
+            raise UserError(f"{where}: no file matches {p}{found}")
+        return files
+    if p.is_dir() and saved_kind(p):
+        return sorted(f for f in p.rglob("*") if f.is_file())
     if p.is_file():
         if p.suffix.lower() not in EXTENSIONS:
             raise UserError(f"{where}: {p}: unsupported file type {p.suffix!r} (use {', '.join(EXTENSIONS)})")
@@ -54,9 +67,19 @@ def data_files(path: str, where: str) -> list[Path] | None:
 
 
 def load_source(path: str, split: str | None, convert: Converter, where: str) -> LoadedSource:
+    from ft_cli.data import saved
+
     files = data_files(path, where)
     if files is None:
         return LoadedSource(path, [convert(r, o) for r, o in _hub_records(path, split, where)])
+    p = Path(path).expanduser()
+    if p.is_dir() and saved.saved_kind(p):
+        ds = saved.load_saved(p, split, where)
+        if saved.is_pretokenized(ds):
+            raise UserError(f"{where}: {p} holds pre-tokenized rows (input_ids), which are used as they are only as "
+                            "the one data.train source (or data.eval); mix the raw data instead")
+        label = f"{p}[{split}]" if split else str(p)
+        return LoadedSource(path, [convert(r, o) for r, o in saved.records(ds, label)], files=files)
     examples: list[Example | None] = []
     for f in files:
         examples.extend(convert(r, o) for r, o in read_records(f))
@@ -191,6 +214,21 @@ def split_eval(n: int, val_split: float, seed: int) -> tuple[np.ndarray, np.ndar
     n_eval = min(n - 1, max(1, round(n * val_split)))
     order = np.random.default_rng(seed).permutation(n)
     return np.sort(order[n_eval:]), np.sort(order[:n_eval])
+
+
+def split_warnings(n: int, n_eval: int, val_split: float, label: str, unit: str = "records") -> list[str]:
+    """data.val_split holds out at least one row, so on a small dataset the eval share can be far more than asked
+    for (1 of 3 rows is 33%), or nothing can be held out at all: say so."""
+    if val_split <= 0:
+        return []
+    if n_eval == 0:
+        return [f"data.val_split {val_split:g}: {label} has {n} {unit[:-1] if n == 1 else unit}, too few to hold "
+                "any out; training runs without evaluation (set data.eval to evaluate)"]
+    share = n_eval / n
+    if share > 2 * val_split:
+        return [f"data.val_split {val_split:g}: {label} has only {n} {unit}, so the eval split takes {n_eval} of "
+                f"them ({share:.0%}, not {val_split:.0%}); add data or set data.eval"]
+    return []
 
 
 def mix_counts(sizes: list[int], weights: list[float | None]) -> list[int]:

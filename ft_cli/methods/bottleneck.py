@@ -112,7 +112,10 @@ def save_bottleneck_adapter(model: Any, out: Path, recipe: Recipe) -> None:
         "size": spec.size,
         "dropout": spec.dropout,
         "activation": ACTIVATION,
-        "base_model_name_or_path": recipe.model.name_or_path,
+        # Where the base was loaded from (a hub id, or the local directory of a path or built-in), as peft records
+        # it, so `ft_cli.load_adapter` users can load it; the recipe's name beside it.
+        "base_model_name_or_path": getattr(model.config, "_name_or_path", None) or recipe.model.name_or_path,
+        "recipe_model": recipe.model.name_or_path,
         "revision": recipe.model.revision,
         "model_type": model.config.model_type,
         "blocks": blocks_name,

@@ -21,8 +21,10 @@ def apply_ia3(model: Any, recipe: Recipe) -> Any:
     model_type = model.config.model_type
     targets = spec.target_modules or DEFAULT_TARGETS.get(model_type)
     if targets is None:
+        names = linear_module_names(model)
         raise UserError(f"ia3.target_modules: peft has no default for model type {model_type!r}; list the modules "
-                        "to rescale, e.g. [k_proj, v_proj, down_proj]")
+                        f"to rescale (IA3 scales attention keys/values and the MLP's down projection); this model's "
+                        f"linear layers are {', '.join(names)}")
     feedforward = spec.feedforward_modules
     if feedforward is None:  # peft's feed-forward defaults, restricted to the modules actually targeted
         feedforward = [m for m in DEFAULT_FEEDFORWARD.get(model_type, []) if m in targets]
@@ -33,3 +35,19 @@ def apply_ia3(model: Any, recipe: Recipe) -> Any:
     config = IA3Config(task_type="CAUSAL_LM", target_modules=list(targets), feedforward_modules=list(feedforward))
     return get_peft_model_for(model, config, "ia3.target_modules")
 
+
+
+def linear_module_names(model: Any) -> list[str]:
+    """The distinct last names of the model's linear layers (e.g. qkv_proj, o_proj, gate_up_proj, down_proj), in
+    the order they first appear, the output head left out."""
+    import torch
+    from transformers.pytorch_utils import Conv1D
+
+    head = model.get_output_embeddings()
+    names: list[str] = []
+    for name, module in model.named_modules():
+        if isinstance(module, torch.nn.Linear | Conv1D) and module is not head:
+            leaf = name.rsplit(".", 1)[-1]
+            if leaf not in names:
+                names.append(leaf)
+    return names

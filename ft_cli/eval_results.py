@@ -1,0 +1,94 @@
+"""What `ft eval` writes and prints: the result file (which one, when), the table, and the --fail-if verdict."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Any
+
+from ft_cli.errors import CheckFailed, UserError
+from ft_cli.metrics_text import GENERATION_METRICS
+from ft_cli.run_dir import RunDir, now_iso, write_text_atomic
+
+
+def result_path(run: RunDir, *, data: Path | None, split: str, which: str, name: str | None) -> Path:
+    """RUN_DIR/eval.json for the default evaluation (the run's eval split, final weights), as before; every other
+    evaluation gets its own RUN_DIR/eval-<name>.json so none overwrites another: <name> is --name, else the --data
+    file's name or the split, with -best for --which best."""
+    if name is None:
+        if data is None and split == "eval" and which == "final":
+            return run.eval_json
+        parts = [Path(data).name.split(".")[0] if data is not None else split if split != "eval" else "",
+                 "best" if which == "best" else ""]
+        name = "-".join(p for p in parts if p)
+    clean = re.sub(r"[^A-Za-z0-9_.-]+", "-", name).strip("-.") or "eval"
+    return run.root / f"eval-{clean}.json"
+
+
+def add_base(result: dict[str, Any], scored: dict[str, Any], base_gen: dict[str, Any] | None) -> None:
+    """base_* and delta_* (run - base) for the loss, perplexity and, with --generate, each generation metric."""
+    pairs = [("loss", scored["loss"]), ("perplexity", scored["perplexity"])]
+    if base_gen is not None:
+        pairs += [(m, base_gen[m]) for m in GENERATION_METRICS]
+        for sample, base_sample in zip(result["samples"], base_gen["samples"], strict=True):
+            sample["base_prediction"] = base_sample["prediction"]
+    for metric, base in pairs:
+        result[f"base_{metric}"] = base
+        result[f"delta_{metric}"] = result[metric] - base
+
+
+def finish(result: dict[str, Any], thresholds: list[Any], path: Path | None) -> int:
+    failed = [t for t in thresholds if t.crossed(float(result[t.metric]))]
+    result.update(evaluated_at=now_iso(), fail_if=[str(t) for t in thresholds], failed=[str(t) for t in failed])
+    if path is not None:
+        path = Path(path).expanduser()
+        if path.is_dir():
+            raise UserError(f"--output: {path} is a directory; give a file name such as {path}/eval.json")
+        path.parent.mkdir(parents=True, exist_ok=True)
+        write_json(path, result)
+    print_result(result, path)
+    if failed:
+        lines = [f"  {t.metric} = {result[t.metric]:.6g} crosses {t}" for t in failed]
+        raise CheckFailed("eval check failed (--fail-if):\n" + "\n".join(lines))
+    return 0
+
+
+# Output --------------------------------------------------------------------------------------------------------------
+
+def write_json(path: Path, data: dict[str, Any]) -> None:
+    import json
+
+    write_text_atomic(path, json.dumps(data, indent=2, default=str) + "\n")
+
+
+def print_result(result: dict[str, Any], path: Path | None) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    compared = "base_loss" in result
+    where = result["data"] if result["split"] is None else f"{result['split']} split of {result['data']}"
+    table = Table(title=f"ft eval: {result['model']} on {where}")
+    table.add_column("metric")
+    table.add_column("run", justify="right")
+    if compared:
+        table.add_column("base", justify="right")
+        table.add_column("delta (run - base)", justify="right")
+    for name in ("loss", "perplexity"):
+        row = [name, f"{result[name]:.4f}"]
+        if compared:
+            row += [f"{result['base_' + name]:.4f}", f"{result['delta_' + name]:+.4f}"]
+        table.add_row(*row)
+    for name in ("tokens", "examples"):
+        table.add_row(name, f"{result[name]:,}", *([""] * 2 if compared else []))
+    if "generated" in result:
+        table.add_row("generated", str(result["generated"]), *([""] * 2 if compared else []))
+        for name, scale in (("exact_match", "0-1"), ("rouge_l", "0-1"), ("bleu", "0-100"), ("chrf", "0-100")):
+            row = [f"{name} ({scale})", f"{result[name]:.4f}"]
+            if compared:
+                row += ([f"{result['base_' + name]:.4f}", f"{result['delta_' + name]:+.4f}"]
+                        if "base_" + name in result else ["", ""])
+            table.add_row(*row)
+    console = Console(highlight=False)
+    console.print(table)  # a crossed --fail-if threshold is reported once, by the exit-3 message
+    console.print(f"wrote {path}" if path is not None else
+                  "not saved (a model that ft did not write); pass --output FILE to keep the result")
