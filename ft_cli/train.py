@@ -76,6 +76,9 @@ def setup(recipe: Recipe, recipe_path: Path, *, resume: bool, overwrite: bool) -
     set_seed(recipe.train.seed)
     tokenizer = load_tokenizer(recipe)
     data = build_datasets(recipe, tokenizer, main_process_first=accelerator.main_process_first)
+    if accelerator.is_main_process:  # what ft validate reports about the data, said here too
+        for line in [f"warning: {w}" for w in data.warnings] + [f"note: {n}" for n in data.notes]:
+            print(line, file=sys.stderr)
     set_seed(recipe.train.seed)  # data building must not shift the model's initial weights
     built = build_model(recipe, device=accelerator.device)
     model = built.model

@@ -34,6 +34,8 @@ def print_data_report(bundle: DataBundle, tokenizer: Any, console: Any, show: in
                           + (f" (weight {src['weight']:g})" if src.get("weight") else ""), markup=False)
     for w in bundle.warnings:
         console.print(Text.assemble(("warning: ", "yellow"), w))
+    for note in bundle.notes:
+        console.print(Text.assemble(("note: ", "cyan"), note))
     if show > 0:
         console.print(f"first {show} training examples ([{TRAINED_STYLE}]trained tokens[/], "
                       f"[{MASKED_STYLE}]masked tokens[/]):")
@@ -52,6 +54,9 @@ _ROWS = [
     ("dropped: nothing to train on", lambda s: f"{s.dropped_empty:,}" if s.dropped_empty else ""),
     ("dropped: too long", lambda s: f"{s.dropped_too_long:,}" if s.dropped_too_long else ""),
     ("truncated to max_seq_len", lambda s: _pct(s.truncated, s.rows) if s.truncated else ""),
+    ("conversations split per assistant turn", lambda s: f"{s.split_rows:,} (+{s.extra_samples:,} samples)"
+     if s.split_rows else ""),
+    ("assistant text left out by the template", lambda s: f"{s.lost_rows:,} conversations" if s.lost_rows else ""),
     ("tokens", lambda s: f"{s.tokens:,}"),
     ("trained tokens", lambda s: _pct(s.trained_tokens, s.tokens)),
     ("mean / max length", lambda s: f"{s.mean_length:.0f} / {s.max_length}"),

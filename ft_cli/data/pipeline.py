@@ -24,8 +24,9 @@ from ft_cli.data import cache
 from ft_cli.data.encode import Encoded, EncodeSettings, encode_examples
 from ft_cli.data.formats import Example, make_converter
 from ft_cli.data.packing import gather_packed, pack_sequences, packing_efficiency
+from ft_cli.data.render import ChatRenderer
 from ft_cli.data.sources import LoadedSource, data_files, load_source, mix_counts, sample_rows, split_eval
-from ft_cli.data.templates import ChatRenderer, resolve_chat_template, template_warnings
+from ft_cli.data.templates import resolve_chat_template, template_warnings
 from ft_cli.errors import UserError
 
 if TYPE_CHECKING:
@@ -63,6 +64,9 @@ class DataStats:
     length_histogram: list[list[int]] = field(default_factory=list)  # [lo, hi, examples] with lo <= length < hi
     padding_efficiency: float | None = None  # real / padded tokens for micro-batches in random order
     sources: list[dict[str, Any]] = field(default_factory=list)  # [{path, rows}] as mixed in
+    split_rows: int = 0  # conversations with assistant turns trained in samples of their own (data.render)
+    extra_samples: int = 0  # samples those turns added
+    lost_rows: int = 0  # conversations whose assistant text the chat template partly leaves out
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -77,6 +81,7 @@ class DataBundle:
     fingerprint: str
     warnings: list[str] = field(default_factory=list)
     from_cache: bool = False
+    notes: list[str] = field(default_factory=list)  # how the data is trained, where it is not the obvious way
 
 
 # build_datasets ----------------------------------------------------------------------------------------------
@@ -108,7 +113,7 @@ def build_datasets(recipe: Recipe, tokenizer: Any, *, main_process_first: Callab
 
 def _settings(recipe: Recipe) -> EncodeSettings:
     d = recipe.data
-    return EncodeSettings(d.max_seq_len, d.truncation, d.train_on_inputs)
+    return EncodeSettings(d.max_seq_len, d.truncation, d.train_on_inputs, d.system_message)
 
 
 def _load(sources: list[DatasetSource], recipe: Recipe, field_name: str) -> list[LoadedSource]:
@@ -159,10 +164,12 @@ def _build(recipe: Recipe, tokenizer: Any, key: str) -> DataBundle:
         train_mix.append({"path": src.label, "rows": count, "available": len(pool), "weight": src.weight})
 
     settings = _settings(recipe)
-    renderer = ChatRenderer(tokenizer) if any(ex is not None and ex.text is None for ex in train_examples) else None
+    conversations = any(ex is not None and ex.text is None for ex in train_examples)
+    renderer = ChatRenderer(tokenizer, d.system_message) if conversations else None
     warnings = _check_template(tokenizer, renderer, train_examples)
     train_enc = encode_examples(train_examples, tokenizer, settings, renderer)
     _require_rows(train_enc, "data.train", d.max_seq_len, d.truncation)
+    notes = _rendering_notes(train_enc, warnings)
     train_stats = _stats(train_enc, d.max_seq_len, train_mix)
     if d.packing:
         rows = pack_sequences(train_enc.lengths, d.max_seq_len, seed)
@@ -182,7 +189,7 @@ def _build(recipe: Recipe, tokenizer: Any, key: str) -> DataBundle:
         else:
             warnings.append(f"every eval example was dropped ({_drop_summary(eval_enc, d.max_seq_len)}); "
                             "training runs without evaluation")
-    return DataBundle(train, eval_ds, train_stats, eval_stats, key, warnings)
+    return DataBundle(train, eval_ds, train_stats, eval_stats, key, warnings, notes=notes)
 
 
 def _check_template(tokenizer: Any, renderer: ChatRenderer | None, examples: list[Example | None]) -> list[str]:
@@ -191,7 +198,29 @@ def _check_template(tokenizer: Any, renderer: ChatRenderer | None, examples: lis
     if renderer is None:
         return []
     first = next((ex for ex in examples if ex is not None and ex.text is None), None)
-    return template_warnings(tokenizer, renderer, first) if first is not None else []
+    if first is None:
+        return []
+    sample = renderer.conversation(first).samples[0]
+    return template_warnings(tokenizer, sample.text, sample.spans)
+
+
+def _rendering_notes(enc: Encoded, warnings: list[str]) -> list[str]:
+    """Say when the chat template drops assistant text (a warning) or trains turns apart (a note), and how often."""
+    if enc.lost_rows:
+        hint = ("DeepSeek-R1's template strips everything up to </think> from assistant messages; to train the "
+                "reasoning, set data.chat_template to a template that keeps it (a .jinja file)"
+                if "</think>" in (enc.lost_first or "") else
+                "check that data.chat_template renders every field your assistant messages use")
+        warnings.append(f"the chat template leaves part of the assistant text out of the training text in "
+                        f"{enc.lost_rows:,} of {enc.rows_in:,} conversations (first: {enc.lost_first}); that text is "
+                        f"never trained. {hint}")
+    if not enc.split_rows:
+        return []
+    return [f"{enc.split_rows:,} of {enc.rows_in:,} conversations have assistant turns that the chat template renders "
+            "differently once later messages follow (Qwen3 drops the <think> block of earlier turns): each such turn "
+            f"trains in a sample of its own (+{enc.extra_samples:,} samples), exactly as the model reads and writes "
+            "it at that position, with the earlier turns as its history shows them; every other turn trains in the "
+            "whole conversation. `ft validate --show N` shows the tokens that carry loss in each sample."]
 
 
 def _require_rows(enc: Encoded, where: str, max_seq_len: int, truncation: str) -> None:
@@ -214,7 +243,8 @@ def _stats(enc: Encoded, max_seq_len: int, sources: list[dict[str, Any]]) -> Dat
         dropped_too_long=enc.dropped_too_long, truncated=enc.truncated, tokens=int(lengths.sum()),
         trained_tokens=enc.trained_tokens, packed_rows=None, packing_efficiency=None, max_seq_len=max_seq_len,
         mean_length=float(lengths.mean()) if len(lengths) else 0.0, max_length=int(lengths.max(initial=0)),
-        length_histogram=_histogram(lengths, max_seq_len), sources=sources)
+        length_histogram=_histogram(lengths, max_seq_len), sources=sources, split_rows=enc.split_rows,
+        extra_samples=enc.extra_samples, lost_rows=enc.lost_rows)
 
 
 def _histogram(lengths: np.ndarray, max_seq_len: int, bins: int = 10) -> list[list[int]]:
@@ -269,7 +299,7 @@ def _cache_key(recipe: Recipe, tokenizer: Any) -> str:
                  if d.eval is not None else None),
         "tokenizer": cache.tokenizer_digest(tokenizer),
         "settings": {k: getattr(d, k) for k in ("format", "columns", "val_split", "max_seq_len", "truncation",
-                                                "packing", "train_on_inputs", "limit")},
+                                                "packing", "train_on_inputs", "limit", "system_message")},
         "seed": recipe.train.seed,
     })
 
@@ -284,7 +314,7 @@ def _dataset_dict(bundle: DataBundle) -> Any:
 
 
 def _meta(bundle: DataBundle) -> dict[str, Any]:
-    return {"fingerprint": bundle.fingerprint, "warnings": bundle.warnings,
+    return {"fingerprint": bundle.fingerprint, "warnings": bundle.warnings, "notes": bundle.notes,
             "train_stats": bundle.train_stats.to_dict(),
             "eval_stats": bundle.eval_stats.to_dict() if bundle.eval_stats else None}
 
@@ -293,7 +323,7 @@ def _bundle_from_cache(entry: tuple[Any, dict[str, Any]], key: str) -> DataBundl
     dsd, meta = entry
     eval_stats = DataStats(**meta["eval_stats"]) if meta["eval_stats"] else None
     return DataBundle(dsd["train"], dsd["eval"] if "eval" in dsd else None, DataStats(**meta["train_stats"]),
-                      eval_stats, key, list(meta["warnings"]), from_cache=True)
+                      eval_stats, key, list(meta["warnings"]), from_cache=True, notes=list(meta.get("notes", [])))
 
 
 # ft eval --data, ft preprocess ---------------------------------------------------------------------------------
@@ -345,3 +375,5 @@ def preprocess_to_disk(recipe_path: str | os.PathLike, overrides: list[str], out
         console.print(f"  eval {bundle.eval_stats.rows} examples, {bundle.eval_stats.tokens:,} tokens", markup=False)
     for w in bundle.warnings:
         console.print(f"warning: {w}", markup=False, style="yellow")
+    for note in bundle.notes:
+        console.print(f"note: {note}", markup=False)
