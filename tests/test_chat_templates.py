@@ -400,3 +400,29 @@ def test_a_render_that_differs_from_the_skeleton_takes_the_exact_path(data_token
     texts = [once.conversation(ex).samples[0] for ex in examples]
     assert [t.text for t in texts] == ["<user>hello</s><assistant>ok</s>", "<user*>yes</s><assistant>ok</s>"]
     assert [t.text[a:b] for t in texts for a, b in t.spans] == ["ok</s>", "ok</s>"]
+
+
+def test_generate_merges_the_system_prompt_as_the_run_was_trained(tmp_path, data_tokenizer):
+    from typer.testing import CliRunner
+
+    from ft_cli.cli import app
+    from ft_cli.generate import render_prompt
+
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(json.dumps({
+        "model": {"name_or_path": "builtin:tiny-llama", "dtype": "float32"}, "method": "lora",
+        "data": {"train": write_jsonl(tmp_path / "c.jsonl", [{"messages": WITH_SYSTEM}] * 2), "format": "chat",
+                 "val_split": 0.0, "cache": False, "chat_template": str(TEMPLATES / "gemma.jinja"),
+                 "system_message": "merge_into_first_user"},
+        "train": {"max_steps": 1, "micro_batch_size": 2, "grad_accum": 1, "eval_every": None, "save_every": None},
+        "output_dir": str(tmp_path / "run")}))
+    runner = CliRunner()
+    assert runner.invoke(app, ["train", str(recipe)]).exit_code == 0
+    result = runner.invoke(app, ["generate", str(tmp_path / "run"), "--system", "Be brief.", "-p", "Hi",
+                                 "--temperature", "0", "--max-new-tokens", "2"])
+    assert result.exit_code == 0, result.output
+    data_tokenizer.chat_template = (TEMPLATES / "gemma.jinja").read_text()
+    with pytest.raises(UserError, match="System role not supported .*merge_into_first_user"):
+        render_prompt(data_tokenizer, "Hi", "Be brief.")
+    assert data_tokenizer.decode(render_prompt(data_tokenizer, "Be brief.\n\nHi")).endswith(
+        "<start_of_turn>user\nBe brief.\n\nHi<end_of_turn>\n<start_of_turn>model\n")

@@ -122,7 +122,8 @@ class ChatRenderer:
         system, user = messages[0]["content"], rest[first_user]
         rest = list(rest)
         # A blank line between them, as the templates that do this themselves join them (Mistral, LLaMA-Factory).
-        rest[first_user] = {**user, "content": f"{system}\n\n{user['content']}" if system else user["content"]}
+        rest[first_user] = {**user, "content": merge_system_prompt(system, user["content"]) if system
+                            else user["content"]}
         return rest
 
     def plan(self, messages: list[dict[str, Any]], tools: list[dict[str, Any]] | None, render: Any,
@@ -223,6 +224,11 @@ class ChatRenderer:
                     "generation prompt is where the assistant's message begins (data.chat_template: a jinja file or "
                     "a built-in such as chatml or llama3).")
         return msg
+
+
+def merge_system_prompt(system: str, prompt: str) -> str:
+    """data.system_message: merge_into_first_user for one user message (ft generate --system uses it too)."""
+    return f"{system}\n\n{prompt}"
 
 
 def lost_text(messages: list[dict[str, Any]], rendered: Rendered) -> str | None:
