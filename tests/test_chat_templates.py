@@ -28,7 +28,7 @@ MODELS = {
     "mistral_v0_3": ("<s>", "</s>", ["[INST]", "[/INST]"]),
     "gemma": ("<bos>", "<eos>", ["<start_of_turn>", "<end_of_turn>"]),
     "phi3": PHI3, "phi3_5": PHI3,
-    "deepseek_r1_distill": DEEPSEEK, "deepseek_r1_distill_2025_01": DEEPSEEK,
+    "deepseek_r1_distill": DEEPSEEK, "deepseek_r1_distill_2025_01": DEEPSEEK, "deepseek_r1_distill_training": DEEPSEEK,
 }
 
 
@@ -276,6 +276,17 @@ def test_current_deepseek_r1_template_is_refused_with_its_reason(tmp_path, data_
     msg = str(err.value)
     assert "not prefix-consistent" in msg and "c.jsonl:record 0" in msg
     assert "The generation prompt ends with '<think>\\n'" in msg and "strips the reasoning" in msg
+
+
+def test_trl_deepseek_r1_training_template_trains_the_reasoning(tmp_path, data_recipe, tokenizer_for):
+    """The fix both messages above name: a template that keeps the reasoning after the '<think>\n' prompt."""
+    tok = tokenizer_for("deepseek_r1_distill_training")
+    bundle = build(tmp_path, data_recipe, tok, R1)
+    (ids, labels), _ = rows(bundle)
+    assert trained_runs(tok, ids, labels) == ["Step 0.\n</think>\n\nA0.<｜end▁of▁sentence｜>"]
+    first_trained = next(i for i, lab in enumerate(labels) if lab != IGNORE)
+    assert tok.decode(ids[:first_trained]).endswith("<｜Assistant｜><think>\n")  # the prompt inference uses
+    assert bundle.train_stats.lost_rows == 0 and not any("leaves part" in w for w in bundle.warnings)
 
 
 # Roles a template refuses ---------------------------------------------------------------------------------------

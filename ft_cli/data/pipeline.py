@@ -208,7 +208,8 @@ def _rendering_notes(enc: Encoded, warnings: list[str]) -> list[str]:
     """Say when the chat template drops assistant text (a warning) or trains turns apart (a note), and how often."""
     if enc.lost_rows:
         hint = ("DeepSeek-R1's template strips everything up to </think> from assistant messages; to train the "
-                "reasoning, set data.chat_template to a template that keeps it (a .jinja file)"
+                "reasoning, set data.chat_template to a template that keeps it (a .jinja file, e.g. TRL's "
+                "trl/chat_templates/deepseek_r1_distill_training.jinja)"
                 if "</think>" in (enc.lost_first or "") else
                 "check that data.chat_template renders every field your assistant messages use")
         warnings.append(f"the chat template leaves part of the assistant text out of the training text in "

@@ -212,7 +212,10 @@ class ChatRenderer:
         if i >= _common_prefix(render(messages[:k], tools, False), prompt):  # it differs in the generation prompt
             msg += (f"  The generation prompt ends with {prompt[i:]!r}, which the template does not render before the "
                     "assistant's message" + (" (DeepSeek-R1's template opens <think> in the prompt but strips the "
-                                             "reasoning from messages)." if "<think>" in prompt[i:] else "."))
+                                             "reasoning from messages: give data.chat_template a template that "
+                                             "renders it, e.g. TRL's trl/chat_templates/"
+                                             "deepseek_r1_distill_training.jinja, and data whose answers start "
+                                             "with <think>)." if "<think>" in prompt[i:] else "."))
         if self.system_message == "keep" and messages and messages[0]["role"] == "system" \
                 and self._renders_without_system(messages, tools):
             msg += ("  The system message is what moves: the template places it differently in the inference prompt "
