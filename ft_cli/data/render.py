@@ -47,6 +47,7 @@ class Rendered:
     samples: list[Sample]
     own_turns: int = 0  # assistant turns trained in a sample of their own
     lost: str | None = None  # assistant text the template leaves out of the training text (first found), if any
+    turns: list[tuple[int, str, int, int]] = field(default_factory=list)  # (message index, text, span) per turn
 
 
 @dataclass
@@ -133,6 +134,7 @@ class ChatRenderer:
         last = len(messages) - 1
         spans: list[tuple[int, int]] = []
         own: list[Sample] = []
+        turns: list[tuple[int, str, int, int]] = []
         for k, m in enumerate(messages):
             if m["role"] != "assistant":
                 continue
@@ -143,10 +145,12 @@ class ChatRenderer:
             end = self.end_in(full, upto, len(prompt))
             if end is not None:
                 spans.append((len(prompt), end))
+                turns.append((k, full, len(prompt), end))
             else:
                 own.append(Sample(upto, [(len(prompt), len(upto))]))
+                turns.append((k, upto, len(prompt), len(upto)))
         samples = ([Sample(full, spans)] if spans or not own else []) + own
-        return Rendered(samples, own_turns=len(own))
+        return Rendered(samples, own_turns=len(own), turns=turns)
 
     def end_in(self, full: str, upto: str, start: int) -> int | None:
         """Where the turn that `upto` ends with ends in `full` (case 1 or 2), or None (case 3)."""
@@ -235,22 +239,27 @@ def merge_system_prompt(system: str, prompt: str) -> str:
 
 
 def lost_text(messages: list[dict[str, Any]], rendered: Rendered) -> str | None:
-    """The first assistant text (content or reasoning) that no trained span contains, described; None if all is
-    there. Whitespace is ignored: templates strip and re-space what they paste in."""
-    trained = "".join("".join(s.text[a:b].split()) for s in rendered.samples for a, b in s.spans)
-    for k, m in enumerate(messages):
-        if m["role"] != "assistant":
-            continue
+    """The first assistant text (content or reasoning) missing from where its turn is rendered, described; None if
+    all is there. The place looked in is the trained span and the end of its prompt (a generation prompt may open
+    the text, as DeepSeek-R1's '<think>\n' does); whitespace is ignored, since templates strip and re-space what
+    they paste in."""
+    for k, text, start, end in rendered.turns:
+        m = messages[k]
+        rendered_turn = "".join(text[max(0, start - _PROMPT_TAIL):end].split())
         for name in ("content", "reasoning_content"):
             value = m.get(name)
-            if not isinstance(value, str) or not value.strip() or "".join(value.split()) in trained:
+            if not isinstance(value, str) or not value.strip() or "".join(value.split()) in rendered_turn:
                 continue
-            if name == "content" and "</think>" in value and "".join(value.split("</think>")[-1].split()) in trained:
+            if name == "content" and "</think>" in value and \
+                    "".join(value.split("</think>")[-1].split()) in rendered_turn:
                 return f"assistant message {k}: the reasoning before </think> in its content"
             if name == "reasoning_content":
                 return f"assistant message {k}: its reasoning_content (the template does not render it)"
             return f"assistant message {k}: content {_clip(value)!r} is not all in the training text"
     return None
+
+
+_PROMPT_TAIL = 64  # characters of a turn's prompt that may hold the start of its text
 
 
 def _common_prefix(a: str, b: str) -> int:
