@@ -133,13 +133,11 @@ class ShapeCache:
         for e in edges:
             before = sum(1 for m in marks if m.end() <= e)
             if any(m.start() < e < m.end() for m in marks):
-                return None  # a span edge inside a placeholder: cannot be placed in the real text
+                self.reasons[shape] = "a trained span starts or ends inside a message's content"
+                return None
             bounds.append((e, before))
         index = {e: j for j, e in enumerate(edges)}
-        pieces = [sample.text[a.end():b.start()] for a, b in zip(marks, marks[1:], strict=False)]
-        literals = [sample.text[:marks[0].start()] if marks else sample.text, *pieces]
-        if marks:
-            literals.append(sample.text[marks[-1].end():])
+        literals = _PLACEHOLDER.split(sample.text)[::3]  # split() also returns the two groups of each placeholder
         return _Plan(literals=literals, refs=[(int(m.group(1)), m.group(2)) for m in marks],
                      widths=[m.end() - m.start() for m in marks], bounds=bounds,
                      spans=[(index[a], index[b]) for a, b in sample.spans])
