@@ -33,3 +33,16 @@ def test_bench_train_matches_hf_trainer_and_prints_ratios(tmp_path: Path, shared
     assert ft["losses"] == pytest.approx(base["losses"], rel=1e-4)  # same maths as HF Trainer + peft
     assert ft["losses"][-1] < ft["losses"][0]
     assert result["runs"]["ft-packed"][0]["padding_waste"] < base["padding_waste"]
+
+
+def test_bench_data_prints_every_ratio(shared_data: Path) -> None:
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    proc = subprocess.run([sys.executable, str(ROOT / "scripts" / "bench.py"), "data", "--rows", "300", "--repeat", "2",
+                           "--pack-rows", "1000", "--data-dir", str(shared_data)],
+                          env=env, capture_output=True, text=True, timeout=600, cwd=ROOT)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
+    out = proc.stdout
+    for name in ("ft, every inference prompt rendered too", "baseline map, apply_chat_template only",
+                 "baseline map, apply_chat_template + prompt mask"):
+        assert f"{name:<48} / ft: x" in out and "2 repeats)" in out, out
+    assert "ft: 300 examples" in out and "packing efficiency on alpaca_en_demo.json" in out, out
