@@ -1,6 +1,6 @@
 """`scripts/bench.py train` on the tiny model: ft and HF Trainer + peft train the same rows in the same order from
-the same LoRA init, so their losses must agree step by step; the benchmark prints every ratio it promises.
-(The numbers themselves are for docs/benchmarks.md, measured on idle cores, never asserted here.)"""
+the same LoRA init, so their losses must agree step by step; `bench.py data` prints its ratios with their spread.
+Each benchmark prints every ratio it promises. (The numbers themselves are for docs/benchmarks.md, measured on idle cores, never asserted here.)"""
 
 from __future__ import annotations
 
