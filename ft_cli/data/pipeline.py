@@ -169,7 +169,8 @@ def _build(recipe: Recipe, tokenizer: Any, key: str) -> DataBundle:
     warnings = _check_template(tokenizer, renderer, train_examples)
     train_enc = encode_examples(train_examples, tokenizer, settings, renderer)
     _require_rows(train_enc, "data.train", d.max_seq_len, d.truncation)
-    notes = _rendering_notes(train_enc, warnings)
+    warnings += _lost_text_warnings(train_enc)
+    notes = _split_notes(train_enc)
     train_stats = _stats(train_enc, d.max_seq_len, train_mix)
     if d.packing:
         rows = pack_sequences(train_enc.lengths, d.max_seq_len, seed)
@@ -204,17 +205,21 @@ def _check_template(tokenizer: Any, renderer: ChatRenderer | None, examples: lis
     return template_warnings(tokenizer, sample.text, sample.spans)
 
 
-def _rendering_notes(enc: Encoded, warnings: list[str]) -> list[str]:
-    """Say when the chat template drops assistant text (a warning) or trains turns apart (a note), and how often."""
-    if enc.lost_rows:
-        hint = ("DeepSeek-R1's template strips everything up to </think> from assistant messages; to train the "
-                "reasoning, set data.chat_template to a template that keeps it (a .jinja file, e.g. TRL's "
-                "trl/chat_templates/deepseek_r1_distill_training.jinja)"
-                if "</think>" in (enc.lost_first or "") else
-                "check that data.chat_template renders every field your assistant messages use")
-        warnings.append(f"the chat template leaves part of the assistant text out of the training text in "
-                        f"{enc.lost_rows:,} of {enc.rows_in:,} conversations (first: {enc.lost_first}); that text is "
-                        f"never trained. {hint}")
+def _lost_text_warnings(enc: Encoded) -> list[str]:
+    """Say when the chat template leaves assistant text out of the training text, and how often."""
+    if not enc.lost_rows:
+        return []
+    hint = ("DeepSeek-R1's template strips everything up to </think> from assistant messages; to train the "
+            "reasoning, set data.chat_template to a template that keeps it (a .jinja file, e.g. TRL's "
+            "trl/chat_templates/deepseek_r1_distill_training.jinja)"
+            if "</think>" in (enc.lost_first or "") else
+            "check that data.chat_template renders every field your assistant messages use")
+    return [f"the chat template leaves part of the assistant text out of the training text in {enc.lost_rows:,} of "
+            f"{enc.rows_in:,} conversations (first: {enc.lost_first}); that text is never trained. {hint}"]
+
+
+def _split_notes(enc: Encoded) -> list[str]:
+    """Say which conversations train some turns in samples of their own (render, case 3), and what that means."""
     if not enc.split_rows:
         return []
     return [f"{enc.split_rows:,} of {enc.rows_in:,} conversations have assistant turns that the chat template renders "
