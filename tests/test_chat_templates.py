@@ -417,7 +417,7 @@ def test_generate_merges_the_system_prompt_as_the_run_was_trained(tmp_path, data
     from typer.testing import CliRunner
 
     from ft_cli.cli import app
-    from ft_cli.generate import render_prompt
+    from ft_cli.generation import render_prompt
 
     recipe = tmp_path / "r.yaml"
     recipe.write_text(json.dumps({
