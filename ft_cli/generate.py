@@ -34,6 +34,10 @@ def generate_cli(target: str | Path, prompt: str, *, system: str | None = None, 
     # An unquantized LoRA/DoRA/IA3 adapter is folded into the base in memory: same outputs, faster decoding.
     merged = recipe is not None and recipe.method in PEFT_MERGEABLE and not recipe.quantized
     model, tokenizer, _ = load_target(resolved, device=device, merged=merged)
+    if system and recipe is not None and recipe.data.system_message == "merge_into_first_user":
+        from ft_cli.data.render import merge_system_prompt
+
+        prompt, system = merge_system_prompt(system, prompt), None  # as the run's data was rendered
     return generate_reply(model, tokenizer, prompt, system=system, max_new_tokens=max_new_tokens,
                           temperature=temperature, top_p=top_p, seed=seed, device=device, stream=True,
                           raw=bool(raw))

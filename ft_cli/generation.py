@@ -33,7 +33,10 @@ def render_messages(tokenizer: Any, messages: Sequence[dict[str, str]]) -> list[
         encoded = tokenizer.apply_chat_template(list(messages), add_generation_prompt=True, tokenize=True,
                                                 return_dict=True)
     except Exception as exc:  # jinja raises for e.g. templates without a system role
-        raise UserError(f"the chat template rejected the prompt: {exc}") from None
+        hint = (" (if the template has no system role: put the system prompt in the user message, or train with "
+                "data.system_message: merge_into_first_user, which ft generate --system then follows)"
+                if any(m.get("role") == "system" for m in messages) else "")
+        raise UserError(f"the chat template rejected the prompt: {exc}{hint}") from None
     return list(encoded["input_ids"])
 
 

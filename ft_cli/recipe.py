@@ -198,6 +198,12 @@ class DataSection(Section):
         None, description="Override the tokenizer's chat template: a built-in name (chatml, llama3, ...) or a jinja "
         "string. Needed for base models without one."
     )
+    system_message: Literal["keep", "merge_into_first_user"] = Field(
+        "keep", description="keep: system messages go to the chat template as they are. merge_into_first_user: the "
+        "system prompt is put at the start of the first user message (a blank line between them), for templates "
+        "without a system role (Gemma) or that place it only in the last user turn (Mistral v0.3); ft generate "
+        "--system does the same."
+    )
     shuffle: bool = Field(True, description="Shuffle training rows each epoch (seeded).")
     cache: bool = Field(True, description="Reuse tokenized data from the cache when data, tokenizer and settings match.")
     limit: int | None = Field(

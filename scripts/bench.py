@@ -1,6 +1,6 @@
 """Benchmarks. One subcommand per area; each prints its numbers side by side.
 
-    python scripts/bench.py data  [--rows 50000] [--pack-rows 100000] [--data-dir ../shared/data]
+    python scripts/bench.py data  [--rows 50000] [--repeat N] [--variants ft,ft-exact,ids,labels] [--pack-rows 100000]
     python scripts/bench.py train [--steps 8] [--packed-steps 4] [--repeat 1] [--json PATH]
     python scripts/bench.py gpu   [--shape 8b] [--methods lora,qlora] [--seq 2048]   (CUDA; see bench_gpu.py)
     python scripts/bench.py serve [--requests 48] [--concurrency 8] [--json PATH]   (see bench_serve.py)
@@ -74,16 +74,41 @@ def _baseline(tokenizer, rows: list[dict], *, masked: bool) -> tuple[float, floa
     return time.perf_counter() - start, time.process_time() - cpu
 
 
-def _ft(tokenizer, path: Path, *, packing: bool, max_seq_len: int = 2048) -> tuple[tuple[float, float], object]:
-    from ft_cli.data.pipeline import build_datasets
+def _ft(tokenizer, path: Path, *, packing: bool, max_seq_len: int = 2048,
+        render_once: bool = True) -> tuple[tuple[float, float], object]:
+    """ft's data pipeline from the file; render_once=False renders every inference prompt of every conversation
+    (the exact path, and what ft did before rendering plain conversations once)."""
+    import functools
+
+    from ft_cli.data import pipeline
+    from ft_cli.data.render import ChatRenderer
     from ft_cli.recipe import recipe_from_dict
 
     recipe = recipe_from_dict({"model": {"name_or_path": "builtin:tiny-llama"},
                                "data": {"train": str(path), "format": "alpaca", "val_split": 0.0, "cache": False,
                                         "packing": packing, "max_seq_len": max_seq_len}})
-    start, cpu = time.perf_counter(), time.process_time()
-    bundle = build_datasets(recipe, tokenizer)
-    return (time.perf_counter() - start, time.process_time() - cpu), bundle
+    pipeline.ChatRenderer = ChatRenderer if render_once else functools.partial(ChatRenderer, fast=False)
+    try:
+        start, cpu = time.perf_counter(), time.process_time()
+        bundle = pipeline.build_datasets(recipe, tokenizer)
+        return (time.perf_counter() - start, time.process_time() - cpu), bundle
+    finally:
+        pipeline.ChatRenderer = ChatRenderer
+
+
+DATA_VARIANTS = {  # name -> what runs; every repeat runs all of them back to back, in this order
+    "ft": "ft (file -> tokens + labels + packed rows)",
+    "ft-exact": "ft, every inference prompt rendered too",
+    "ids": "baseline map, apply_chat_template only",
+    "labels": "baseline map, apply_chat_template + prompt mask",
+}
+
+
+def _spread(values: list[float]) -> str:
+    import statistics
+
+    return (f"x{statistics.median(values):.2f} (min {min(values):.2f}, max {max(values):.2f}, "
+            f"{len(values)} repeats)")
 
 
 def bench_data(args: argparse.Namespace) -> None:
@@ -103,6 +128,7 @@ def bench_data(args: argparse.Namespace) -> None:
     print(f"data: {len(rows):,} alpaca rows (alpaca_en_demo repeated, each unique); tokenizer builtin:tiny-llama; "
           f"{os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.2f}")
 
+    variants = ["ft", *(v for v in args.variants.split(",") if v != "ft")]
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / "rows.json"
         path.write_text(json.dumps(rows))
@@ -110,18 +136,27 @@ def bench_data(args: argparse.Namespace) -> None:
         warm.write_text(json.dumps(rows[:1000]))
         _ft(tokenizer, warm, packing=True)  # warm-up: imports, jinja compile
         _baseline(tokenizer, rows[:1000], masked=True)
-        times = {"ft (file -> tokens + labels + packed rows)": [], "baseline map, apply_chat_template only": [],
-                 "baseline map, apply_chat_template + prompt mask": []}
-        for _ in range(args.repeat):  # interleaved, so load from other processes hits every method alike
-            t, bundle = _ft(tokenizer, path, packing=True)
-            times["ft (file -> tokens + labels + packed rows)"].append(t)
-            times["baseline map, apply_chat_template only"].append(_baseline(tokenizer, rows, masked=False))
-            times["baseline map, apply_chat_template + prompt mask"].append(_baseline(tokenizer, rows, masked=True))
-    best = {k: min(v) for k, v in times.items()}  # (wall, cpu) of the fastest run
-    ft_time = best["ft (file -> tokens + labels + packed rows)"][0]
-    for name, (t, cpu) in best.items():
-        print(f"  {name:<50} {t:7.2f} s wall ({cpu:6.1f} s CPU)  {len(rows) / t:7,.0f} rows/s  "
+        run = {"ft": lambda: _ft(tokenizer, path, packing=True),
+               "ft-exact": lambda: _ft(tokenizer, path, packing=True, render_once=False),
+               "ids": lambda: (_baseline(tokenizer, rows, masked=False), None),
+               "labels": lambda: (_baseline(tokenizer, rows, masked=True), None)}
+        times: dict[str, list[tuple[float, float]]] = {v: [] for v in variants}
+        for _ in range(args.repeat):  # interleaved, so load from other processes hits every variant alike
+            for v in variants:
+                t, out = run[v]()
+                times[v].append(t)
+                if v == "ft":
+                    bundle = out
+    best = {v: min(ts) for v, ts in times.items()}  # (wall, cpu) of the fastest run
+    ft_time = best["ft"][0]
+    for v, (t, cpu) in best.items():
+        print(f"  {DATA_VARIANTS[v]:<50} {t:7.2f} s wall ({cpu:6.1f} s CPU)  {len(rows) / t:7,.0f} rows/s  "
               f"x{t / ft_time:.2f} of ft's time")
+    print("  ratios within each repeat (the variants ran back to back), median and spread:")
+    for v in variants:
+        if v != "ft":
+            ratios = [other[0] / mine[0] for other, mine in zip(times[v], times["ft"], strict=True)]
+            print(f"    {DATA_VARIANTS[v]:<48} / ft: {_spread(ratios)}")
     print(f"  load average (1 min) at the end: {os.getloadavg()[0]:.2f} on {os.cpu_count()} CPUs")
     s = bundle.train_stats
     print(f"  ft: {s.rows:,} examples, {s.tokens:,} tokens, {s.packed_rows:,} packed rows")
@@ -485,7 +520,8 @@ def main(argv: list[str] | None = None) -> None:
     p = sub.add_parser("data", help="data pipeline vs a per-example apply_chat_template map; packing")
     p.add_argument("--rows", type=int, default=50_000)
     p.add_argument("--pack-rows", type=int, default=100_000)
-    p.add_argument("--repeat", type=int, default=1, help="runs per method; the best is reported")
+    p.add_argument("--repeat", type=int, default=1, help="interleaved runs per variant; best and ratio spread shown")
+    p.add_argument("--variants", default=",".join(DATA_VARIANTS), help=f"of {','.join(DATA_VARIANTS)}; ft always")
     p.add_argument("--data-dir", default=str(ROOT.parent / "shared" / "data"))
     p.set_defaults(func=bench_data)
     p = sub.add_parser("train", help="ft vs HF Trainer + peft: tokens/s, padding waste, overhead, loss parity")

@@ -1,6 +1,6 @@
 """`scripts/bench.py train` on the tiny model: ft and HF Trainer + peft train the same rows in the same order from
-the same LoRA init, so their losses must agree step by step; the benchmark prints every ratio it promises.
-(The numbers themselves are for docs/benchmarks.md, measured on idle cores, never asserted here.)"""
+the same LoRA init, so their losses must agree step by step; `bench.py data` prints its ratios with their spread.
+Each benchmark prints every ratio it promises. (The numbers themselves are for docs/benchmarks.md, measured on idle cores, never asserted here.)"""
 
 from __future__ import annotations
 
@@ -51,3 +51,14 @@ def test_bench_export_compares_qat_with_post_training_int4(tmp_path: Path, share
     for name in ("ptq", "qat"):
         q = reports[name]["int8-dynamic-int4"]["quality"]
         assert q["reference"]["perplexity"] > 1 and q["export"]["perplexity"] > 1
+def test_bench_data_prints_every_ratio(shared_data: Path) -> None:
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    proc = subprocess.run([sys.executable, str(ROOT / "scripts" / "bench.py"), "data", "--rows", "300", "--repeat", "2",
+                           "--pack-rows", "1000", "--data-dir", str(shared_data)],
+                          env=env, capture_output=True, text=True, timeout=600, cwd=ROOT)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
+    out = proc.stdout
+    for name in ("ft, every inference prompt rendered too", "baseline map, apply_chat_template only",
+                 "baseline map, apply_chat_template + prompt mask"):
+        assert f"{name:<48} / ft: x" in out and "2 repeats)" in out, out
+    assert "ft: 300 examples" in out and "packing efficiency on alpaca_en_demo.json" in out, out

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from ft_cli.data.pipeline import build_datasets, resolve_chat_template
-from ft_cli.data.templates import ChatRenderer
+from ft_cli.data.render import ChatRenderer
 from ft_cli.errors import UserError
 
 IGNORE = -100
@@ -291,7 +291,7 @@ def test_template_error_names_the_record(tmp_path, data_tokenizer, data_recipe):
              "{% endif %}{{ m['content'] }}{% endfor %}{% if add_generation_prompt %}A:{% endif %}"
     resolve_chat_template(data_tokenizer, strict)
     path = write_jsonl(tmp_path / "c.jsonl", [CHAT])
-    with pytest.raises(UserError, match=r"c.jsonl:record 0 \(line 1\): the chat template cannot render.*no system"):
+    with pytest.raises(UserError, match=r"c.jsonl:record 0 \(line 1\): the chat template refuses this conversation: no system role"):
         build_datasets(data_recipe(path, format="chat"), data_tokenizer)
 
 

@@ -4,7 +4,9 @@ Modules, in the order data flows through them:
 
 - `sources`   read .json/.jsonl/.csv/.parquet files, directories and hub datasets; mix sources by weight; split eval
 - `formats`   turn a record (alpaca, chat, sharegpt, text) into an `Example`: messages + tools, or plain text
-- `templates` pick and check the chat template; render conversations and find every assistant turn's characters
+- `templates` pick the chat template (the tokenizer's, a built-in, a jinja string or file) and compile it
+- `render`    render conversations and find every assistant turn's characters (the prefix-consistency rules)
+- `shapes`    render-once for plain conversations: one plan per shape of roles, one jinja render per conversation
 - `encode`    tokenize once, label the tokens inside assistant spans, truncate or drop, count everything
 - `packing`   best-fit-decreasing bin packing with position_ids that restart per example
 - `cache`     content-hashed, atomically written cache of the tokenized datasets

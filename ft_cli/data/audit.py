@@ -36,6 +36,8 @@ def print_data_report(bundle: DataBundle, tokenizer: Any, console: Any, show: in
                           + (f" (weight {src['weight']:g})" if src.get("weight") else ""), markup=False)
     for w in bundle.warnings:
         console.print(Text.assemble(("warning: ", "yellow"), w))
+    for note in bundle.notes:
+        console.print(Text.assemble(("note: ", "cyan"), note))
     if show > 0:
         markers = console.color_system is None or console.no_color  # piped, redirected, NO_COLOR: no colours
         if markers:
@@ -50,7 +52,7 @@ def print_data_report(bundle: DataBundle, tokenizer: Any, console: Any, show: in
 
 
 def data_notes(bundle: DataBundle) -> list[str]:
-    """What the pipeline dropped or cut, with counts and reasons, then its warnings: `ft train` prints these (ft
+    """What the pipeline dropped or cut, with counts and reasons, then its warnings and notes: `ft train` prints these (ft
     validate shows the same counts in its table), so no row disappears without a word."""
     lines = []
     splits = [("training", bundle.train_stats)] + ([("eval", bundle.eval_stats)] if bundle.eval_stats else [])
@@ -65,7 +67,7 @@ def data_notes(bundle: DataBundle) -> list[str]:
         if s.truncated:
             lines.append(f"data: {s.truncated:,} of {s.rows:,} {name} examples truncated to data.max_seq_len="
                          f"{s.max_seq_len} (their tail is not trained; data.truncation: drop skips them instead)")
-    return lines + [f"warning: {w}" for w in bundle.warnings]
+    return lines + [f"warning: {w}" for w in bundle.warnings] + [f"note: {n}" for n in bundle.notes]
 
 
 def _pct(part: int, whole: int) -> str:
@@ -80,6 +82,9 @@ _ROWS = [
     ("truncated to max_seq_len", lambda s: _pct(s.truncated, s.rows) if s.truncated else ""),
     ("documents split into chunks", lambda s: f"{s.split_documents:,} -> {s.text_chunks:,} examples"
      if s.split_documents else ""),
+    ("conversations split per assistant turn", lambda s: f"{s.split_rows:,} (+{s.extra_samples:,} samples)"
+     if s.split_rows else ""),
+    ("assistant text left out by the template", lambda s: f"{s.lost_rows:,} conversations" if s.lost_rows else ""),
     ("tokens", lambda s: f"{s.tokens:,}"),
     ("trained tokens", lambda s: _pct(s.trained_tokens, s.tokens)),
     ("mean / max length", lambda s: f"{s.mean_length:.0f} / {s.max_length}"),

@@ -17,7 +17,7 @@ import uuid
 from pathlib import Path
 from typing import Any
 
-PIPELINE_VERSION = "ft-data-1"
+PIPELINE_VERSION = "ft-data-2"  # 2: dropped-assistant-text warnings and per-turn samples in the stats
 HASH_CONTENT_LIMIT = 2 << 30  # hash file bytes up to 2 GiB of data; above that size + mtime stand in
 
 

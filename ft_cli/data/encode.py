@@ -1,9 +1,10 @@
 """Examples -> token ids + labels, truncated or dropped, with every removal counted.
 
-A conversation is rendered once in full and tokenized once (a batch of texts per call to the fast tokenizer);
-a token is trained when its first character lies inside an assistant span (see `templates`). Label -100 means
-"no loss". Position 0 is always -100: nothing predicts the first token, and in a packed row that label would
-otherwise be the target of the previous example's last token.
+A conversation becomes one training text (or one per assistant turn where the template rewrites earlier turns,
+see `render`), tokenized once (a batch of texts per call to the fast tokenizer); a token is trained when its
+first character lies inside an assistant span. Label -100 means "no loss". Position 0 is always -100: nothing
+predicts the first token, and in a packed row that label would otherwise be the target of the previous
+example's last token.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ from typing import Any
 import numpy as np
 
 from ft_cli.data.formats import Example
-from ft_cli.data.templates import ChatRenderer
+from ft_cli.data.render import ChatRenderer
 from ft_cli.errors import UserError
 
 IGNORE = -100
@@ -31,6 +32,7 @@ class EncodeSettings:
     train_on_inputs: bool
     text_chunking: str = "truncate"  # "split": text documents become max_seq_len chunks; "truncate": as truncation
     text_overlap: int = 0  # split: tokens of the previous chunk repeated as (untrained) context
+    system_message: str = "keep"  # data.system_message
 
 
 @dataclass
@@ -46,6 +48,10 @@ class Encoded:
     truncated: int = 0
     split_documents: int = 0  # text documents longer than max_seq_len cut into chunks (text_chunking: split)
     text_chunks: int = 0  # the examples those documents became
+    split_rows: int = 0  # conversations with assistant turns trained in samples of their own (render, case 3)
+    extra_samples: int = 0  # the samples those added
+    lost_rows: int = 0  # conversations whose assistant text the template partly leaves out of the training text
+    lost_first: str | None = None  # where and what, for the first of them
 
     @property
     def trained_tokens(self) -> int:
@@ -72,13 +78,13 @@ def encode_examples(examples: list[Example | None], tokenizer: Any, settings: En
         raise UserError("data.format text appends the eos token so the model learns to stop, but the tokenizer "
                         "has none; set eos_token in the model's tokenizer_config.json")
     if renderer is None and any(ex.text is None for ex in live):
-        renderer = ChatRenderer(tokenizer)
+        renderer = ChatRenderer(tokenizer, settings.system_message)
     labeler = _Labeler(tokenizer, settings, rows_in=len(examples), dropped_empty=len(examples) - len(live))
     encode = _BatchEncoder(tokenizer)
     with _tokenizer_threads(), ThreadPoolExecutor(max_workers=1) as pool:
         pending = None
         for start in range(0, len(live), CHUNK):
-            texts, spans = _render(live[start:start + CHUNK], renderer)
+            texts, spans = _render(live[start:start + CHUNK], renderer, labeler.out)
             job = (pool.submit(encode, texts), texts, spans)
             if pending is not None:
                 labeler.add(pending[0].result(), *pending[1:])
@@ -92,17 +98,25 @@ def encode_examples(examples: list[Example | None], tokenizer: Any, settings: En
     return labeler.result()
 
 
-def _render(chunk: list[Example], renderer: ChatRenderer | None) -> tuple[list[str], list[Any]]:
+def _render(chunk: list[Example], renderer: ChatRenderer | None, counts: Encoded) -> tuple[list[str], list[Any]]:
     texts: list[str] = []
     spans: list[list[tuple[int, int]] | None] = []
     for ex in chunk:
         if ex.text is not None:
             texts.append(ex.text)
             spans.append(None)
-        else:
-            text, span = renderer.render_with_spans(ex)
-            texts.append(text)
-            spans.append(span)
+            continue
+        rendered = renderer.conversation(ex)
+        for sample in rendered.samples:
+            texts.append(sample.text)
+            spans.append(sample.spans)
+        if rendered.own_turns:
+            counts.split_rows += 1
+            counts.extra_samples += len(rendered.samples) - 1
+        if rendered.lost is not None:
+            counts.lost_rows += 1
+            if counts.lost_first is None:
+                counts.lost_first = f"{ex.origin}, {rendered.lost}"
     return texts, spans
 
 

@@ -58,16 +58,21 @@ def packing_efficiency(lengths: np.ndarray, n_rows: int, capacity: int) -> float
 
 def gather_packed(ids: np.ndarray, labels: np.ndarray, lengths: np.ndarray,
                   rows: list[list[int]]) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-    """Flat (ids, labels, position_ids, row_lengths) of the packed rows, built with vectorised gathers."""
+    """Flat (ids, labels, position_ids, row_lengths) of the packed rows, built with vectorised gathers (32-bit
+    indices and in-place arithmetic where they fit: these arrays are as long as the whole dataset, and fresh
+    memory is most of their cost)."""
     starts = np.concatenate([[0], np.cumsum(lengths)[:-1]]).astype(np.int64)
     order = np.fromiter((i for row in rows for i in row), dtype=np.int64, count=sum(len(r) for r in rows))
     seg_len = lengths[order]
     seg_new_start = np.concatenate([[0], np.cumsum(seg_len)[:-1]]).astype(np.int64)
     total = int(seg_len.sum())
+    index = np.int32 if max(total, int(lengths.sum())) < np.iinfo(np.int32).max else np.int64
     # token k of the output comes from starts[seg] + (k - seg_new_start[seg])
-    shift = np.repeat(starts[order] - seg_new_start, seg_len)
-    src = np.arange(total, dtype=np.int64) + shift
-    position_ids = (np.arange(total, dtype=np.int64) - np.repeat(seg_new_start, seg_len)).astype(np.int32)
+    src = np.repeat((starts[order] - seg_new_start).astype(index), seg_len)
+    src += np.arange(total, dtype=index)
+    position_ids = np.arange(total, dtype=index)
+    position_ids -= np.repeat(seg_new_start.astype(index), seg_len)
+    position_ids = position_ids.astype(np.int32, copy=False)
     row_first = np.concatenate([[0], np.cumsum([len(r) for r in rows])[:-1]]).astype(np.int64)
     row_lengths = np.add.reduceat(seg_len, row_first) if rows else np.zeros(0, np.int64)
     return ids[src], labels[src], position_ids, row_lengths

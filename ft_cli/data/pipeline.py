@@ -25,6 +25,7 @@ from ft_cli.data.encode import Encoded, EncodeSettings, encode_examples
 from ft_cli.data.formats import Example, make_converter
 from ft_cli.data.packing import gather_packed, pack_sequences, packing_efficiency
 from ft_cli.data.pretokenized import pretokenized_bundle, pretokenized_source, source_field
+from ft_cli.data.render import ChatRenderer
 from ft_cli.data.rows import DataBundle, DataStats, histogram, to_dataset, unpack_rows
 from ft_cli.data.saved import check_pretokenized, preprocess_meta
 from ft_cli.data.sources import (
@@ -36,7 +37,7 @@ from ft_cli.data.sources import (
     split_eval,
     split_warnings,
 )
-from ft_cli.data.templates import ChatRenderer, resolve_chat_template, template_warnings
+from ft_cli.data.templates import resolve_chat_template, template_warnings
 from ft_cli.errors import UserError
 
 if TYPE_CHECKING:
@@ -90,7 +91,8 @@ def _tokenized_bundle(recipe: Recipe, tokenizer: Any) -> DataBundle:
 
 def _settings(recipe: Recipe) -> EncodeSettings:
     d = recipe.data
-    return EncodeSettings(d.max_seq_len, d.truncation, d.train_on_inputs, d.text_chunking, d.text_overlap)
+    return EncodeSettings(d.max_seq_len, d.truncation, d.train_on_inputs, text_chunking=d.text_chunking,
+                          text_overlap=d.text_overlap, system_message=d.system_message)
 
 
 def _load(sources: list[DatasetSource], recipe: Recipe, field_name: str,
@@ -173,10 +175,13 @@ def _build(recipe: Recipe, tokenizer: Any, key: str) -> DataBundle:
         train_mix.append({"path": src.label, "rows": count, "available": len(pool), "weight": src.weight})
 
     settings = _settings(recipe)
-    renderer = ChatRenderer(tokenizer) if any(ex is not None and ex.text is None for ex in train_examples) else None
+    conversations = any(ex is not None and ex.text is None for ex in train_examples)
+    renderer = ChatRenderer(tokenizer, d.system_message) if conversations else None
     warnings += notes + _check_template(tokenizer, renderer, train_examples)
     train_enc = _encode(train_examples, tokenizer, settings, renderer, "data.train")
     _require_rows(train_enc, "data.train", d.max_seq_len, d.truncation)
+    warnings += _lost_text_warnings(train_enc)
+    notes = _split_notes(train_enc)
     train_stats = _stats(train_enc, d.max_seq_len, train_mix)
     if d.packing:
         rows = pack_sequences(train_enc.lengths, d.max_seq_len, seed)
@@ -196,7 +201,7 @@ def _build(recipe: Recipe, tokenizer: Any, key: str) -> DataBundle:
         else:
             warnings.append(f"every eval example was dropped ({_drop_summary(eval_enc, d.max_seq_len)}); "
                             "training runs without evaluation")
-    return DataBundle(train, eval_ds, train_stats, eval_stats, key, warnings)
+    return DataBundle(train, eval_ds, train_stats, eval_stats, key, warnings, notes=notes)
 
 
 TOKENIZE_PROGRESS_MIN = 20_000  # examples: below this, tokenizing takes seconds and needs no progress display
@@ -223,7 +228,34 @@ def _check_template(tokenizer: Any, renderer: ChatRenderer | None, examples: lis
     if renderer is None:
         return []
     first = next((ex for ex in examples if ex is not None and ex.text is None), None)
-    return template_warnings(tokenizer, renderer, first) if first is not None else []
+    if first is None:
+        return []
+    sample = renderer.conversation(first).samples[0]
+    return template_warnings(tokenizer, sample.text, sample.spans)
+
+
+def _lost_text_warnings(enc: Encoded) -> list[str]:
+    """Say when the chat template leaves assistant text out of the training text, and how often."""
+    if not enc.lost_rows:
+        return []
+    hint = ("DeepSeek-R1's template strips everything up to </think> from assistant messages; to train the "
+            "reasoning, set data.chat_template to a template that keeps it (a .jinja file, e.g. TRL's "
+            "trl/chat_templates/deepseek_r1_distill_training.jinja)"
+            if "</think>" in (enc.lost_first or "") else
+            "check that data.chat_template renders every field your assistant messages use")
+    return [f"the chat template leaves part of the assistant text out of the training text in {enc.lost_rows:,} of "
+            f"{enc.rows_in:,} conversations (first: {enc.lost_first}); that text is never trained. {hint}"]
+
+
+def _split_notes(enc: Encoded) -> list[str]:
+    """Say which conversations train some turns in samples of their own (render, case 3), and what that means."""
+    if not enc.split_rows:
+        return []
+    return [f"{enc.split_rows:,} of {enc.rows_in:,} conversations have assistant turns that the chat template renders "
+            "differently once later messages follow (Qwen3 drops the <think> block of earlier turns): each such turn "
+            f"trains in a sample of its own (+{enc.extra_samples:,} samples), exactly as the model reads and writes "
+            "it at that position, with the earlier turns as its history shows them; every other turn trains in the "
+            "whole conversation. `ft validate --show N` shows the tokens that carry loss in each sample."]
 
 
 def _require_rows(enc: Encoded, where: str, max_seq_len: int, truncation: str) -> None:
@@ -247,7 +279,8 @@ def _stats(enc: Encoded, max_seq_len: int, sources: list[dict[str, Any]]) -> Dat
         trained_tokens=enc.trained_tokens, packed_rows=None, packing_efficiency=None, max_seq_len=max_seq_len,
         mean_length=float(lengths.mean()) if len(lengths) else 0.0, max_length=int(lengths.max(initial=0)),
         length_histogram=histogram(lengths, max_seq_len), sources=sources, split_documents=enc.split_documents,
-        text_chunks=enc.text_chunks)
+        text_chunks=enc.text_chunks, split_rows=enc.split_rows, extra_samples=enc.extra_samples,
+        lost_rows=enc.lost_rows)
 
 
 def _padding_efficiency(ds: datasets.Dataset, batch_size: int, seed: int) -> float | None:
@@ -280,7 +313,7 @@ def _cache_key(recipe: Recipe, tokenizer: Any) -> str:
         "tokenizer": cache.tokenizer_digest(tokenizer),
         "settings": {k: getattr(d, k) for k in ("format", "columns", "val_split", "max_seq_len", "truncation",
                                                 "packing", "train_on_inputs", "limit", "text_chunking",
-                                                "text_overlap")},
+                                                "text_overlap", "system_message")},
         "seed": recipe.train.seed,
     })
 
@@ -295,7 +328,7 @@ def _dataset_dict(bundle: DataBundle) -> Any:
 
 
 def _meta(bundle: DataBundle) -> dict[str, Any]:
-    return {"fingerprint": bundle.fingerprint, "warnings": bundle.warnings,
+    return {"fingerprint": bundle.fingerprint, "warnings": bundle.warnings, "notes": bundle.notes,
             "train_stats": bundle.train_stats.to_dict(),
             "eval_stats": bundle.eval_stats.to_dict() if bundle.eval_stats else None}
 
@@ -304,7 +337,7 @@ def _bundle_from_cache(entry: tuple[Any, dict[str, Any]], key: str) -> DataBundl
     dsd, meta = entry
     eval_stats = DataStats(**meta["eval_stats"]) if meta["eval_stats"] else None
     return DataBundle(dsd["train"], dsd["eval"] if "eval" in dsd else None, DataStats(**meta["train_stats"]),
-                      eval_stats, key, list(meta["warnings"]), from_cache=True)
+                      eval_stats, key, list(meta["warnings"]), from_cache=True, notes=list(meta.get("notes", [])))
 
 
 # ft eval --data, ft preprocess ---------------------------------------------------------------------------------
@@ -371,3 +404,5 @@ def preprocess_to_disk(recipe_path: str | os.PathLike, overrides: list[str], out
         console.print(f"  eval {bundle.eval_stats.rows} examples, {bundle.eval_stats.tokens:,} tokens", markup=False)
     for w in bundle.warnings:
         console.print(f"warning: {w}", markup=False, style="yellow")
+    for note in bundle.notes:
+        console.print(f"note: {note}", markup=False)

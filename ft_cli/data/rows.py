@@ -37,6 +37,9 @@ class DataStats:
     sources: list[dict[str, Any]] = field(default_factory=list)  # [{path, rows}] as mixed in
     split_documents: int = 0  # text documents over max_seq_len cut into chunks (data.text_chunking: split)
     text_chunks: int = 0  # the examples they became (counted in rows)
+    split_rows: int = 0  # conversations with assistant turns trained in samples of their own (data.render)
+    extra_samples: int = 0  # samples those turns added
+    lost_rows: int = 0  # conversations whose assistant text the chat template partly leaves out
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -51,6 +54,7 @@ class DataBundle:
     fingerprint: str
     warnings: list[str] = field(default_factory=list)
     from_cache: bool = False
+    notes: list[str] = field(default_factory=list)  # how the data is trained, where it is not the obvious way
 
 
 def histogram(lengths: np.ndarray, max_seq_len: int, bins: int = 10) -> list[list[int]]:
