@@ -9,6 +9,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+from ft_cli.atomic import write_text_atomic
+
 
 def fmt_duration(seconds: float) -> str:
     seconds = int(max(seconds, 0))
@@ -25,7 +27,7 @@ class MetricsWriter:
         if keep_until_step is not None and path.exists():
             # Resuming: drop lines logged after the checkpoint, so the curve continues exactly once.
             kept = [ln for ln in path.read_text().splitlines() if ln.strip() and json.loads(ln).get("step", 0) <= keep_until_step]
-            path.write_text("".join(ln + "\n" for ln in kept))
+            write_text_atomic(path, "".join(ln + "\n" for ln in kept))  # killed meanwhile: the old lines stay
         self._f = path.open("a", encoding="utf-8")
 
     def write(self, record: dict[str, Any]) -> None:
