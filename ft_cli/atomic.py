@@ -16,14 +16,17 @@ import os
 import re
 import shutil
 import signal
+import time
 import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import IO, Any
 
 TMP_TAG = ".ft-tmp-"
-_TMP_NAME = re.compile(r"^\.(?P<name>.+)\.ft-tmp-(?P<pid>\d+)-[0-9a-f]+$")
-_OLD_NAME = re.compile(r"^\.(?P<name>.+)\.ft-old-(?P<pid>\d+)-[0-9a-f]+$")
+# .NAME.ft-tmp-PID-XXXX (being written), .NAME.ft-old-PID-XXXX (moved aside while replaced); without -PID-XXXX
+# when several processes of one run write it together under the run's lock (checkpoints/.step-N.ft-tmp)
+_DEBRIS_NAME = re.compile(r"^\.(?P<name>.+)\.ft-(?P<what>tmp|old)(-(?P<pid>\d+)-[0-9a-f]+)?$")
+STALE_AFTER_S = 600  # and a debris without a live writer must be this old: a pid may be another host's
 DISK_FULL_ERRNOS = (errno.ENOSPC, errno.EDQUOT)
 # A write that fails with less than this free has, for all practical purposes, failed because the disk is full
 # (torch.save reports ENOSPC as a RuntimeError that only keeps the OSError as its context).
@@ -171,21 +174,29 @@ def _pid_alive(pid: int) -> bool:
 
 
 def remove_debris(directory: Path, *, include_live: bool = False) -> list[str]:
-    """Remove what ft processes that are no longer running left half-written in `directory` (temporary files and
-    directories), and put back a copy that was moved aside for a replacement that never finished. With
-    `include_live`, the caller holds the directory's lock and every ft temporary there is debris.
-    Returns the names removed."""
+    """Remove what ft processes that are no longer running left half-written in `directory` (temporaries named by
+    `tmp_path` whose pid is gone and which are older than STALE_AFTER_S), and put back a copy that was moved aside
+    for a replacement that never finished. With `include_live`, the caller holds the lock of the directory (a run
+    directory) and every ft temporary there is debris. Returns the names removed."""
     removed: list[str] = []
     try:
         entries = list(Path(directory).iterdir())
     except OSError:
         return removed
+    now = time.time()
     for entry in entries:
-        match = _TMP_NAME.match(entry.name) or _OLD_NAME.match(entry.name)
-        if match is None or (not include_live and _pid_alive(int(match["pid"]))):
+        match = _DEBRIS_NAME.match(entry.name)
+        if match is None:
             continue
+        if not include_live:
+            try:
+                age = now - entry.lstat().st_mtime
+            except OSError:
+                continue
+            if match["pid"] is None or _pid_alive(int(match["pid"])) or age < STALE_AFTER_S:
+                continue
         original = entry.with_name(match["name"])
-        if _OLD_NAME.match(entry.name) and not original.exists():
+        if match["what"] == "old" and not original.exists():
             os.replace(entry, original)  # the replacement never arrived: the old copy is the real one
             continue
         remove_path(entry)

@@ -241,12 +241,23 @@ def test_debris_of_a_dead_writer_is_removed_and_a_live_ones_kept(tmp_path: Path)
 
     dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
     dead_pid = int(dead.stdout)
-    (tmp_path / f".merged.ft-tmp-{dead_pid}-abcd1234").mkdir()
-    (tmp_path / f".merged.ft-tmp-{os.getpid()}-abcd1234").mkdir()
-    (tmp_path / "best").mkdir()
-    os.replace(tmp_path / "best", tmp_path / f".best.ft-old-{dead_pid}-0000abcd")  # died between two renames
-    assert remove_debris(tmp_path) == [f".merged.ft-tmp-{dead_pid}-abcd1234"]
-    assert sorted(p.name for p in tmp_path.iterdir()) == [f".merged.ft-tmp-{os.getpid()}-abcd1234", "best"]
+    names = {"dead": f".merged.ft-tmp-{dead_pid}-abcd1234", "live": f".merged.ft-tmp-{os.getpid()}-abcd1234",
+             "recent": f".data.ft-tmp-{dead_pid}-0000ffff", "old": f".best.ft-old-{dead_pid}-0000abcd"}
+    for name in names.values():
+        (tmp_path / name).mkdir()
+    (tmp_path / "mine.ft-tmp-1-a").mkdir()  # not a name ft gives its temporaries
+    hour_ago = time.time() - 3600
+    for key in ("dead", "live", "old"):
+        os.utime(tmp_path / names[key], (hour_ago, hour_ago))
+    assert remove_debris(tmp_path) == [names["dead"]]
+    # the dead writer moved best/ aside and died before its new best/ arrived: the old one is put back; a temporary
+    # of a live process, one of a dead process younger than 10 minutes (a pid from another host?) and a user's
+    # directory stay
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([names["live"], names["recent"], "best",
+                                                                 "mine.ft-tmp-1-a"])
+    # with the directory's lock held (a run directory), every ft temporary there is debris
+    assert sorted(remove_debris(tmp_path, include_live=True)) == sorted([names["live"], names["recent"]])
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["best", "mine.ft-tmp-1-a"]
 
 
 # One writer per run directory ----------------------------------------------------------------------------------
@@ -402,7 +413,7 @@ def _fill_on_second_checkpoint(monkeypatch: pytest.MonkeyPatch, where: str) -> N
     import ft_cli.checkpoint
 
     calls = {"n": 0}
-    real_save_file, real_write = safetensors.torch.save_file, ft_cli.checkpoint._HashingWriter.write
+    real_save_file = safetensors.torch.save_file
 
     def save_file(tensors, filename, *args, **kwargs):
         calls["n"] += 1
@@ -414,13 +425,14 @@ def _fill_on_second_checkpoint(monkeypatch: pytest.MonkeyPatch, where: str) -> N
                                               "error 28)")
 
     def write(self, data):
-        if calls["n"] == 2 and where == "optimizer" and self.fh.name.endswith("optimizer.pt") \
-                and self.fh.tell() > 1000:
+        if calls["n"] == 2 and self.fh.name.endswith("optimizer.pt") and self.fh.tell() > 1000:
             raise OSError(errno.ENOSPC, "No space left on device")
-        return real_write(self, data)
+        self.sha256.update(data)  # what ft_cli.checkpoint._HashingWriter.write does
+        return self.fh.write(data)
 
     monkeypatch.setattr(safetensors.torch, "save_file", save_file)
-    monkeypatch.setattr(ft_cli.checkpoint._HashingWriter, "write", write)
+    if where == "optimizer":
+        monkeypatch.setattr(ft_cli.checkpoint._HashingWriter, "write", write)
 
 
 def assert_failed_cleanly_at_step_4(result, run: Path) -> None:
@@ -488,7 +500,7 @@ def test_disk_full_on_a_real_small_filesystem(tmp_path: Path, alpaca_file: Path,
         assert result.exit_code == 0, result.output
         assert [x["step"] for x in metrics(disk / "run")[0]] == [1, 2, 3, 4, 5, 6]
     finally:
-        subprocess.run(["umount", str(disk)], check=True)
+        subprocess.run(["umount", "-l", str(disk)], check=True)
 
 
 # Resume skips damaged checkpoints ---------------------------------------------------------------------------------
@@ -501,8 +513,12 @@ def test_resume_skips_corrupt_and_partial_checkpoints(finished_run: tuple[Path, 
     data[len(data) // 2] ^= 0xFF  # one flipped byte: same size, still parses
     (ckpts / "step-6" / "trainable.safetensors").write_bytes(bytes(data))
     (ckpts / "step-4" / "optimizer.pt").unlink()  # partial: a file is missing
+    (ckpts / ".step-8.ft-tmp").mkdir()  # what a kill -9 in the middle of writing a checkpoint and run.json leaves
+    (ckpts / ".step-8.ft-tmp" / "trainable.safetensors").write_bytes(b"half")
+    (run / f".run.json.ft-tmp-{os.getpid()}-abcd0123").write_text("{")
     result = ft("train", recipe, "--output-dir", run, "--resume")
     assert result.exit_code == 0, result.output
+    assert not debris(run)
     assert (f"warning: checkpoint {ckpts / 'step-6'} is corrupt or partial (trainable.safetensors does not match "
             "its checksum); skipping it") in result.output
     assert f"warning: checkpoint {ckpts / 'step-4'} is corrupt or partial (optimizer.pt is missing)" in result.output
