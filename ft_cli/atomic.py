@@ -173,6 +173,11 @@ def _pid_alive(pid: int) -> bool:
     return True
 
 
+def is_debris_name(name: str) -> bool:
+    """Whether `name` is one ft gives a temporary file or directory (or an old copy moved aside)."""
+    return _DEBRIS_NAME.match(name) is not None
+
+
 def remove_debris(directory: Path, *, include_live: bool = False) -> list[str]:
     """Remove what ft processes that are no longer running left half-written in `directory` (temporaries named by
     `tmp_path` whose pid is gone and which are older than STALE_AFTER_S), and put back a copy that was moved aside

@@ -28,6 +28,7 @@ from typing import Any
 from ft_cli.atomic import (
     finish_tree,
     free_bytes,
+    is_debris_name,
     is_disk_full,
     remove_debris,
     remove_path,
@@ -48,6 +49,16 @@ KINDS = ("run", "merge", "preprocess", "export", "cache")
 # What ft train (and ft eval / ft report) write into a run directory; anything else there is the user's.
 RUN_LAYOUT = ("recipe.yaml", "metrics.jsonl", "run.json", "adapter", "model", "best", "checkpoints", "report",
               "eval*.json", "wandb", "mlruns", LOCK_FILE)
+# What ft 0.1 wrote for the other kinds, before .ft-output.json listed the entries
+_LEGACY_LAYOUT = {
+    "merge": ("config.json", "generation_config.json", "*.safetensors", "model.safetensors.index.json",
+              "tokenizer*", "special_tokens_map.json", "added_tokens.json", "vocab.json", "merges.txt",
+              "chat_template.jinja", "merge_report.json"),
+    "preprocess": ("dataset_dict.json", "train", "eval", "stats.json"),
+    "cache": ("dataset", "meta.json",  # a tokenized-data entry; a built-in model (ft_cli.builtin_models):
+              "ft_builtin.json", "config.json", "generation_config.json", "*.safetensors", "tokenizer*", "*.jinja",
+              "special_tokens_map.json"),
+}
 _LEGACY_TMP = re.compile(r"^\.(run\.json\.tmp\d+|.+\.tmp|.+\.old|tmp-step-\d+)$")  # names ft 0.1 wrote
 
 
@@ -161,24 +172,26 @@ def output_kind(path: Path) -> str | None:
         return "preprocess"
     if "fingerprint" in _read_json(path / "meta.json") and (path / "dataset").is_dir():
         return "cache"  # a tokenized-data cache entry (ft_cli.data.cache)
+    if str(_read_json(path / "ft_builtin.json").get("name", "")).startswith("builtin:"):
+        return "cache"  # a built-in model ft built (ft_cli.builtin_models)
     return None
 
 
 def _ft_entries(path: Path, kind: str) -> set[str]:
     """The names in `path` that ft wrote there, for a directory whose manifest says it is an ft `kind`."""
     names = set(os.listdir(path))
-    if kind == "run":
-        tracker_dirs = _read_json(path / "run.json").get("tracker_dirs") or []
-        ours = {n for n in names if any(fnmatch.fnmatchcase(n, pat) for pat in (*RUN_LAYOUT, *tracker_dirs))}
+    marker = _read_json(path / MARKER)
+    if kind != "run" and marker:
+        ours = names & {MARKER, *(marker.get("entries") or [])}  # exactly what it wrote
     else:
-        marker = _read_json(path / MARKER)
-        ours = set(marker.get("entries") or []) & names if marker else set(names)  # ft 0.1: whole by construction
-        ours.add(MARKER)
+        patterns = (*RUN_LAYOUT, *(_read_json(path / "run.json").get("tracker_dirs") or [])) if kind == "run" \
+            else _LEGACY_LAYOUT.get(kind, ())
+        ours = {n for n in names if any(fnmatch.fnmatchcase(n, pat) for pat in patterns)}
     return ours | {n for n in names if _is_debris(n)}
 
 
 def _is_debris(name: str) -> bool:
-    return name.startswith(".") and (".ft-tmp" in name or ".ft-old" in name or bool(_LEGACY_TMP.match(name)))
+    return is_debris_name(name) or bool(_LEGACY_TMP.match(name))
 
 
 def _read_json(path: Path) -> dict[str, Any]:
@@ -313,6 +326,12 @@ def remove_output_dir(path: Path | str, *, kind: str) -> list[str]:
     if found != kind:
         raise UserError(f"{path}: not an ft {kind} output ({'no ft manifest' if found is None else found}); "
                         "ft does not delete it")
+    if kind == "run":
+        from ft_cli.run_lock import in_use_error, lock_holder
+
+        holder = lock_holder(path)
+        if holder is not None:
+            raise in_use_error(path, holder)
     names = sorted(os.listdir(path))
     foreign = [n for n in names if n not in _ft_entries(path, kind)]
     if foreign:

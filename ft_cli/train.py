@@ -382,7 +382,7 @@ def _ended_by(s: Session, step: int, exc: BaseException) -> BaseException:
         _finish_manifest(s, "failed", step, error=f"disk full: {exc}", quiet=True)
         return UserError(f"disk full while writing to {s.run.root} after step {step} ({exc}); nothing half-written "
                          f"was kept and {kept}.\nFree space, then resume with: {resume}")
-    _finish_manifest(s, "failed", step, error=f"{type(exc).__name__}: {exc}", quiet=not isinstance(exc, Exception))
+    _finish_manifest(s, "failed", step, error=f"{type(exc).__name__}: {exc}", quiet=True)  # exc is what counts
     return exc
 
 

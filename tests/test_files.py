@@ -132,6 +132,25 @@ def test_a_directory_holding_another_kind_of_ft_output_is_refused(tmp_path: Path
         assert f"holds an ft merge output, not a {kind}" in str(exc.value)
 
 
+def test_outputs_of_ft_0_1_are_recognised_by_their_layout(tmp_path: Path) -> None:
+    """Before .ft-output.json: a merge directory is known by merge_report.json, and only ft's file names in it."""
+    from ft_cli.run_dir import output_kind, prepare_output_dir
+
+    old = tmp_path / "merged"
+    old.mkdir()
+    for name in ("config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json"):
+        (old / name).write_text("{}")
+    (old / "merge_report.json").write_text(json.dumps({"parity": {}}))
+    assert output_kind(old) == "merge"
+    assert "merge_report.json" in prepare_output_dir(old, kind="merge", overwrite=True).replaces
+    (old / "notes.md").write_text("mine")
+    with pytest.raises(Exception, match=r"1 entries ft did not write \(notes.md\)"):
+        prepare_output_dir(old, kind="merge", overwrite=True)
+    (old / "merge_report.json").write_text("{}")  # not ft's report: no proof
+    with pytest.raises(Exception, match="holds files ft did not write"):
+        prepare_output_dir(old, kind="merge", overwrite=True)
+
+
 @pytest.fixture(scope="module")
 def small_lora_run(finished_run: tuple[Path, Path]) -> Path:
     return finished_run[1]
@@ -194,9 +213,11 @@ def test_cache_entries_carry_fts_manifest_and_only_they_are_removed(tmp_path: Pa
                                                                     monkeypatch: pytest.MonkeyPatch) -> None:
     from datasets import Dataset, DatasetDict
 
+    from ft_cli.builtin_models import resolve_builtin
     from ft_cli.data import cache
     from ft_cli.run_dir import remove_output_dir
 
+    built = resolve_builtin("builtin:tiny-llama")  # in the session's cache, before the test's cache is set
     monkeypatch.setenv("FT_CACHE_DIR", str(tmp_path / "cache"))
     cache.save_entry("k" * 24, DatasetDict({"train": Dataset.from_dict({"input_ids": [[1, 2]]})}),
                      {"fingerprint": "k" * 24})
@@ -214,6 +235,10 @@ def test_cache_entries_carry_fts_manifest_and_only_they_are_removed(tmp_path: Pa
     (entry / "stray.txt").unlink()
     assert "meta.json" in remove_output_dir(entry, kind="cache")
     assert not entry.exists() and (foreign / "weights.bin").is_file()
+    # built-in models live in the same cache and are ft's too
+    copy = tmp_path / "cache" / "builtin" / built.name
+    shutil.copytree(built, copy)
+    assert "model.safetensors" in remove_output_dir(copy, kind="cache") and not copy.exists()
 
 
 def test_an_output_is_whole_or_absent(tmp_path: Path) -> None:
