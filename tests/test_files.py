@@ -572,7 +572,8 @@ def test_resume_with_only_damaged_checkpoints_is_a_clear_error(finished_run: tup
 # Ctrl-C twice -----------------------------------------------------------------------------------------------------
 
 def test_second_ctrl_c_exits_at_once_and_names_the_last_whole_checkpoint(tmp_path: Path, alpaca_file: Path,
-                                                                        monkeypatch: pytest.MonkeyPatch) -> None:
+                                                                        monkeypatch: pytest.MonkeyPatch,
+                                                                        capfd: pytest.CaptureFixture) -> None:
     """The first Ctrl-C comes during step 3: ft finishes the step and starts writing a checkpoint; the second comes
     while that checkpoint is half written."""
     import safetensors.torch
@@ -599,6 +600,9 @@ def test_second_ctrl_c_exits_at_once_and_names_the_last_whole_checkpoint(tmp_pat
     recipe = write_recipe(tmp_path, alpaca_file, train={**TRAIN, "eval_every": None, "grad_accum": 1})
     result = ft("train", recipe)
     assert result.exit_code == 130, result.output
+    # the first one said what happens next, from the signal handler (straight to file descriptor 2)
+    assert "SIGINT: stopping after this step to write a checkpoint; Ctrl-C again exits at once, without one" \
+        in capfd.readouterr().err
     assert "interrupted again: exiting without a checkpoint; the last whole checkpoint is step 2" in result.output
     assert "Traceback" not in result.output
     run = tmp_path / "run"
