@@ -153,6 +153,17 @@ def swap_in(tmp: Path, target: Path) -> None:
         remove_path(old)
 
 
+def discard(path: Path) -> None:
+    """Remove a directory so that it is gone at once: renamed to a temporary name first, then deleted (a kill
+    during the deletion leaves debris that remove_debris recognises, not a directory missing half its files)."""
+    doomed = tmp_path(path)
+    try:
+        os.replace(path, doomed)
+    except FileNotFoundError:
+        return
+    remove_path(doomed)
+
+
 def remove_path(path: Path) -> None:
     if path.is_dir() and not path.is_symlink():
         shutil.rmtree(path, ignore_errors=True)

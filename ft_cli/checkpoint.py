@@ -19,7 +19,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from ft_cli.atomic import file_digest, finish_tree, fsync_dir, remove_path, swap_in
+from ft_cli.atomic import discard, file_digest, finish_tree, fsync_dir, remove_path, swap_in
 from ft_cli.errors import UserError
 from ft_cli.run_dir import RunDir
 
@@ -65,7 +65,7 @@ def save_checkpoint(run: RunDir, step: int, *, model: Any, optimizer: Any, sched
         fsync_dir(run.checkpoints)
         if keep_last:
             for _, old in run.whole_checkpoints()[:-keep_last]:
-                remove_path(old)
+                discard(old)
 
     _together(accelerator, start if main else None, tmp)
     _together(accelerator, lambda: _save_plain(_rng_state(), tmp / f"rng-{accelerator.process_index}.pt", digests),

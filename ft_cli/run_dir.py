@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import Any
 
 from ft_cli.atomic import (
+    discard,
     finish_tree,
     free_bytes,
     is_debris_name,
@@ -392,8 +393,14 @@ def clear_run_dir(run: RunDir) -> list[str]:
     shown = [n for n in names if not _is_debris(n)]
     if shown:
         _say(f"--overwrite: removing the previous run in {root}: {_names(shown, root, limit=20)}")
-    for name in names:
-        remove_path(root / name)
+    # Each entry vanishes at once (renamed, then deleted), and run.json last: killed half way, the directory is
+    # still recognisably ft's run.
+    for name in sorted(names, key=lambda n: n == "run.json"):
+        entry = root / name
+        if entry.is_dir() and not entry.is_symlink():
+            discard(entry)
+        else:
+            remove_path(entry)
     return names
 
 
