@@ -148,7 +148,8 @@ def merge(
         def run() -> None:
             if force or dtype is not None:
                 raise FtExit("--force and --dtype apply to merging into the base, not to --combine", exit_code=2)
-            combine_runs(run_dirs, out, combine=combine, weights=weights, density=density, seed=seed)
+            combine_runs(run_dirs, out, combine=combine, weights=weights, density=density, seed=seed,
+                         overwrite=overwrite)
 
         _guard(run)
         return

@@ -46,10 +46,12 @@ __all__ = ["RunDir", "OutputDir", "prepare_output_dir", "remove_output_dir", "ou
 
 MARKER = ".ft-output.json"  # the manifest of a non-run output: {"kind", "ft_version", "created_at", "entries"}
 LOCK_FILE = ".ft.lock"
-KINDS = ("run", "merge", "preprocess", "export", "cache")
+KINDS = ("run", "merge", "combine", "preprocess", "export", "cache")
+# What ft eval and ft report add to a run-like directory (a run, an `ft merge --combine` output) after it was made
+WRITTEN_LATER = ("eval*.json", "report")
 # What ft train (and ft eval / ft report) write into a run directory; anything else there is the user's.
-RUN_LAYOUT = ("recipe.yaml", "metrics.jsonl", "run.json", "adapter", "model", "best", "checkpoints", "report",
-              "eval*.json", "wandb", "mlruns", LOCK_FILE)
+RUN_LAYOUT = ("recipe.yaml", "metrics.jsonl", "run.json", "adapter", "model", "best", "checkpoints", "wandb",
+              "mlruns", LOCK_FILE, *WRITTEN_LATER)
 # What ft 0.1 wrote for the other kinds, before .ft-output.json listed the entries
 _LEGACY_LAYOUT = {
     "merge": ("config.json", "generation_config.json", "*.safetensors", "model.safetensors.index.json",
@@ -184,6 +186,8 @@ def _ft_entries(path: Path, kind: str) -> set[str]:
     marker = _read_json(path / MARKER)
     if kind != "run" and marker:
         ours = names & {MARKER, *(marker.get("entries") or [])}  # exactly what it wrote
+        if kind == "combine":
+            ours |= {n for n in names if any(fnmatch.fnmatchcase(n, pat) for pat in WRITTEN_LATER)}
     else:
         patterns = (*RUN_LAYOUT, *(_read_json(path / "run.json").get("tracker_dirs") or [])) if kind == "run" \
             else _LEGACY_LAYOUT.get(kind, ())
@@ -226,6 +230,7 @@ class OutputDir:
     kind: str
     option: str = "--out"
     replaces: list[str] = field(default_factory=list)
+    overwrite: bool = False
 
     @contextlib.contextmanager
     def writing(self) -> Iterator[Path]:
@@ -257,7 +262,7 @@ class OutputDir:
 
     def _put_in_place(self, tmp: Path) -> None:
         # Checked again now: another process may have written here while this one worked.
-        again = prepare_output_dir(self.path, kind=self.kind, overwrite=bool(self.replaces), option=self.option)
+        again = prepare_output_dir(self.path, kind=self.kind, overwrite=self.overwrite, option=self.option)
         if again.replaces:
             _say(f"{self.option} {self.path}: replacing the previous {self.kind} output: {_names(again.replaces, self.path)}")
         swap_in(tmp, self.path)  # what was there (an earlier output, or an empty directory) is removed after
@@ -286,7 +291,7 @@ def prepare_output_dir(path: Path | str, *, kind: str, overwrite: bool = False, 
                         "path")
     if not path.exists():
         _check_creatable(path, option)
-        return OutputDir(path, kind, option)
+        return OutputDir(path, kind, option, overwrite=overwrite)
     try:
         names = sorted(os.listdir(path))
     except OSError as exc:
@@ -295,7 +300,7 @@ def prepare_output_dir(path: Path | str, *, kind: str, overwrite: bool = False, 
         raise _not_writable(option, path, OSError(errno.EROFS, "read-only file system") if _read_only_fs(path)
                             else PermissionError(errno.EACCES, "permission denied"))
     if all(_is_debris(n) or n == LOCK_FILE for n in names):
-        return OutputDir(path, kind, option)  # empty, but for what an ft process that died left
+        return OutputDir(path, kind, option, overwrite=overwrite)  # empty, but for what an ft process that died left
     found = output_kind(path)
     if found is None:
         raise UserError(f"{option} {path} already exists and is not empty, and holds files ft did not write "
@@ -313,8 +318,8 @@ def prepare_output_dir(path: Path | str, *, kind: str, overwrite: bool = False, 
         raise UserError(f"{option} {path}: --overwrite would replace an earlier ft {kind} output, but the directory "
                         f"also holds {len(foreign)} entries ft did not write ({_names(foreign, path)}); ft never deletes "
                         "them. Move them out and run the command again")
-    replaces = [n for n in names if n != LOCK_FILE and not _is_debris(n)]
-    return OutputDir(path, kind, option, replaces)
+    replaces = [n for n in names if n not in (LOCK_FILE, MARKER) and not _is_debris(n)]
+    return OutputDir(path, kind, option, replaces, overwrite)
 
 
 def remove_output_dir(path: Path | str, *, kind: str) -> list[str]:
