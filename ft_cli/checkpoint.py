@@ -1,24 +1,31 @@
 """Resumable checkpoints: trainable weights, optimizer, scheduler, float16 loss scale, every RNG state and the step.
 
-A checkpoint is written into a temporary directory and renamed into place, and `state.json` is written last,
-so `checkpoints/step-N/` is either whole or absent. Weights use safetensors; optimizer and scheduler state are
-plain tensors and numbers, loaded with `torch.load(weights_only=True)`.
+A checkpoint is written into a temporary directory (checkpoints/.step-N.ft-tmp), flushed to disk, and renamed
+into place; `state.json` is written last and holds the size and SHA-256 of every other file, so
+`checkpoints/step-N/` is either whole or absent, and "whole" can be checked (`newest_whole_checkpoint`): a
+checkpoint damaged later (a bad disk, a copy cut short) is skipped with a warning on resume. When a write fails (a
+full disk) on any process, every process raises, the temporary directory is removed and the previous checkpoint
+stays the newest whole one. Weights use safetensors; optimizer and scheduler state are plain tensors and numbers,
+loaded with `torch.load(weights_only=True)`.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
-import os
 import random
-import shutil
+import sys
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from ft_cli.atomic import discard, file_digest, finish_tree, fsync_dir, remove_path, swap_in
 from ft_cli.errors import UserError
-from ft_cli.run_dir import RunDir, write_text_atomic
+from ft_cli.run_dir import RunDir
 
 STATE_FILE = "state.json"
 SCALER_FILE = "scaler.pt"
+REQUIRED_FILES = ("trainable.safetensors", "optimizer.pt", "scheduler.pt")
 
 
 def trainable_state(model: Any) -> dict[str, Any]:
@@ -28,37 +35,140 @@ def trainable_state(model: Any) -> dict[str, Any]:
 def save_checkpoint(run: RunDir, step: int, *, model: Any, optimizer: Any, scheduler: Any, state: dict[str, Any],
                     accelerator: Any, keep_last: int | None) -> Path:
     """Every rank writes its RNG state; rank 0 writes the rest, then renames the whole directory into place."""
-    import torch
     from safetensors.torch import save_file
 
     final = run.checkpoint(step)
-    tmp = run.checkpoints / f".tmp-step-{step}"
-    if accelerator.is_main_process:
-        if tmp.exists():
-            shutil.rmtree(tmp)
+    tmp = run.checkpoints / f".step-{step}.ft-tmp"
+    main = accelerator.is_main_process
+    digests: dict[str, str] = {}
+
+    def start() -> None:
+        remove_path(tmp)
         tmp.mkdir(parents=True)
-    accelerator.wait_for_everyone()
-    torch.save(_rng_state(), tmp / f"rng-{accelerator.process_index}.pt")
-    weights, optim_state = _gather_sharded(model, optimizer) if _sharded(accelerator) else (None, None)
-    accelerator.wait_for_everyone()
-    if accelerator.is_main_process:
+
+    def finish() -> None:
+        nonlocal weights, optim_state
         if weights is None:
             weights, optim_state = trainable_state(accelerator.unwrap_model(model)), optimizer.state_dict()
         save_file(weights, str(tmp / "trainable.safetensors"))
-        torch.save(optim_state, tmp / "optimizer.pt")
-        torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
+        _save_plain(optim_state, tmp / "optimizer.pt", digests)
+        _save_plain(scheduler.state_dict(), tmp / "scheduler.pt", digests)
         if accelerator.scaler is not None:  # float16 mixed precision: the loss scale it has settled on
-            torch.save(accelerator.scaler.state_dict(), tmp / SCALER_FILE)
-        write_text_atomic(tmp / STATE_FILE, json.dumps({**state, "step": step}, indent=2) + "\n")
-        if final.exists():  # a stale copy from before a resume: replace it whole
-            shutil.rmtree(final)
-        os.replace(tmp, final)
-        _fsync_dir(run.checkpoints)
+            _save_plain(accelerator.scaler.state_dict(), tmp / SCALER_FILE, digests)
+        files = {}
+        for file in sorted(tmp.iterdir()):  # rng-<rank>.pt of every process, and the files above
+            digest = digests.get(file.name) or file_digest(file)
+            files[file.name] = {"bytes": file.stat().st_size, "sha256": digest}
+        (tmp / STATE_FILE).write_text(json.dumps({**state, "step": step, "files": files}, indent=2) + "\n")
+        finish_tree(tmp)  # the user's umask, and every byte on disk before the rename makes it a checkpoint
+        swap_in(tmp, final)  # a stale step-N from before a resume is replaced whole
+        fsync_dir(run.checkpoints)
         if keep_last:
             for _, old in run.whole_checkpoints()[:-keep_last]:
-                shutil.rmtree(old, ignore_errors=True)
-    accelerator.wait_for_everyone()
+                discard(old)
+
+    _together(accelerator, start if main else None, tmp)
+    _together(accelerator, lambda: _save_plain(_rng_state(), tmp / f"rng-{accelerator.process_index}.pt", digests),
+              tmp)
+    weights, optim_state = _gather_sharded(model, optimizer) if _sharded(accelerator) else (None, None)
+    _together(accelerator, finish if main else None, tmp)
     return final
+
+
+def _together(accelerator: Any, write: Callable[[], None] | None, tmp: Path) -> None:
+    """Run this process's part of a checkpoint write, then agree with every process that all parts succeeded
+    (a barrier as well). If any failed, the temporary directory goes and every process raises: the failing one its
+    own error (a full disk, a Ctrl-C), the others a UserError, rather than waiting forever at the next barrier."""
+    error: BaseException | None = None
+    try:
+        if write is not None:
+            write()
+    except BaseException as exc:  # noqa: BLE001 - re-raised below, after the other processes have heard of it
+        error = exc
+    if _all_ok(accelerator, error is None) and error is None:
+        return
+    if accelerator.is_main_process:
+        remove_path(tmp)
+    if error is not None:
+        raise error
+    raise UserError(f"another process failed while writing checkpoint {tmp.name}; see its message")
+
+
+def _all_ok(accelerator: Any, ok: bool) -> bool:
+    import torch
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return ok
+    device = getattr(accelerator, "device", None)
+    if device is None or dist.get_backend() != "nccl":
+        device = "cpu"
+    flag = torch.tensor([0 if ok else 1], dtype=torch.int32, device=device)
+    dist.all_reduce(flag)
+    return int(flag.item()) == 0
+
+
+def _save_plain(obj: Any, file: Path, digests: dict[str, str]) -> None:
+    """torch.save through a file object that hashes what it writes (no second read of a large optimizer state)
+    and lets a full disk surface as the OSError it is."""
+    import torch
+
+    with open(file, "wb") as fh:
+        writer = _HashingWriter(fh)
+        torch.save(obj, writer)
+    digests[file.name] = writer.sha256.hexdigest()
+
+
+class _HashingWriter:
+    def __init__(self, fh: Any):
+        self.fh, self.sha256 = fh, hashlib.sha256()
+
+    def write(self, data: Any) -> int:
+        self.sha256.update(data)
+        return self.fh.write(data)
+
+    def flush(self) -> None:
+        self.fh.flush()
+
+
+def checkpoint_problem(path: Path) -> str | None:
+    """None if checkpoint `path` is whole: every file that state.json lists has its size and SHA-256. Otherwise
+    what is wrong with it. Checkpoints of ft 0.1 (no checksums) are checked for their files only."""
+    try:
+        state = json.loads((path / STATE_FILE).read_text())
+        files = state.get("files")
+    except (OSError, ValueError, AttributeError) as exc:
+        return f"{STATE_FILE} unreadable ({exc})"
+    if files is None:
+        missing = [f for f in REQUIRED_FILES if not (path / f).is_file()]
+        return f"missing {', '.join(missing)}" if missing else None
+    for name, want in sorted(files.items()):
+        file = path / name
+        if not file.is_file():
+            return f"{name} is missing"
+        size = file.stat().st_size
+        if size != want.get("bytes"):
+            return f"{name} has {size} bytes, {want.get('bytes')} were written"
+        if file_digest(file) != want.get("sha256"):
+            return f"{name} does not match its checksum"
+    return None
+
+
+def newest_whole_checkpoint(run: RunDir, warn: Callable[[str], None] | None = None) -> tuple[Path, dict] | None:
+    """The newest checkpoint that passes `checkpoint_problem`, with its state; damaged ones newer than it are
+    skipped, each with a warning naming it."""
+    for _, path in reversed(run.whole_checkpoints()):
+        problem = checkpoint_problem(path)
+        if problem is None:
+            return path, json.loads((path / STATE_FILE).read_text())
+        if warn is not None:
+            warn(f"warning: checkpoint {path} is corrupt or partial ({problem}); skipping it and resuming from an "
+                 "older one")
+    return None
+
+
+def warn_on_stderr(text: str) -> None:
+    print(text, file=sys.stderr, flush=True)
 
 
 def load_checkpoint(path: Path, *, model: Any, optimizer: Any, scheduler: Any, accelerator: Any) -> dict[str, Any]:
@@ -66,7 +176,11 @@ def load_checkpoint(path: Path, *, model: Any, optimizer: Any, scheduler: Any, a
     from safetensors.torch import load_file
 
     state = json.loads((path / STATE_FILE).read_text())
-    weights = load_file(str(path / "trainable.safetensors"))
+    try:
+        weights = load_file(str(path / "trainable.safetensors"))
+    except Exception as exc:  # SafetensorError: a checkpoint of ft 0.1 (no checksums) damaged since
+        raise UserError(f"{path / 'trainable.safetensors'}: cannot be read ({exc}); remove {path} to resume from "
+                        "an older checkpoint") from None
     unwrapped = accelerator.unwrap_model(model)
     params = {_clean_name(n): p for n, p in unwrapped.named_parameters() if p.requires_grad}
     missing = sorted(set(params) - set(weights))
@@ -182,14 +296,3 @@ def _set_rng_state(state: dict[str, Any]) -> None:
 
 def _tuplify(x: Any) -> Any:
     return tuple(_tuplify(v) for v in x) if isinstance(x, (list, tuple)) else x
-
-
-def _fsync_dir(path: Path) -> None:
-    try:
-        fd = os.open(path, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-    except OSError:
-        pass

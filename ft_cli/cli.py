@@ -29,6 +29,10 @@ SetOpt = Annotated[
     typer.Option("--set", help="Override a recipe value with a dotted key, e.g. --set train.lr=1e-4 (repeatable)."),
 ]
 RunDirArg = Annotated[Path, typer.Argument(help="A run directory written by ft train.", show_default=False)]
+OverwriteOpt = Annotated[
+    bool, typer.Option("--overwrite", help="Replace an earlier output of this command at --out (only one ft wrote; "
+                       "it says what it removes).")
+]
 
 
 def _guard(fn: Callable[[], Any]) -> Any:
@@ -47,7 +51,8 @@ def train(
     set_: SetOpt = None,
     output_dir: Annotated[Path | None, typer.Option("--output-dir", help="Run directory (overrides the recipe).")] = None,
     resume: Annotated[bool, typer.Option("--resume", help="Continue from the newest whole checkpoint.")] = False,
-    overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace an existing run directory.")] = False,
+    overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace an earlier run in the run directory (only "
+                                            "a directory ft wrote; it says what it removes).")] = False,
     smoke: Annotated[
         bool, typer.Option("--smoke", help="Same recipe on a tiny offline model of the same family, a few steps.")
     ] = False,
@@ -77,11 +82,12 @@ def preprocess(
     recipe: RecipeArg,
     out: Annotated[Path, typer.Option("--out", help="Directory for the tokenized dataset (save_to_disk).")],
     set_: SetOpt = None,
+    overwrite: OverwriteOpt = False,
 ) -> None:
     """Tokenize, mask and pack the data exactly as train would, and save it with datasets.save_to_disk."""
     from ft_cli.data.pipeline import preprocess_to_disk
 
-    _guard(lambda: preprocess_to_disk(recipe, set_ or [], out))
+    _guard(lambda: preprocess_to_disk(recipe, set_ or [], out, overwrite=overwrite))
 
 
 WhichOpt = Annotated[
@@ -145,6 +151,7 @@ def merge(
     density: Annotated[float | None, typer.Option(
         "--density", help="With --combine ties/dare_ties: fraction of each update kept (default 0.5).")] = None,
     seed: Annotated[int, typer.Option("--seed", help="With --combine dare_ties: seed of the random drop.")] = 0,
+    overwrite: OverwriteOpt = False,
 ) -> None:
     """Merge the adapter into a copy of the base model in the recipe's dtype (16-bit for bfloat16/float16 runs;
     --dtype to choose) and check merged vs adapter logits; or, with --combine, combine several runs' LoRA
@@ -155,7 +162,8 @@ def merge(
         def run() -> None:
             if force or dtype is not None:
                 raise FtExit("--force and --dtype apply to merging into the base, not to --combine", exit_code=2)
-            combine_runs(run_dirs, out, combine=combine, weights=weights, density=density, seed=seed)
+            combine_runs(run_dirs, out, combine=combine, weights=weights, density=density, seed=seed,
+                         overwrite=overwrite)
 
         _guard(run)
         return
@@ -167,7 +175,7 @@ def merge(
                          "adapters into one, add --combine linear|cat|ties|dare_ties", exit_code=2)
         if weights is not None or density is not None:
             raise FtExit("--weights and --density apply with --combine", exit_code=2)
-        merge_run(run_dirs[0], out, force=force, dtype=dtype)
+        merge_run(run_dirs[0], out, force=force, dtype=dtype, overwrite=overwrite)
 
     _guard(run_merge)
 

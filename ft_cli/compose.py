@@ -17,7 +17,8 @@ The output is a run-like directory, so every ft command that takes a run takes i
   DIR/recipe.yaml        the first input's recipe, with lora.rank/alpha of the combined adapter
   DIR/run.json           status completed, base_model_path, and `combined`: method, weights, density, inputs
   DIR/merge_report.json  the same, plus the reload check (the saved adapter loaded back gives the same logits)
-It is written to a temporary sibling and renamed into place, and --out must not exist or be empty.
+It is written to a temporary sibling and renamed into place (ft_cli.run_dir.prepare_output_dir: an existing --out
+is replaced only with --overwrite, and only if it is an earlier combination ft wrote).
 """
 
 from __future__ import annotations
@@ -25,13 +26,12 @@ from __future__ import annotations
 import gc
 import json
 import os
-import shutil
 from pathlib import Path
 from typing import Any
 
 from ft_cli.adapters import RunAdapter, check_shared_base, load_adapters, run_adapter
 from ft_cli.errors import CheckFailed, UserError
-from ft_cli.run_dir import RunDir, now_iso
+from ft_cli.run_dir import RunDir, now_iso, prepare_output_dir
 
 COMBINATIONS = ("linear", "cat", "ties", "dare_ties")
 PRUNING = ("ties", "dare_ties")  # the combinations that take a density
@@ -85,16 +85,15 @@ def plan_combine(run_dirs: list[Path], combine: str, weights: str | None,
 
 
 def combine_runs(run_dirs: list[Path], out: Path, *, combine: str, weights: str | None = None,
-                 density: float | None = None, seed: int = 0) -> Path:
+                 density: float | None = None, seed: int = 0, overwrite: bool = False) -> Path:
     import torch
 
     from ft_cli.loading import default_device, load_base, load_run_tokenizer
     from ft_cli.recipe import dump_recipe
 
     adapters, w, density = plan_combine(run_dirs, combine, weights, density)
-    out = Path(out).expanduser()
-    if out.exists() and (not out.is_dir() or any(out.iterdir())):
-        raise UserError(f"--out {out} already exists and is not empty; choose a new directory or empty it")
+    out_dir = prepare_output_dir(out, kind="combine", overwrite=overwrite)  # before anything loads
+    out = out_dir.path
     first = adapters[0]
     device = default_device()
     listing = ", ".join(f"{a.run} x {wi:g}" for a, wi in zip(adapters, w, strict=True))
@@ -111,37 +110,31 @@ def combine_runs(run_dirs: list[Path], out: Path, *, combine: str, weights: str 
         raise UserError(f"--combine {combine}: peft refused: {exc}") from None
     config = model.peft_config[COMBINED]
 
-    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
-    if tmp.exists():
-        shutil.rmtree(tmp)
     try:
-        tmp.mkdir(parents=True)
-        model.save_pretrained(str(tmp), selected_adapters=[COMBINED])  # peft writes a named adapter to tmp/NAME
-        os.replace(tmp / COMBINED, tmp / "adapter")
-        (tmp / "README.md").unlink(missing_ok=True)  # peft's empty model card for the parent directory
-        tokenizer = load_run_tokenizer(first.recipe, first.path)
-        tokenizer.save_pretrained(tmp / "adapter")
-        reload = _reload_check(model, tmp / "adapter", tokenizer, device)
-        if reload["max_abs_diff"] != 0.0:
-            raise CheckFailed(f"the saved adapter does not reproduce the combination (max |logit diff| "
-                              f"{reload['max_abs_diff']:.3g}); nothing was written to {out}")
-        recipe = first.recipe.model_copy(deep=True)
-        if recipe.lora is not None:
-            recipe.lora.rank, recipe.lora.alpha = int(config.r), float(config.lora_alpha)
-        (tmp / "recipe.yaml").write_text(dump_recipe(recipe), encoding="utf-8")
-        combined = {"combine": combine, "weights": w, "density": density, "seed": seed, "rank": int(config.r),
-                    "inputs": [{"run": str(a.run), "adapter": str(a.path), "method": a.recipe.method, "rank": a.rank,
-                                "weight": wi} for a, wi in zip(adapters, w, strict=True)]}
-        manifest = {"status": "completed", "kind": "combined adapter", "created_at": now_iso(),
-                    "base_model": first.recipe.model.name_or_path, "base_model_path": first.base_path,
-                    "method": first.recipe.method, "combined": combined}
-        (tmp / "run.json").write_text(json.dumps(manifest, indent=2) + "\n")
-        (tmp / "merge_report.json").write_text(json.dumps({**combined, "reload_check": reload}, indent=2) + "\n")
-        if out.exists():
-            out.rmdir()  # empty, checked above
-        os.replace(tmp, out)
+        with out_dir.writing() as tmp:  # renamed to --out when everything is written; removed on any failure
+            model.save_pretrained(str(tmp), selected_adapters=[COMBINED])  # peft writes the adapter to tmp/NAME
+            os.replace(tmp / COMBINED, tmp / "adapter")
+            (tmp / "README.md").unlink(missing_ok=True)  # peft's empty model card for the parent directory
+            tokenizer = load_run_tokenizer(first.recipe, first.path)
+            tokenizer.save_pretrained(tmp / "adapter")
+            reload = _reload_check(model, tmp / "adapter", tokenizer, device)
+            if reload["max_abs_diff"] != 0.0:
+                raise CheckFailed(f"the saved adapter does not reproduce the combination (max |logit diff| "
+                                  f"{reload['max_abs_diff']:.3g}); nothing was written to {out}")
+            recipe = first.recipe.model_copy(deep=True)
+            if recipe.lora is not None:
+                recipe.lora.rank, recipe.lora.alpha = int(config.r), float(config.lora_alpha)
+            (tmp / "recipe.yaml").write_text(dump_recipe(recipe), encoding="utf-8")
+            combined = {"combine": combine, "weights": w, "density": density, "seed": seed, "rank": int(config.r),
+                        "inputs": [{"run": str(a.run), "adapter": str(a.path), "method": a.recipe.method,
+                                    "rank": a.rank, "weight": wi} for a, wi in zip(adapters, w, strict=True)]}
+            manifest = {"status": "completed", "kind": "combined adapter", "created_at": now_iso(),
+                        "base_model": first.recipe.model.name_or_path, "base_model_path": first.base_path,
+                        "method": first.recipe.method, "combined": combined}
+            (tmp / "run.json").write_text(json.dumps(manifest, indent=2) + "\n")
+            report = {**combined, "reload_check": reload}
+            (tmp / "merge_report.json").write_text(json.dumps(report, indent=2) + "\n")
     finally:
-        shutil.rmtree(tmp, ignore_errors=True)
         del model
         gc.collect()
     _echo(f"wrote {out}/adapter (rank {config.r}); the saved adapter reloads to identical logits. "

@@ -10,7 +10,8 @@
 3. The saved directory is loaded back with AutoModelForCausalLM and its logits compared with the reference. Past
    the tolerance for the output dtype the merge is refused (exit 3) and nothing is left at --out, unless --force.
 
-Everything is written to a temporary sibling of --out and renamed into place at the end.
+Everything is written to a temporary sibling of --out and renamed into place at the end
+(ft_cli.run_dir.prepare_output_dir: an existing --out is replaced only with --overwrite, and only if ft wrote it).
 """
 
 from __future__ import annotations
@@ -18,7 +19,6 @@ from __future__ import annotations
 import gc
 import json
 import os
-import shutil
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -49,8 +49,10 @@ class Parity:
                 f"(relative {self.relative_mean_diff:.3g}), top-1 agreement {self.top1_agreement:.1%}")
 
 
-def merge_run(run_dir: Path, out: Path, *, force: bool = False, dtype: str | None = None) -> Path:
+def merge_run(run_dir: Path, out: Path, *, force: bool = False, dtype: str | None = None,
+              overwrite: bool = False) -> Path:
     from ft_cli.loading import resolve_target, run_base_path
+    from ft_cli.run_dir import prepare_output_dir
 
     target = resolve_target(run_dir)
     if target.kind != "run" or target.recipe is None:
@@ -60,15 +62,11 @@ def merge_run(run_dir: Path, out: Path, *, force: bool = False, dtype: str | Non
     if out_dtype not in DTYPES:
         raise UserError(f"--dtype: must be one of {', '.join(DTYPES)}, got {out_dtype!r}")
     _check_mergeable(recipe)
-    out = Path(out).expanduser()
-    if out.exists() and (not out.is_dir() or any(out.iterdir())):
-        raise UserError(f"--out {out} already exists and is not empty; choose a new directory or empty it")
-    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
-    if tmp.exists():
-        shutil.rmtree(tmp)
+    out_dir = prepare_output_dir(out, kind="merge", overwrite=overwrite)  # before anything loads
+    out = out_dir.path
     whole = recipe.method in WHOLE_MODEL_METHODS
     bits = recipe.quantization.bits if recipe.quantization else None
-    try:
+    with out_dir.writing() as tmp:  # renamed to --out when everything is written; removed on any failure
         report = _merge_into(target.output, recipe, tmp, out_dtype, run_dir=target.path,
                              base_path=None if whole else run_base_path(target))
         parity = report["parity"]
@@ -88,11 +86,6 @@ def merge_run(run_dir: Path, out: Path, *, force: bool = False, dtype: str | Non
                 f"nothing was written to {out}. Use --force to write it anyway, or --dtype float32 to rule out "
                 "rounding.")
         (tmp / "merge_report.json").write_text(json.dumps(report, indent=2) + "\n")
-        if out.exists():
-            out.rmdir()  # empty, checked above
-        os.replace(tmp, out)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
     why = "--dtype" if dtype else "the recipe's model.dtype" + ("; --dtype bfloat16 for a 16-bit copy"
                                                                  if out_dtype == "float32" else "")
     _echo(f"wrote {out} ({out_dtype}: {why}{', parity check FAILED, written because of --force' if not ok else ''}); "
@@ -200,7 +193,7 @@ def save_merged(model: Any, tokenizer: Any, out_dir: Path) -> None:
     """safetensors shards + config + generation config + tokenizer (with its chat template)."""
     from ft_cli.generation import stop_token_ids
 
-    out_dir.mkdir(parents=True)
+    out_dir.mkdir(parents=True, exist_ok=True)
     gen = model.generation_config
     stops = stop_token_ids(model, tokenizer)
     if stops:

@@ -509,3 +509,47 @@ def print_plan(plan: MemoryPlan, console: Any, where: str = "") -> None:
                   f"({format_bytes(plan.activations_other.bytes)} of activations)")
     console.print("These are estimates from the config (worst case: every row max_seq_len tokens); measured peaks "
                   "vary with kernels, real sequence lengths and the allocator, typically within 10-20%.", style="dim")
+
+
+# Disk ------------------------------------------------------------------------------------------------------------
+
+OUTPUT_EXTRA_BYTES = 16 * 2**20  # tokenizer, configs, README beside the weights (a Llama 3 tokenizer is 9 MB)
+
+
+def planned_trainable(recipe: Recipe) -> tuple[list[tuple[int, int]], int] | None:
+    """(trainable (numel, bytes per element), total base params) from the model config on disk, for `ft train`'s
+    free-space check before the model loads; None when the config is not on disk or the method cannot be sized."""
+    from ft_cli.model_config import find_model_config
+
+    try:
+        found = find_model_config(recipe.model, download=False)
+        if found is None:
+            return None
+        config, _ = load_model_config(recipe)
+        counts = count_params(config, recipe)
+    except Exception:  # noqa: BLE001 - then ft train sizes the run from the loaded model instead
+        return None
+    return counts.trainable, counts.total
+
+
+def disk_needs(recipe: Recipe, trainable: list[tuple[int, int]], total_params: int, *,
+               total_steps: int) -> tuple[int, str]:
+    """Bytes a run writes at its peak (checkpoints kept at once, plus the one being written; adapter/ or model/,
+    best/ and a new best/ being written) and a line saying how they add up."""
+    t = recipe.train
+    weights = sum(n * size for n, size in trainable)
+    state_rows = training_state_rows(recipe, ParamCounts(total=total_params, quantizable=0, quantizable_rows=0,
+                                                         base_bytes=0, trainable=trainable))
+    optimizer = next(r.bytes for r in state_rows if r.name == "optimizer state")
+    checkpoint = weights + optimizer + 2**20
+    saves = math.ceil(total_steps / t.save_every) if t.save_every else 0
+    kept = min(saves, t.keep_last) if t.keep_last else saves
+    at_once = kept + (1 if t.keep_last and saves > t.keep_last else 0)
+    output = (weights if recipe.is_peft else total_params * DTYPE_BYTES[recipe.model.dtype]) + OUTPUT_EXTRA_BYTES
+    evaluates = recipe.data.eval is not None or recipe.data.val_split > 0  # then best/ is written too
+    copies = 3 if evaluates else 1
+    need = at_once * checkpoint + copies * output
+    detail = (f"{at_once} checkpoint{'s' * (at_once != 1)} of {format_bytes(checkpoint)} at once, "
+              f"{copies} cop{'ies' if copies != 1 else 'y'} of the {'adapter' if recipe.is_peft else 'model'} "
+              f"({format_bytes(output)}){' with best/' if copies > 1 else ''}")
+    return need, detail

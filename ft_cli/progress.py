@@ -9,6 +9,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+from ft_cli.atomic import write_text_atomic
+
 
 def fmt_duration(seconds: float) -> str:
     seconds = int(max(seconds, 0))
@@ -30,7 +32,7 @@ class MetricsWriter:
                 return step < keep_until_step or (step == keep_until_step and not (redo_eval and "eval_loss" in line))
 
             kept = [ln for ln in path.read_text().splitlines() if ln.strip() and keep(json.loads(ln))]
-            path.write_text("".join(ln + "\n" for ln in kept))
+            write_text_atomic(path, "".join(ln + "\n" for ln in kept))  # killed meanwhile: the old lines stay
         self._f = path.open("a", encoding="utf-8")
 
     def write(self, record: dict[str, Any]) -> None:

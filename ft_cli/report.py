@@ -202,6 +202,8 @@ def render_summary(run: RunDir, metrics: Metrics, recipe: dict[str, Any], manife
                    eval_result: dict[str, Any] | None) -> str:
     name = run.root.resolve().name
     status = manifest.get("status", "unknown (no run.json)")
+    if status == "running" and run.status() == "crashed":
+        status = "crashed (run.json says running, but no ft process holds the run's lock)"
     final_step = manifest.get("final_step") or (metrics.train[-1]["step"] if metrics.train else None)
     total = manifest.get("total_steps")
     md = [f"# Run report: {name}", "",

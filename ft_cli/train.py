@@ -6,6 +6,7 @@ Runs unchanged on one CPU/GPU or under `accelerate launch` / `torchrun` (DDP): e
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 import signal
@@ -16,9 +17,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from ft_cli.atomic import is_disk_full, write_dir, write_text_atomic
 from ft_cli.errors import CheckFailed, RunInterrupted, UserError
 from ft_cli.recipe import Recipe, dump_recipe, load_recipe, recipe_errors
-from ft_cli.run_dir import RunDir, check_run_dir, now_iso, prepare_run_dir, write_text_atomic
+from ft_cli.run_dir import RunDir, check_run_dir, now_iso, prepare_run_dir, remove_run_debris
 
 
 @dataclass
@@ -39,6 +41,7 @@ class Session:
     pending_eval: bool = False  # resumed from a checkpoint written just before its step's evaluation
     state: dict[str, Any] = field(default_factory=dict)  # best_eval_loss, best_step, evals_without_improvement
     manifest: dict[str, Any] = field(default_factory=dict)
+    lock: Any = None  # ft_cli.run_lock.RunLock on the main process: this run's hold on its directory
 
 
 def train_from_recipe(recipe_path: Path, overrides: list[str], *, output_dir: Path | None = None,
@@ -57,14 +60,9 @@ def train_from_recipe(recipe_path: Path, overrides: list[str], *, output_dir: Pa
 
 def setup(recipe: Recipe, recipe_path: Path, *, resume: bool, overwrite: bool) -> Session:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    from accelerate.utils import set_seed
-
-    from ft_cli.batches import MicroBatches
-    from ft_cli.data.audit import data_notes
-    from ft_cli.data.pipeline import build_datasets, make_collator
-    from ft_cli.model import build_model, check_attn_implementation, compile_blocks, load_tokenizer
+    from ft_cli.model import check_attn_implementation
     from ft_cli.model_config import check_context_length
-    from ft_cli.optim import build_optimizer, build_scheduler, check_optimizer_supported, replan_schedule
+    from ft_cli.optim import check_optimizer_supported
 
     run = RunDir(Path(recipe.output_dir or "runs/run"))
     accelerator = _accelerator(recipe, run)
@@ -74,10 +72,33 @@ def setup(recipe: Recipe, recipe_path: Path, *, resume: bool, overwrite: bool) -
     _check_kernels(recipe, accelerator.device.type)
     check_context_length(recipe)
     check_attn_implementation(recipe, accelerator.device.type)
-    # Every rank checks the run directory before any rank changes it, so a refusal is raised everywhere. The
-    # directory itself is only touched once tokenizer, data and model have loaded: bad input writes nothing.
+    # Every rank checks the run directory before any rank changes it, so a refusal is raised everywhere; then the
+    # main process locks it for the whole run. Nothing else in it changes until tokenizer, data and model have
+    # loaded: bad input writes nothing (a directory made only for the lock is removed again).
     check_run_dir(run, resume=resume, overwrite=overwrite)
-    saved_state = _check_resume(run, recipe) if resume else None
+    lock = _lock_run_dir(run, accelerator, resume=resume, overwrite=overwrite)
+    try:
+        return _setup_locked(recipe, recipe_path, run, accelerator, lock, resume=resume)
+    except BaseException as exc:
+        if lock is not None:
+            lock.abandon()
+        if isinstance(exc, Exception) and not isinstance(exc, UserError) and is_disk_full(exc, run.root):
+            raise UserError(f"output_dir {run.root}: disk full while setting up the run ({exc}); free space and "
+                            "run the command again") from None
+        raise
+
+
+def _setup_locked(recipe: Recipe, recipe_path: Path, run: RunDir, accelerator: Any, lock: Any, *,
+                  resume: bool) -> Session:
+    from accelerate.utils import set_seed
+
+    from ft_cli.batches import MicroBatches
+    from ft_cli.data.audit import data_notes
+    from ft_cli.data.pipeline import build_datasets, make_collator
+    from ft_cli.model import build_model, compile_blocks, load_tokenizer
+    from ft_cli.optim import build_optimizer, build_scheduler, replan_schedule
+
+    resume_from = _check_resume(run, recipe, accelerator) if resume else None
 
     set_seed(recipe.train.seed)
     tokenizer = load_tokenizer(recipe)
@@ -85,8 +106,15 @@ def setup(recipe: Recipe, recipe_path: Path, *, resume: bool, overwrite: bool) -
     if accelerator.is_main_process:
         for line in data_notes(data):  # rows dropped or cut, and why: never silently
             print(line, file=sys.stderr)
+    t = recipe.train
+    batches = MicroBatches(len(data.train), t.micro_batch_size, world_size=accelerator.num_processes,
+                           rank=accelerator.process_index, seed=t.seed, shuffle=recipe.data.shuffle)
+    total_steps = t.max_steps or max(1, math.ceil(t.epochs * batches.per_epoch / t.grad_accum))
+    sized = _check_disk_space(recipe, run, total_steps)
     set_seed(recipe.train.seed)  # data building must not shift the model's initial weights
     built = build_model(recipe, device=accelerator.device)
+    if not sized:  # the config was not on disk before the model loaded: size the run from the model itself
+        _check_disk_space(recipe, run, total_steps, model=built.model)
     model = built.model
     if recipe.train.compile:  # lazily: the first forward compiles
         blocks = compile_blocks(model)
@@ -98,10 +126,6 @@ def setup(recipe: Recipe, recipe_path: Path, *, resume: bool, overwrite: bool) -
     if built.liger_kernels and accelerator.is_main_process:
         print(f"train.liger_kernel: liger-kernel {', '.join(built.liger_kernels)}", file=sys.stderr)
     optimizer = build_optimizer(model, recipe)
-    t = recipe.train
-    batches = MicroBatches(len(data.train), t.micro_batch_size, world_size=accelerator.num_processes,
-                           rank=accelerator.process_index, seed=t.seed, shuffle=recipe.data.shuffle)
-    total_steps = t.max_steps or max(1, math.ceil(t.epochs * batches.per_epoch / t.grad_accum))
     scheduler = build_scheduler(optimizer, recipe, total_steps)
     # The scheduler is stepped by hand once per optimizer step; accelerate's wrapper would step it per process.
     model, optimizer = accelerator.prepare(model, optimizer)
@@ -113,20 +137,19 @@ def setup(recipe: Recipe, recipe_path: Path, *, resume: bool, overwrite: bool) -
 
     session = Session(recipe=recipe, recipe_path=recipe_path, run=run, accelerator=accelerator, tokenizer=tokenizer,
                       model=model, optimizer=optimizer, scheduler=scheduler, data=data, collate=collate,
-                      batches=batches, total_steps=total_steps)
+                      batches=batches, total_steps=total_steps, lock=lock)
     session.state = {"best_eval_loss": None, "best_step": None, "evals_without_improvement": 0,
                      "last_eval_loss": None, "last_eval_step": None}
-    if saved_state is not None:
+    if resume_from is not None:
         from ft_cli.checkpoint import load_checkpoint
 
-        ckpt = run.latest_checkpoint()
-        assert ckpt is not None
-        state = load_checkpoint(ckpt, model=model, optimizer=optimizer, scheduler=scheduler, accelerator=accelerator)
+        state = load_checkpoint(resume_from, model=model, optimizer=optimizer, scheduler=scheduler,
+                                accelerator=accelerator)
         session.start_step = int(state["step"])
         session.state.update({k: state[k] for k in session.state if k in state})
         session.pending_eval = bool(state.get("evaluation_due")) and data.eval is not None
         _report_schedule(session, planned=replan_schedule(scheduler, total_steps))
-    session.manifest = _start_manifest(session, built, resumed=saved_state is not None)
+    session.manifest = _start_manifest(session, built, resumed=resume_from is not None)
     if accelerator.is_main_process:
         write_text_atomic(run.recipe, dump_recipe(recipe))
         run.write_manifest(session.manifest)
@@ -149,6 +172,7 @@ def fit(s: Session) -> Path:
     world = acc.num_processes
     if s.start_step >= s.total_steps and not s.pending_eval:
         _finish_manifest(s, "completed", s.start_step)
+        _release(s)
         if main:
             print(f"{s.run.root} already finished {s.start_step} of {s.total_steps} steps: nothing to do "
                   "(raise train.max_steps or epochs to continue training)", file=sys.stderr)
@@ -157,7 +181,7 @@ def fit(s: Session) -> Path:
     reporter = Reporter(s.total_steps, start=s.start_step, enabled=main)
     if s.start_step:
         reporter.message(f"resuming {s.run.root} from checkpoint step {s.start_step} of {s.total_steps}")
-    stop = _StopSignals()
+    stop = _StopSignals(announce=main)
     params = [p for p in model.parameters() if p.requires_grad]
     step, stopped_early = s.start_step, False
     window_tokens, window_t0 = 0, time.perf_counter()
@@ -244,8 +268,9 @@ def fit(s: Session) -> Path:
         reporter.message(_summary(s, step, out_dir))
     except BaseException as exc:
         reporter.close()
-        if main and not isinstance(exc, RunInterrupted):
-            _finish_manifest(s, "failed", step, error=f"{type(exc).__name__}: {exc}")
+        ending = _ended_by(s, step, exc)
+        if ending is not exc:
+            raise ending from None
         raise
     finally:
         stop.restore()
@@ -253,6 +278,7 @@ def fit(s: Session) -> Path:
             metrics.close()
         if s.recipe.logging.trackers:
             acc.end_training()
+        _release(s)
     return s.run.root
 
 
@@ -292,7 +318,7 @@ def _evaluate(s: Session, step: int, epoch: float, metrics: Any, reporter: Any) 
     s.state.update(last_eval_loss=eval_loss, last_eval_step=step)
     if improved:
         s.state.update(best_eval_loss=eval_loss, best_step=step, evals_without_improvement=0)
-        _save_trained(s, s.run.best, step=step, replace=True)
+        _save_trained(s, s.run.best, step=step)
         return False
     s.state["evals_without_improvement"] += 1
     patience = t.early_stopping_patience
@@ -343,9 +369,9 @@ def _checkpoint(s: Session, step: int, evaluation_due: bool = False) -> None:
                     accelerator=s.accelerator, keep_last=s.recipe.train.keep_last)
 
 
-def _save_trained(s: Session, out_dir: Path, *, step: int, replace: bool = False) -> None:
-    """Rank 0 writes the adapter (or model) of `step` to `out_dir`, with a model card (README.md); `replace` swaps a
-    whole new copy in for an old one.
+def _save_trained(s: Session, out_dir: Path, *, step: int) -> None:
+    """Rank 0 writes the adapter (or model) of `step` to `out_dir`, with a model card (README.md), replacing an
+    older copy (best/) whole.
     Under FSDP (and DeepSpeed ZeRO-3) every rank holds only shards of each weight, so all ranks first gather whole
     tensors to rank 0 (a collective) and the savers, which call model.state_dict(), are handed those."""
     from accelerate.utils import DistributedType
@@ -360,40 +386,25 @@ def _save_trained(s: Session, out_dir: Path, *, step: int, replace: bool = False
     if acc.is_main_process:
         if full is not None:
             model.state_dict = lambda *args, **kwargs: full  # instance attribute: shadows the method until del
-        def write(path: Path) -> None:
-            save_trained(model, s.tokenizer, path, s.recipe)
-            write_model_card(path, s.recipe, s.manifest, s.state, step=step, best=out_dir == s.run.best)
+        def write(tmp: Path) -> None:
+            save_trained(model, s.tokenizer, tmp, s.recipe)
+            write_model_card(tmp, s.recipe, s.manifest, s.state, step=step, best=out_dir == s.run.best)
 
-        try:
-            if replace:
-                _replace_dir(out_dir, write)
-            else:
-                write(out_dir)
+        try:  # built under a temporary name and renamed into place: whole or absent, also on a full disk
+            write_dir(out_dir, write)
         finally:
             if full is not None:
                 del model.state_dict
     acc.wait_for_everyone()
 
 
-def _replace_dir(target: Path, write: Any) -> None:
-    import shutil
-
-    tmp = target.with_name(f".{target.name}.tmp")
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    write(tmp)
-    old = target.with_name(f".{target.name}.old")
-    if target.exists():
-        os.replace(target, old)
-    os.replace(tmp, target)
-    shutil.rmtree(old, ignore_errors=True)
-
-
 class _StopSignals:
-    """SIGINT/SIGTERM ask the loop to finish the current step and checkpoint; a second SIGINT stops at once."""
+    """SIGINT/SIGTERM ask the loop to finish the current step and checkpoint; a second SIGINT stops at once
+    (fit then says which whole checkpoint is the last)."""
 
-    def __init__(self) -> None:
+    def __init__(self, announce: bool = True) -> None:
         self.signum: int | None = None
+        self.announce = announce
         self._old: dict[int, Any] = {}
         try:
             for sig in (signal.SIGINT, signal.SIGTERM):
@@ -405,10 +416,43 @@ class _StopSignals:
         if self.signum is not None and signum == signal.SIGINT:
             raise KeyboardInterrupt
         self.signum = signum
+        if self.announce:  # os.write: print() is not safe inside a signal handler
+            name = signal.Signals(signum).name
+            more = "; Ctrl-C again exits at once, without one" if signum == signal.SIGINT else ""
+            os.write(2, f"\n{name}: stopping after this step to write a checkpoint{more}\n".encode())
 
     def restore(self) -> None:
         for sig, handler in self._old.items():
             signal.signal(sig, handler)
+
+
+def _release(s: Session) -> None:
+    if s.lock is not None:
+        s.lock.release()
+
+
+def _ended_by(s: Session, step: int, exc: BaseException) -> BaseException:
+    """How a run that stopped with `exc` ends: run.json says so, nothing half-written stays (a checkpoint, best/
+    or adapter/ being written), and a full disk or a second Ctrl-C becomes one message instead of a traceback."""
+    main = s.accelerator.is_main_process
+    if main:
+        with contextlib.suppress(OSError):
+            remove_run_debris(s.run)  # frees the space a half-written checkpoint took, before run.json is written
+    if isinstance(exc, RunInterrupted):
+        return exc  # run.json was written by _interrupted
+    last = s.run.latest_checkpoint()
+    kept = f"the last whole checkpoint is step {last.name[5:]}" if last else "no checkpoint had been written yet"
+    resume = f"ft train {s.recipe_path} --resume --output-dir {s.run.root}"
+    if isinstance(exc, KeyboardInterrupt):
+        message = f"interrupted again: exiting without a checkpoint; {kept}"
+        _finish_manifest(s, "interrupted", step, error=message, quiet=True)
+        return RunInterrupted(message + (f".\nResume with: {resume}" if last else ""), exit_code=130)
+    if isinstance(exc, Exception) and is_disk_full(exc, s.run.root):
+        _finish_manifest(s, "failed", step, error=f"disk full: {exc}", quiet=True)
+        return UserError(f"disk full while writing to {s.run.root} after step {step} ({exc}); nothing half-written "
+                         f"was kept and {kept}.\nFree space, then resume with: {resume}")
+    _finish_manifest(s, "failed", step, error=f"{type(exc).__name__}: {exc}", quiet=True)  # exc is what counts
+    return exc
 
 
 def _interrupted(s: Session, step: int, signum: int) -> RunInterrupted:
@@ -455,19 +499,58 @@ def _report_schedule(s: Session, planned: int | None) -> None:
               "rate extend by more steps (the schedule is re-planned for the new length)", file=sys.stderr)
 
 
-def _check_resume(run: RunDir, recipe: Recipe) -> dict[str, Any]:
-    import json
+def _check_resume(run: RunDir, recipe: Recipe, accelerator: Any) -> Path:
+    """The checkpoint to resume from: the newest whole one (checksums checked; damaged ones skipped with a
+    warning naming them), if the recipe has not changed in a way that changes training."""
+    from ft_cli.checkpoint import newest_whole_checkpoint, recipe_changes, warn_on_stderr
 
-    from ft_cli.checkpoint import STATE_FILE, recipe_changes
-
-    ckpt = run.latest_checkpoint()
-    assert ckpt is not None  # check_run_dir made sure
-    state = json.loads((ckpt / STATE_FILE).read_text())
+    found = newest_whole_checkpoint(run, warn=warn_on_stderr if accelerator.is_main_process else None)
+    if found is None:
+        raise UserError(f"--resume: {run.root} has no whole checkpoint to resume from: every checkpoint there is "
+                        "damaged (see the warnings above); start a new run with --overwrite or --output-dir")
+    ckpt, state = found
     changes = recipe_changes(state.get("recipe_fields", {}), recipe.training_fingerprint())
     if changes:
         raise UserError(f"--resume: the recipe changed in fields that change training since {ckpt.name}:\n  "
                         + "\n  ".join(changes) + "\nrevert them, or start a new run with --output-dir")
-    return state
+    return ckpt
+
+
+def _lock_run_dir(run: RunDir, accelerator: Any, *, resume: bool, overwrite: bool) -> Any:
+    """The main process locks the run directory for the whole run (ft_cli.run_lock); every process learns whether
+    it could, so that a refusal ends all of them. Returns the lock on the main process, None on the others."""
+    from ft_cli.run_lock import acquire_run_lock
+
+    accelerator.wait_for_everyone()  # every process has probed the lock (check_run_dir) before it is taken
+    lock, error = None, None
+    if accelerator.is_main_process:
+        try:
+            lock = acquire_run_lock(run, resume=resume, overwrite=overwrite)
+        except UserError as exc:
+            error = exc
+    if _reduce_sum(accelerator, int(error is not None)):
+        raise error or UserError(f"output_dir {run.root}: the main process could not lock the run directory; see "
+                                 "its message")
+    return lock
+
+
+def _check_disk_space(recipe: Recipe, run: RunDir, total_steps: int, *, model: Any = None) -> bool:
+    """Refuse (exit 2) a run whose checkpoints and outputs will not fit on the disk, before it starts: sized with
+    ft plan's parameter counts from the model config, before the model loads, or from the loaded `model` when the
+    config was not on disk. Returns False when it could not size the run yet."""
+    from ft_cli.plan import disk_needs, planned_trainable
+    from ft_cli.run_dir import check_free_space, existing_bytes
+
+    if model is not None:
+        params = list(model.parameters())
+        counts = ([(p.numel(), p.element_size()) for p in params if p.requires_grad], sum(p.numel() for p in params))
+    else:
+        counts = planned_trainable(recipe)
+        if counts is None:
+            return False
+    need, detail = disk_needs(recipe, *counts, total_steps=total_steps)
+    check_free_space(run.root, need, detail, reusable=existing_bytes(run.root))  # --resume/--overwrite reuse it
+    return True
 
 
 def _accelerator(recipe: Recipe, run: RunDir) -> Any:
@@ -623,17 +706,30 @@ def _start_manifest(s: Session, built: Any, *, resumed: bool) -> dict[str, Any]:
         "data": {"fingerprint": s.data.fingerprint, "train": s.data.train_stats.to_dict(),
                  "eval": s.data.eval_stats.to_dict() if s.data.eval_stats else None},
         "environment": environment_info(str(s.accelerator.device)),
+        "tracker_dirs": _tracker_dirs(s.recipe, s.run),  # written by the trackers: ft's, for --overwrite
     }
 
 
-def _finish_manifest(s: Session, status: str, step: int, error: str | None = None) -> None:
+def _tracker_dirs(recipe: Recipe, run: RunDir) -> list[str]:
+    """Directories inside the run that logging.trackers write (accelerate's tensorboard writes PROJECT/)."""
+    names = {"tensorboard": recipe.logging.project or run.root.name, "wandb": "wandb", "mlflow": "mlruns"}
+    return sorted({names[t] for t in recipe.logging.trackers if t in names})
+
+
+def _finish_manifest(s: Session, status: str, step: int, error: str | None = None, quiet: bool = False) -> None:
+    """Record how the run ended in run.json; `quiet`: while handling another error, a failure to write it (a full
+    disk) is not raised. A run.json left saying "running" then reads "crashed" once this process has exited."""
     if not s.accelerator.is_main_process:
         return
     s.manifest.update(status=status, finished_at=now_iso(), final_step=step,
                       best_eval_loss=s.state.get("best_eval_loss"), best_step=s.state.get("best_step"))
     if error:
         s.manifest["error"] = error[:2000]
-    s.run.write_manifest(s.manifest)
+    try:
+        s.run.write_manifest(s.manifest)
+    except OSError:
+        if not quiet:
+            raise
 
 
 def _summary(s: Session, step: int, out_dir: Path) -> str:

@@ -177,3 +177,29 @@ def test_bad_combinations_exit_2_and_write_nothing(lora_runs, tmp_path) -> None:
     result = invoke("merge", a, b, "--combine", "cat", "--out", full)
     assert result.exit_code == 2 and "not empty" in result.output
     assert sorted(p.name for p in full.iterdir()) == ["keep.txt"]
+
+
+def test_combine_out_replaces_only_an_earlier_combination(lora_runs, cat_dir, tmp_path) -> None:
+    """ft_cli.run_dir's rule for --out: an earlier combination (with the eval.json and report/ that ft eval and
+    ft report add to it) is replaced with --overwrite, saying what goes; anything else of the user's, never."""
+    out = tmp_path / "cat"
+    shutil.copytree(cat_dir, out)
+    (out / "eval.json").write_text("{}")
+    (out / "report").mkdir()
+    runs = [lora_runs["alpha"], lora_runs["beta"]]
+    result = invoke("merge", *runs, "--combine", "cat", "--out", out)
+    assert result.exit_code == 2 and "earlier ft combine output; use --overwrite" in result.output
+    result = invoke("merge", *runs, "--combine", "cat", "--out", out, "--overwrite")
+    assert result.exit_code == 0, result.output
+    assert (f"--out {out}: replacing the previous combine output: adapter/, eval.json, merge_report.json, "
+            "recipe.yaml, report/, run.json") in result.output
+    assert not (out / "eval.json").exists() and (out / "adapter" / "adapter_model.safetensors").is_file()
+    (out / "notes.md").write_text("mine")
+    result = invoke("merge", *runs, "--combine", "cat", "--out", out, "--overwrite")
+    assert result.exit_code == 2 and "1 entries ft did not write (notes.md)" in result.output
+    assert (out / "notes.md").read_text() == "mine"
+    from ft_cli.run_dir import prepare_output_dir
+
+    # a combination is not a run: ft train --overwrite leaves it alone
+    with pytest.raises(Exception, match="holds an ft combine output, not a run"):
+        prepare_output_dir(out, kind="run", overwrite=True)

@@ -198,7 +198,7 @@ def test_preprocess_writes_a_dataset_that_load_from_disk_reads(tmp_path, shared_
     assert max(len(x) for x in dsd["train"]["input_ids"]) <= 1024
     stats = json.loads((out / "stats.json").read_text())
     assert stats["train_stats"]["packing_efficiency"] >= 0.97 and stats["eval_stats"]["rows"] == 100
-    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".out.tmp")]
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".out.")]  # no temporary left behind
 
 
 def test_preprocess_refuses_a_non_empty_out(tmp_path):

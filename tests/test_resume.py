@@ -18,6 +18,7 @@ from typer.testing import CliRunner
 from ft_cli.cli import app
 from ft_cli.errors import CheckFailed
 from ft_cli.recipe import load_recipe
+from ft_cli.run_dir import RunDir
 from tests.test_train import metrics, write_recipe
 
 runner = CliRunner()
@@ -78,6 +79,8 @@ def test_kill_9_then_resume_equals_uninterrupted(tmp_path: Path, alpaca_file: Pa
     proc.wait()
     run = tmp_path / "run"
     assert not (run / "adapter").exists()
+    # run.json still says "running", but the kernel dropped the run's lock with the process: a crash, not a live run
+    assert json.loads((run / "run.json").read_text())["status"] == "running" and RunDir(run).status() == "crashed"
     out = ft("train", str(recipe), "--resume")
     assert out.returncode == 0, out.stdout + out.stderr
     assert "resuming" in out.stderr and "from checkpoint step" in out.stderr

@@ -20,6 +20,7 @@ from typer.testing import CliRunner
 
 from ft_cli.cli import app
 from ft_cli.recipe import load_recipe
+from ft_cli.run_dir import LOCK_FILE
 
 ROOT = Path(__file__).resolve().parents[1]
 PACKAGE = ROOT / "ft_cli"
@@ -58,8 +59,17 @@ def few_alpaca_rows(path: Path, n: int = 8) -> Path:
 
 
 def tree(root: Path) -> dict[Path, int]:
-    """Every path under root with its modification time: proof that nothing was written or touched."""
-    return {p: p.stat().st_mtime_ns for p in root.rglob("*")}
+    """Every path under root with its modification time: proof that nothing was written or touched (but the lock
+    file, which says which process last held the run)."""
+    return {p: p.stat().st_mtime_ns for p in root.rglob("*") if p.name != LOCK_FILE}
+
+
+def _update_checksum(ckpt: Path, name: str) -> None:
+    from ft_cli.atomic import file_digest
+
+    state = json.loads((ckpt / "state.json").read_text())
+    state["files"][name] = {"bytes": (ckpt / name).stat().st_size, "sha256": file_digest(ckpt / name)}
+    (ckpt / "state.json").write_text(json.dumps(state))
 
 
 def package_sources() -> dict[Path, str]:
@@ -256,6 +266,9 @@ def test_malicious_optimizer_state_is_refused_on_resume(secret_run: dict[str, An
     marker = tmp_path / "PICKLE_CODE_RAN"
     good = torch.load(ckpt / "optimizer.pt", weights_only=True)
     torch.save({**good, "extra": _RunsCode(f"touch {marker}")}, ckpt / "optimizer.pt")
+    # Whoever can replace the file can also rewrite its checksum in state.json (else resume skips it as corrupt):
+    # weights_only is what stands between the file and code execution.
+    _update_checksum(ckpt, "optimizer.pt")
     before = tree(run)
     result = runner.invoke(app, ["train", str(secret_run["recipe"]), "--resume", "--output-dir", str(run),
                                  "--set", "train.max_steps=3"])
@@ -268,6 +281,7 @@ def test_malicious_optimizer_state_is_refused_on_resume(secret_run: dict[str, An
     assert tree(run) == before  # the run directory is left exactly as it was
     # The control: the same checkpoint with its real optimizer state resumes (weights_only loads what ft writes).
     torch.save(good, ckpt / "optimizer.pt")
+    _update_checksum(ckpt, "optimizer.pt")
     result = runner.invoke(app, ["train", str(secret_run["recipe"]), "--resume", "--output-dir", str(run),
                                  "--set", "train.max_steps=3"])
     assert result.exit_code == 0, result.output + repr(result.exception)

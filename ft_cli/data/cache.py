@@ -13,7 +13,6 @@ import hashlib
 import json
 import os
 import shutil
-import uuid
 from pathlib import Path
 from typing import Any
 
@@ -101,14 +100,22 @@ def load_entry(key: str) -> tuple[Any, dict[str, Any]] | None:
 
 
 def save_entry(key: str, dataset_dict: Any, meta: dict[str, Any]) -> None:
+    """Write an entry under a temporary name, with ft's manifest (so that only entries ft wrote are ever deleted,
+    ft_cli.run_dir.remove_output_dir(path, kind="cache")), and rename it into place."""
+    from ft_cli.atomic import finish_tree, remove_debris, tmp_path
+    from ft_cli.run_dir import write_marker
+
     root = cache_root()
     root.mkdir(parents=True, exist_ok=True)
+    remove_debris(root)  # entries that ft processes which died (kill -9, full disk) left half-written
     final = root / key
-    tmp = root / f".tmp-{key}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+    tmp = tmp_path(final)
     try:
         with quiet_datasets():
             dataset_dict.save_to_disk(str(tmp / "dataset"))
         (tmp / "meta.json").write_text(json.dumps(meta))
+        write_marker(tmp, "cache")
+        finish_tree(tmp)
         if final.exists():  # another process finished first; its entry is just as good
             return
         os.rename(tmp, final)

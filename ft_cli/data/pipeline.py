@@ -11,9 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import os
-import shutil
 import sys
-import uuid
 from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -361,8 +359,10 @@ def load_eval_data(path: str | os.PathLike, recipe: Recipe, tokenizer: Any) -> d
     return to_dataset(enc.ids, enc.labels, enc.lengths)
 
 
-def preprocess_to_disk(recipe_path: str | os.PathLike, overrides: list[str], out: Path) -> None:
-    """`ft preprocess`: a DatasetDict (train, and eval when there is one) saved at `out`, plus stats.json."""
+def preprocess_to_disk(recipe_path: str | os.PathLike, overrides: list[str], out: Path, *,
+                       overwrite: bool = False) -> None:
+    """`ft preprocess`: a DatasetDict (train, and eval when there is one) saved at `out`, plus stats.json; written
+    under a temporary name and renamed into place (an earlier preprocess output is replaced only with --overwrite)."""
     import json
 
     from rich.console import Console
@@ -370,31 +370,23 @@ def preprocess_to_disk(recipe_path: str | os.PathLike, overrides: list[str], out
     from ft_cli.data.saved import PREPROCESS_META
     from ft_cli.model import load_tokenizer
     from ft_cli.recipe import load_recipe, recipe_errors
+    from ft_cli.run_dir import prepare_output_dir
 
-    out = Path(out)
-    if out.exists() and (not out.is_dir() or any(out.iterdir())):
-        raise UserError(f"--out {out}: already exists and is not empty; choose a new directory or remove it")
+    out_dir = prepare_output_dir(out, kind="preprocess", overwrite=overwrite)
+    out = out_dir.path
     recipe = load_recipe(recipe_path, overrides)
     with recipe_errors(recipe):
         tokenizer = load_tokenizer(recipe)
         bundle = build_datasets(recipe, tokenizer)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.parent / f".{out.name}.tmp-{uuid.uuid4().hex[:8]}"
-    try:
-        with cache.quiet_datasets():
-            _dataset_dict(bundle).save_to_disk(str(tmp))
+    with out_dir.writing() as tmp, cache.quiet_datasets():
+        _dataset_dict(bundle).save_to_disk(str(tmp))  # into the empty temporary directory
         # What the rows were made with: a recipe that trains on them is checked against it (data/saved.py).
         meta = {**_meta(bundle), "model": recipe.model.name_or_path,
                 "tokenizer_vocab": cache.vocab_digest(tokenizer),
                 "settings": recipe.data.model_dump(mode="json", include={
                     "format", "columns", "max_seq_len", "packing", "train_on_inputs", "truncation", "text_chunking",
-                    "text_overlap", "chat_template", "limit"})}
+                    "text_overlap", "chat_template", "system_message", "limit"})}
         (tmp / PREPROCESS_META).write_text(json.dumps(meta, indent=2))
-        if out.exists():
-            out.rmdir()  # empty, checked above
-        os.rename(tmp, out)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
     console = Console(highlight=False)
     s = bundle.train_stats
     packed = f", packed into {s.packed_rows} rows ({s.packing_efficiency:.1%} full)" if s.packed_rows else ""
