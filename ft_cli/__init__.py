@@ -25,6 +25,15 @@ __version__ = "0.1.0"
 BNB_KERNEL_NOTICE = "from kernels-community"
 _logging.getLogger("bitsandbytes.backends.cpu.ops").addFilter(
     lambda record: BNB_KERNEL_NOTICE not in record.getMessage())
+# transformers imports torchao whenever it is installed (ft's export extra), in every command that loads a model.
+# torchao 0.18 then logs that its CUDA-only / other-Python C extensions do not load, and torch 2.13 that torchao
+# registers two Enums the old way: noise that says nothing about the user's run (ft export's int8/int4 paths use
+# torchao's Python kernels on the CPU; `ft doctor` shows torchao's version).
+_logging.getLogger("torchao").addFilter(
+    lambda record: not (record.getMessage().startswith("Failed to load") and "torchao/_C" in record.getMessage()))
+_logging.getLogger("torch.utils._pytree").addFilter(
+    lambda record: "is now natively supported by torch.compile" not in record.getMessage())
+
 __all__ = ["__version__", "load_adapter"]
 
 

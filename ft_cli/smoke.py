@@ -31,6 +31,7 @@ SMOKE_STEPS = 4
 SMOKE_ROWS = 64
 SMOKE_MAX_SEQ_LEN = 256
 SMOKE_MICRO_BATCH = 2
+_TINY_LAYERS = 2  # transformer blocks of every tiny smoke model (ft_cli.builtin_models)
 
 # config.json model_type -> the tiny built-in family that exercises the same code paths.
 _FAMILY_OF_MODEL_TYPE = {
@@ -95,6 +96,11 @@ def smoke_recipe(recipe: Recipe, *, echo: Any = None) -> Recipe:
             if compile_problem("cpu"):  # kept where it runs: compiling is part of how the recipe trains
                 swap("train.compile", False)
         swap("train.liger_kernel", False)  # Triton kernels: CUDA only
+
+    tiny_layers = _TINY_LAYERS
+    if r.freeze is not None and r.freeze.trainable_layers >= tiny_layers:
+        # Keep a frozen block below the trained ones, as in the real run (the tiny model has only 2).
+        swap("freeze.trainable_layers", tiny_layers - 1)
 
     d, t = r.data, r.train
     substituted = use_samples_for_missing_data(r, changes)

@@ -54,8 +54,23 @@ def train_from_recipe(recipe_path: Path, overrides: list[str], *, output_dir: Pa
             recipe = smoke_recipe(recipe)
         if output_dir is not None:
             recipe.output_dir = str(output_dir)
-        session = setup(recipe, Path(recipe_path), resume=resume, overwrite=overwrite)
-        return fit(session)
+        try:
+            session = setup(recipe, Path(recipe_path), resume=resume, overwrite=overwrite)
+            return fit(session)
+        finally:
+            _end_process_group()
+
+
+def _end_process_group() -> None:
+    """Under torchrun / accelerate launch, tear the process group down before the interpreter exits, whether the run
+    finished or failed: left to exit, gloo's threads can abort a rank ("terminate called without an active
+    exception", SIGABRT) after a run that succeeded, and the launcher then reports the whole run failed."""
+    if "torch" not in sys.modules:
+        return
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
 
 
 def setup(recipe: Recipe, recipe_path: Path, *, resume: bool, overwrite: bool) -> Session:
