@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from ft_cli.errors import UserError
-from ft_cli.recipe import WHOLE_MODEL_METHODS, Recipe
+from ft_cli.recipe import Recipe
 
 NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:-]{0,63}$")
 BASE_NAME = "base"  # the name that selects the base model with no adapter
@@ -69,11 +69,11 @@ def run_adapter(run_dir: str | Path, name: str | None = None, which: str = "fina
         raise UserError(f"{what}: {run_dir} is a model directory, not a run with an adapter; serve it as the base "
                         "(the first argument) or pass a run directory written by ft train")
     recipe = target.recipe
-    if recipe.method in WHOLE_MODEL_METHODS:
+    if recipe.spec.whole_model:
         raise UserError(f"{what}: {run_dir} trained the whole model (method {recipe.method}); it has no adapter to "
                         "put on a shared base; serve it on its own as the first argument")
-    if recipe.method == "adapter":
-        raise UserError(f"{what}: {run_dir} is a bottleneck adapter (method adapter), which peft cannot load as a "
+    if not recipe.spec.peft:
+        raise UserError(f"{what}: {run_dir} is a bottleneck adapter (method {recipe.method}), which peft cannot load as a "
                         "named adapter; use it with ft generate / ft eval")
     config_file = target.output / "adapter_config.json"
     try:

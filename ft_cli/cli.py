@@ -85,7 +85,7 @@ def preprocess(
     overwrite: OverwriteOpt = False,
 ) -> None:
     """Tokenize, mask and pack the data exactly as train would, and save it with datasets.save_to_disk."""
-    from ft_cli.data.pipeline import preprocess_to_disk
+    from ft_cli.preprocess import preprocess_to_disk
 
     _guard(lambda: preprocess_to_disk(recipe, set_ or [], out, overwrite=overwrite))
 

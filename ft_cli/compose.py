@@ -193,8 +193,8 @@ def evaluate_combined(run_dir: Path, combined: dict[str, Any], *, split: str, ba
     """Score the combined adapter and each input adapter on each input's `split`: one base in memory, the adapters
     switched by name. Top-level loss/perplexity/tokens are the combined adapter's over all inputs' data together
     (token-weighted), so --fail-if works as for any run."""
-    from ft_cli.evaluate import eval_dataset, perplexity, score
     from ft_cli.loading import default_device, load_base, load_run_tokenizer
+    from ft_cli.scoring import eval_dataset, perplexity, score
 
     target = run_adapter(run_dir, name="combined", what=str(run_dir))
     inputs = []

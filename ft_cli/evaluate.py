@@ -9,7 +9,6 @@ loss (and replies) too. `--fail-if` turns any metric into a CI gate. Where resul
 
 from __future__ import annotations
 
-import math
 import operator
 import re
 import sys
@@ -22,10 +21,17 @@ from typing import Any
 from ft_cli.errors import UserError
 from ft_cli.eval_results import add_base, finish, result_path
 from ft_cli.generation import greedy_generate, stop_token_ids  # noqa: F401 (shared; also imported from here)
+from ft_cli.methods.registry import method_spec
 from ft_cli.metrics_text import GENERATION_METRICS
-from ft_cli.recipe import WHOLE_MODEL_METHODS, Recipe
+from ft_cli.recipe import Recipe
 from ft_cli.run_dir import RunDir
-from ft_cli.scoring import IGNORE
+from ft_cli.scoring import (  # noqa: F401  (shared with merge --combine and export; also imported from here)
+    IGNORE,
+    count_examples,
+    eval_dataset,
+    perplexity,
+    score,
+)
 
 SPLITS = ("eval", "train")
 
@@ -133,7 +139,7 @@ def evaluate_run(run_dir: Path | str, *, data: Path | None = None, split: str = 
     if len(dataset) == 0:
         raise UserError(f"{source}: no example with a trained token to evaluate")
     device = default_device()
-    base_path = None if recipe.method in WHOLE_MODEL_METHODS else run_base_path(target)
+    base_path = None if method_spec(recipe.method).whole_model else run_base_path(target)
     model = load_run_model(recipe, target.output, device=device, base_path=base_path)
 
     result: dict[str, Any] = {
@@ -239,59 +245,6 @@ def _data_paths(recipe: Recipe, split: str) -> Any:
     sources = recipe.data.eval_sources if split == "eval" and recipe.data.eval is not None else recipe.data.sources
     paths = [s.path for s in sources]
     return paths[0] if len(paths) == 1 else paths
-
-
-def eval_dataset(recipe: Recipe, tokenizer: Any, data: Path | None, split: str) -> tuple[Any, str]:
-    """Tokenized rows (input_ids, labels masked as in training) to score, and a name for messages."""
-    if data is not None:
-        from ft_cli.data.pipeline import load_eval_data
-
-        return load_eval_data(Path(data), recipe, tokenizer), str(data)
-    from ft_cli.data.pipeline import build_datasets
-
-    bundle = build_datasets(recipe, tokenizer)
-    if split == "train":
-        return bundle.train, "the run's train split"
-    if bundle.eval is None:
-        raise UserError("the run has no eval split (data.eval is null and data.val_split is 0); "
-                        "use --split train or --data PATH")
-    return bundle.eval, "the run's eval split"
-
-
-# Scoring -------------------------------------------------------------------------------------------------------------
-
-def score(model: Any, dataset: Any, tokenizer: Any, batch_size: int, device: Any, label: str = "eval") \
-        -> dict[str, Any]:
-    """loss (token-weighted mean over the whole set), perplexity = exp(loss), tokens, examples."""
-    from ft_cli.data.pipeline import make_collator
-    from ft_cli.progress import CountProgress
-    from ft_cli.scoring import token_loss
-
-    packed = "position_ids" in dataset.column_names
-    collate = make_collator(tokenizer, packed=packed)
-    progress = CountProgress(len(dataset), f"{label} (rows)")
-    try:
-        loss_sum, tokens = token_loss(model, dataset, collate, batch_size, device=device, on_batch=progress.advance)
-    finally:
-        progress.close()
-    if tokens == 0:
-        raise UserError("no trained tokens in the evaluation data (every label is masked)")
-    loss = loss_sum / tokens
-    return {"loss": loss, "perplexity": perplexity(loss), "tokens": tokens, "examples": count_examples(dataset)}
-
-
-def perplexity(loss: float) -> float:
-    try:
-        return math.exp(loss)
-    except OverflowError:
-        return float("inf")
-
-
-def count_examples(dataset: Any) -> int:
-    """Rows, or for packed rows the examples inside them (each starts where position_ids restart at 0)."""
-    if "position_ids" not in dataset.column_names:
-        return len(dataset)
-    return sum(sum(1 for p in row if p == 0) for row in dataset["position_ids"])
 
 
 @contextmanager

@@ -18,7 +18,8 @@ from ft_cli.errors import UserError
 def generate_cli(target: str | Path, prompt: str, *, system: str | None = None, max_new_tokens: int = 256,
                  temperature: float = 0.7, top_p: float = 0.9, seed: int | None = None,
                  which: str = "final", raw: bool | None = None) -> str:
-    from ft_cli.loading import PEFT_MERGEABLE, default_device, load_target, resolve_target
+    from ft_cli.loading import default_device, load_target, resolve_target
+    from ft_cli.methods.registry import method_spec
 
     if temperature < 0 or not 0 < top_p <= 1 or max_new_tokens < 1:
         raise UserError("--temperature must be >= 0, --top-p in (0, 1], --max-new-tokens >= 1")
@@ -32,7 +33,7 @@ def generate_cli(target: str | Path, prompt: str, *, system: str | None = None, 
         raise UserError("--system needs the chat template; --raw continues the prompt as plain text")
     device = default_device()
     # An unquantized LoRA/DoRA/IA3 adapter is folded into the base in memory: same outputs, faster decoding.
-    merged = recipe is not None and recipe.method in PEFT_MERGEABLE and not recipe.quantized
+    merged = recipe is not None and method_spec(recipe.method).merges and not recipe.quantized
     model, tokenizer, _ = load_target(resolved, device=device, merged=merged)
     if system and recipe is not None and recipe.data.system_message == "merge_into_first_user":
         from ft_cli.data.render import merge_system_prompt

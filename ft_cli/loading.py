@@ -13,12 +13,12 @@ from pathlib import Path
 from typing import Any, Literal
 
 from ft_cli.errors import UserError
-from ft_cli.recipe import WHOLE_MODEL_METHODS, Recipe, recipe_from_dict
+from ft_cli.methods.peft_common import load_peft_adapter  # noqa: F401  (ft_cli.loading.load_peft_adapter)
+from ft_cli.methods.registry import method_spec
+from ft_cli.recipe import Recipe, recipe_from_dict
 from ft_cli.run_dir import RunDir
 
 Which = Literal["final", "best"]
-# Methods whose trained weights fold exactly into the base weights (peft's merge_and_unload).
-PEFT_MERGEABLE = ("lora", "qlora", "dora", "ia3")
 
 
 @dataclass(frozen=True)
@@ -166,23 +166,21 @@ def load_run_model(recipe: Recipe, output: Path, *, device: Any = "cpu", merged:
     if dtype is not None and dtype != recipe.model.dtype:
         recipe = recipe.model_copy(deep=True)
         recipe.model.dtype = dtype  # type: ignore[assignment]
-    if recipe.method in WHOLE_MODEL_METHODS:
+    spec = method_spec(recipe.method)
+    if spec.whole_model:
         return load_model_dir(output, device=device, dtype=recipe.model.dtype,
                               trust_remote_code=recipe.model.trust_remote_code)
-    if merged and recipe.method not in PEFT_MERGEABLE:
+    if merged and not spec.merges:
         raise UserError(f"method {recipe.method}: the adapter cannot be merged into the base weights")
     quantize = recipe.quantized if quantize is None else quantize
     if merged:
         quantize = False  # never fold an adapter into quantized weights
     base = load_base(recipe, device=device, quantize=quantize, path=base_path)
-    if recipe.method == "adapter":
-        from ft_cli.methods.bottleneck import load_bottleneck_adapter
+    from ft_cli.methods.apply import load_trained
 
-        model = load_bottleneck_adapter(base, output)
-    else:
-        model = load_peft_adapter(base, output)
-        if merged:
-            model = model.merge_and_unload()
+    model = load_trained(base, output, recipe)
+    if merged:
+        model = model.merge_and_unload()
     if not quantize:
         model.to(device)
     model.eval()
@@ -192,21 +190,12 @@ def load_run_model(recipe: Recipe, output: Path, *, device: Any = "cpu", merged:
 def load_base(recipe: Recipe, *, device: Any = "cpu", quantize: bool | None = None, path: str | None = None) -> Any:
     """The run's base model as training saw it, so scores match the ones logged during training: in model.dtype,
     with bitsandbytes layers when quantized and everything else (embeddings, head, norms) left in model.dtype, as
-    ft.methods.prepare_quantized leaves it. (Runs trained before that change had those upcast to float32; their
+    ft.methods.apply.prepare_quantized leaves it. (Runs trained before that change had those upcast to float32; their
     scores now differ from the logged ones by bf16 rounding.)"""
     from ft_cli.model import load_base_model, resolve_model_path
 
     quantize = recipe.quantized if quantize is None else quantize
     return load_base_model(recipe, path or resolve_model_path(recipe.model), device=device, quantize=quantize)
-
-
-def load_peft_adapter(base: Any, adapter_dir: Path) -> Any:
-    from peft import PeftModel
-
-    if not (adapter_dir / "adapter_config.json").is_file():
-        raise UserError(f"{adapter_dir}: no adapter_config.json; is the run finished?")
-    # autocast_adapter_dtype keeps the adapter in fp32 on a 16-bit base, as during training.
-    return PeftModel.from_pretrained(base, str(adapter_dir), is_trainable=False, autocast_adapter_dtype=True)
 
 
 def load_model_dir(path: Path, *, device: Any = "cpu", dtype: str | None = None,

@@ -24,7 +24,8 @@ from pathlib import Path
 from typing import Any
 
 from ft_cli.errors import CheckFailed, UserError
-from ft_cli.recipe import WHOLE_MODEL_METHODS, Recipe
+from ft_cli.methods.registry import method_spec
+from ft_cli.recipe import Recipe
 
 DTYPES = ("bfloat16", "float16", "float32")
 # Refuse when mean |merged - reference| / mean |reference| exceeds this. A correct merge differs only by rounding
@@ -64,7 +65,7 @@ def merge_run(run_dir: Path, out: Path, *, force: bool = False, dtype: str | Non
     _check_mergeable(recipe)
     out_dir = prepare_output_dir(out, kind="merge", overwrite=overwrite)  # before anything loads
     out = out_dir.path
-    whole = recipe.method in WHOLE_MODEL_METHODS
+    whole = method_spec(recipe.method).whole_model
     bits = recipe.quantization.bits if recipe.quantization else None
     with out_dir.writing() as tmp:  # renamed to --out when everything is written; removed on any failure
         report = _merge_into(target.output, recipe, tmp, out_dtype, run_dir=target.path,
@@ -94,25 +95,18 @@ def merge_run(run_dir: Path, out: Path, *, force: bool = False, dtype: str | Non
 
 
 def _check_mergeable(recipe: Recipe) -> None:
-    m = recipe.method
-    if m in ("prompt_tuning", "prefix_tuning"):
-        raise UserError(f"method {m}: virtual tokens are inputs, not weights, so there is nothing to merge; use "
-                        "the run directory with ft generate / PeftModel.from_pretrained instead")
-    if m == "adapter":
-        from ft_cli.methods import bottleneck
-
-        if not getattr(bottleneck, "MERGEABLE", False):
-            raise UserError("method adapter: bottleneck adapters add new layers (with a nonlinearity) after "
-                            "attention and MLP, which cannot be folded into the base weights; load the run "
-                            "directory with ft generate / ft eval instead")
+    spec = method_spec(recipe.method)
+    if not spec.whole_model and not spec.merges:  # a whole model is converted to the --dtype instead
+        raise UserError(f"method {spec.name}: {spec.why_not['merges']}")
 
 
 def _merge_into(output: Path, recipe: Recipe, tmp: Path, out_dtype: str, *, run_dir: Path,
                 base_path: str | None) -> dict[str, Any]:
     from ft_cli.loading import load_base, load_model_dir, load_run_model, load_run_tokenizer
+    from ft_cli.methods.apply import load_trained
     from ft_cli.model import torch_dtype
 
-    whole = recipe.method in WHOLE_MODEL_METHODS
+    whole = method_spec(recipe.method).whole_model
     tokenizer = load_run_tokenizer(recipe, output)
     samples = parity_samples(recipe, tokenizer)
     report: dict[str, Any] = {"run_dir": str(run_dir), "source": str(output), "method": recipe.method,
@@ -143,7 +137,7 @@ def _merge_into(output: Path, recipe: Recipe, tmp: Path, out_dtype: str, *, run_
     compute = "float32" if _fits_in_memory(_param_bytes(model, 4)) else out_dtype
     model.to(torch_dtype(compute))
     if not whole:
-        model = load_run_adapter(model, output, recipe)
+        model = load_trained(model, output, recipe)
     _echo(f"converting {output} to {out_dtype}" if whole else
           f"merging the {recipe.method} adapter {output} into a {out_dtype} copy of {base_path}")
     reference = logits_of(model, samples)
@@ -166,16 +160,6 @@ def _merge_into(output: Path, recipe: Recipe, tmp: Path, out_dtype: str, *, run_
     if quantized_logits is not None:
         report["vs_quantized_training_model"] = asdict(compare(merged_logits, quantized_logits, compute))
     return report
-
-
-def load_run_adapter(base: Any, output: Path, recipe: Recipe) -> Any:
-    if recipe.method == "adapter":
-        from ft_cli.methods.bottleneck import load_bottleneck_adapter
-
-        return load_bottleneck_adapter(base, output)
-    from ft_cli.loading import load_peft_adapter
-
-    return load_peft_adapter(base, output)
 
 
 def merge_adapter(model: Any) -> Any:

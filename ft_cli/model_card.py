@@ -15,7 +15,7 @@ from typing import Any
 
 import yaml
 
-from ft_cli.recipe import PEFT_METHODS, WHOLE_MODEL_METHODS, Recipe, dump_recipe
+from ft_cli.recipe import Recipe, dump_recipe
 
 CARD_FILE = "README.md"
 _HUB_ID = re.compile(r"^[\w.-]+/[\w.-]+$")
@@ -36,12 +36,11 @@ def render_model_card(recipe: Recipe, manifest: dict[str, Any], state: dict[str,
     base = recipe.model.name_or_path
     shown_base = _public(base)
     method = recipe.method
-    kind = "model" if method in WHOLE_MODEL_METHODS else "adapter"
+    kind = "model" if recipe.spec.whole_model else "adapter"
     meta: dict[str, Any] = {}
     if _HUB_ID.match(base):
         meta["base_model"] = base
-    meta["library_name"] = ("transformers" if method in WHOLE_MODEL_METHODS
-                            else "peft" if method != "adapter" else "ft-cli")
+    meta["library_name"] = _LIBRARY[recipe.spec.saves]
     meta["pipeline_tag"] = "text-generation"
     meta["tags"] = ["ft", method] + (["qlora"] if recipe.quantized and method != "qlora" else [])
 
@@ -68,20 +67,33 @@ def render_model_card(recipe: Recipe, manifest: dict[str, Any], state: dict[str,
     return "\n".join(lines)
 
 
+# The Hub's library_name for what a method saves (ft_cli.methods.registry.MethodSpec.saves).
+_LIBRARY = {"model": "transformers", "peft_adapter": "peft", "ft_adapter": "ft-cli"}
+
+
 def method_detail(recipe: Recipe) -> str:
-    m = recipe.method
-    if recipe.lora is not None and m in ("lora", "qlora", "dora"):
-        lo = recipe.lora
-        targets = ", ".join(lo.target_modules) if isinstance(lo.target_modules, list) else lo.target_modules
-        return f": rank {lo.rank}, alpha {lo.alpha:g}, dropout {lo.dropout:g}, targets {targets}"
-    if recipe.freeze is not None and m == "freeze":
-        extra = ", ".join(recipe.freeze.trainable_modules) or "no other modules"
-        return f": last {recipe.freeze.trainable_layers} blocks + {extra}"
-    if recipe.prompt is not None and m in ("prompt_tuning", "prefix_tuning"):
-        return f": {recipe.prompt.num_virtual_tokens} virtual tokens"
-    if recipe.bottleneck is not None and m == "adapter":
-        return f": Houlsby bottleneck adapters of size {recipe.bottleneck.size} after attention and MLP"
-    return ""
+    """`: rank 16, alpha 32, ...`: the settings in the method's recipe section, for the card's method row."""
+    section = recipe.spec.section
+    settings = getattr(recipe, section) if section else None
+    return _SECTION_DETAIL[section](settings) if settings is not None and section in _SECTION_DETAIL else ""
+
+
+def _lora_detail(lo: Any) -> str:
+    targets = ", ".join(lo.target_modules) if isinstance(lo.target_modules, list) else lo.target_modules
+    return f": rank {lo.rank}, alpha {lo.alpha:g}, dropout {lo.dropout:g}, targets {targets}"
+
+
+def _freeze_detail(fr: Any) -> str:
+    extra = ", ".join(fr.trainable_modules) or "no other modules"
+    return f": last {fr.trainable_layers} blocks + {extra}"
+
+
+_SECTION_DETAIL = {
+    "lora": _lora_detail,
+    "freeze": _freeze_detail,
+    "prompt": lambda p: f": {p.num_virtual_tokens} virtual tokens",
+    "bottleneck": lambda b: f": Houlsby bottleneck adapters of size {b.size} after attention and MLP",
+}
 
 
 def _eval_rows(state: dict[str, Any]) -> list[tuple[str, str]]:
@@ -113,13 +125,12 @@ def _data_rows(recipe: Recipe, manifest: dict[str, Any]) -> list[tuple[str, str]
 
 
 def _usage(recipe: Recipe, base: str) -> list[str]:
-    m = recipe.method
+    saves = recipe.spec.saves
     imports = ["from transformers import AutoModelForCausalLM, AutoTokenizer"]
-    if m in WHOLE_MODEL_METHODS:
+    if saves == "model":
         return [*imports, "", 'model = AutoModelForCausalLM.from_pretrained("PATH_TO_THIS_DIRECTORY")',
                 'tokenizer = AutoTokenizer.from_pretrained("PATH_TO_THIS_DIRECTORY")']
-    assert m in PEFT_METHODS
-    if m == "adapter":
+    if saves == "ft_adapter":
         imports.append("import ft_cli  # pip install ft-cli: peft has no bottleneck adapters")
         load = 'model = ft_cli.load_adapter(base, "PATH_TO_THIS_DIRECTORY")'
     else:

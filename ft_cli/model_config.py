@@ -7,12 +7,12 @@ previous download left there). Nothing here imports torch.
 from __future__ import annotations
 
 import json
-import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from ft_cli.errors import UserError
+from ft_cli.hub import hub_offline
 from ft_cli.recipe import ModelSection
 
 
@@ -55,7 +55,7 @@ def find_model_config(model: ModelSection, *, download: bool = False) -> FoundCo
         return None
     from huggingface_hub import hf_hub_download
 
-    from ft_cli.model import check_hub_reachable
+    from ft_cli.model_path import check_hub_reachable
 
     check_hub_reachable(name, model.revision)  # as ft train does: no network fails in a second, not after retries
 
@@ -65,10 +65,6 @@ def find_model_config(model: ModelSection, *, download: bool = False) -> FoundCo
         raise UserError(f"model.name_or_path: cannot get the config of {name!r} from the hub "
                         f"({type(exc).__name__}); download the model first or use a local directory") from None
     return _read(Path(fetched), "downloaded")
-
-
-def hub_offline() -> bool:
-    return any(os.environ.get(k, "").lower() in ("1", "true", "yes") for k in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE"))
 
 
 def _read(path: Path, source: str) -> FoundConfig:

@@ -6,7 +6,7 @@ so parameter counts are exact. Bytes per parameter follow what `ft train` actual
 - weights: the model dtype; with quantization, bitsandbytes replaces every linear layer but the output head
   (4-bit: 0.5 byte/param + one absmax per 64 weights, itself 8-bit with double quant; 8-bit: 1 byte + an fp32
   scale per row) and everything else (embeddings, head, norms) stays in the model dtype
-  (ft.methods.prepare_quantized does not upcast it);
+  (ft.methods.apply.prepare_quantized does not upcast it);
 - PEFT adapters are kept in float32 (autocast_adapter_dtype); full/freeze with a 16-bit dtype and
   train.mixed_precision hold float32 master weights (so float32 gradients and AdamW state) and compute under
   autocast, which holds a 16-bit copy of each linear weight through the forward (counted with the activations);
@@ -39,7 +39,8 @@ from pathlib import Path
 from typing import Any
 
 from ft_cli.errors import UserError
-from ft_cli.recipe import LORA_METHODS, Recipe, load_recipe, recipe_errors
+from ft_cli.progress import format_bytes  # noqa: F401  (ft_cli.plan.format_bytes, as before)
+from ft_cli.recipe import Recipe, load_recipe, recipe_errors
 
 GIB = 2**30
 CUDA_CONTEXT_BYTES = int(0.8 * GIB)  # CUDA context, cuBLAS/cuDNN workspaces: outside torch's allocator
@@ -207,8 +208,8 @@ def count_params(config: Any, recipe: Recipe) -> ParamCounts:
     from transformers import AutoModelForCausalLM
     from transformers.pytorch_utils import Conv1D
 
-    from ft_cli.methods import apply_method
-    from ft_cli.model import torch_dtype
+    from ft_cli.methods.apply import apply_method
+    from ft_cli.precision import torch_dtype
 
     with torch.device("meta"):  # float32 master weights under mixed precision
         model = AutoModelForCausalLM.from_config(config, dtype=torch_dtype(recipe.weights_dtype),
@@ -236,7 +237,7 @@ def count_params(config: Any, recipe: Recipe) -> ParamCounts:
         if id(p) not in base_ids:
             counts.added += p.numel()
             counts.added_bytes += p.numel() * size
-    if recipe.method in LORA_METHODS:
+    if recipe.spec.family == "lora":
         per_model_in = per_model_rank = 0
         for module in model.modules():
             if hasattr(module, "lora_A") and hasattr(module, "in_features") and len(module.lora_A):
@@ -383,7 +384,7 @@ def activation_bytes(shape: ModelShape, c: ParamCounts, recipe: Recipe, b: int, 
     mlp = h + (4 if shape.gated_mlp else 2) * shape.intermediate
     elements = (h + 2 * q + 2 * kv) + mlp
     lora_bytes = 4 * c.lora_rank_per_layer  # float32 adapters
-    if recipe.method in LORA_METHODS and recipe.lora is not None:
+    if recipe.spec.family == "lora" and recipe.lora is not None:
         dropout = recipe.lora.dropout > 0
         if dropout or act != 4:  # without dropout and already float32, lora_A keeps the input counted above
             lora_bytes += 4 * c.lora_inputs_per_layer
@@ -423,13 +424,6 @@ def fused_loss_bytes(shape: ModelShape, b: int, s: int, act_bytes: int) -> int:
     return b * s * shape.hidden * (2 * 8 + act_bytes)
 
 
-def format_bytes(n: float) -> str:
-    for unit, size in (("GiB", GIB), ("MiB", 2**20), ("KiB", 2**10)):
-        if n >= 0.1 * size or unit == "KiB":
-            return f"{n / size:.2f} {unit}"
-    return f"{n} B"  # pragma: no cover
-
-
 def _count(n: int) -> str:
     for unit, size in (("B", 1e9), ("M", 1e6), ("K", 1e3)):
         if n >= size:
@@ -461,9 +455,9 @@ def suggest_micro_batch(plan: MemoryPlan, budget_bytes: float) -> Suggestion:
         if not t.gradient_checkpointing:
             hints.append(f"turn on train.gradient_checkpointing ({one.total_other_checkpointing / GIB:.1f} GiB at "
                          "micro_batch_size 1)")
-        if not plan.recipe.quantized and plan.recipe.method in LORA_METHODS:
+        if not plan.recipe.quantized and plan.recipe.spec.family == "lora":
             hints.append("use method: qlora (4-bit base weights)")
-        if t.optimizer == "adamw_torch" and plan.recipe.method in ("full", "freeze"):
+        if t.optimizer == "adamw_torch" and plan.recipe.spec.whole_model:
             hints.append("use train.optimizer: adamw_8bit")
         hints.append(f"lower data.max_seq_len (now {plan.seq_len})")
         return Suggestion(None, t.grad_accum, one.total, effective,

@@ -114,3 +114,10 @@ class CountProgress:
 
     def close(self) -> None:
         self.reporter.close()
+
+
+def format_bytes(n: float) -> str:
+    for unit, size in (("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
+        if n >= 0.1 * size or unit == "KiB":
+            return f"{n / size:.2f} {unit}"
+    return f"{n} B"  # pragma: no cover

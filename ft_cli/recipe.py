@@ -28,13 +28,10 @@ from pydantic import (
 )
 
 from ft_cli.errors import UserError
+from ft_cli.methods.registry import METHODS, method_spec, methods_where
 
-Method = Literal["lora", "qlora", "dora", "full", "freeze", "ia3", "prompt_tuning", "prefix_tuning", "adapter"]
+Method = Literal[tuple(METHODS)]  # type: ignore[valid-type]  # the registry's names, in its order
 DType = Literal["bfloat16", "float16", "float32"]
-LORA_METHODS = ("lora", "qlora", "dora")
-PEFT_METHODS = LORA_METHODS + ("ia3", "prompt_tuning", "prefix_tuning", "adapter")
-WHOLE_MODEL_METHODS = ("full", "freeze")
-QAT_METHODS = ("full", "freeze", "lora")
 
 
 class Section(BaseModel):
@@ -323,62 +320,39 @@ class Recipe(Section):
 
     @model_validator(mode="after")
     def _sections_match_method(self) -> Recipe:
+        """What the method's registry entry (ft_cli.methods.registry) says about the other fields."""
         m = self.method
-        owners = {
-            "lora": LORA_METHODS,
-            "freeze": ("freeze",),
-            "prompt": ("prompt_tuning", "prefix_tuning"),
-            "bottleneck": ("adapter",),
-            "ia3": ("ia3",),
-        }
-        for section, methods in owners.items():
+        spec = method_spec(m)
+        for section in _method_sections():
+            methods = methods_where(lambda s, section=section: s.section == section)
             if getattr(self, section) is not None and m not in methods:
                 raise _FieldError(section, f"is only used by method {' | '.join(methods)}, not {m!r}; remove it")
-        if self.quantization is not None and self.quantization.bits is not None:
-            if m in WHOLE_MODEL_METHODS:
-                raise _FieldError("quantization", f"cannot be used with method {m!r} (quantized weights cannot be "
-                                  "trained); use method: qlora, or remove quantization")
-            if m == "lora":
-                raise _FieldError("quantization", "with method 'lora' means QLoRA: write method: qlora instead")
-        if m == "qlora":
-            if self.quantization is None:
-                self.quantization = QuantizationSection()
-            elif self.quantization.bits is None:
-                raise _FieldError("quantization.bits", "method qlora needs 4 or 8 bits; use method: lora for none")
-        if m in LORA_METHODS and self.lora is None:
-            self.lora = LoraSection()
-        if m == "freeze" and self.freeze is None:
-            self.freeze = FreezeSection()
-        if m in ("prompt_tuning", "prefix_tuning") and self.prompt is None:
-            self.prompt = PromptSection()
-        if m == "adapter" and self.bottleneck is None:
-            self.bottleneck = BottleneckSection()
-        if m == "ia3" and self.ia3 is None:
-            self.ia3 = IA3Section()
-        if self.lora is not None and self.lora.loraplus_lr_ratio is not None and m not in LORA_METHODS:
+        self._check_quantization(spec)
+        if spec.section is not None and getattr(self, spec.section) is None:
+            setattr(self, spec.section, _section_class(spec.section)())
+        if self.lora is not None and self.lora.loraplus_lr_ratio is not None and spec.family != "lora":
             raise _FieldError("lora.loraplus_lr_ratio", "only applies to LoRA methods")
-        if self.train.qat is not None and (m not in QAT_METHODS or self.quantized):
-            raise _FieldError("train.qat", f"applies to method {' | '.join(QAT_METHODS)} on an unquantized base, "
+        if self.train.qat is not None and (not spec.qat or self.quantized):
+            qat = methods_where(lambda s: s.qat)
+            raise _FieldError("train.qat", f"applies to method {' | '.join(qat)} on an unquantized base, "
                               f"not {m!r}{' with quantization' if self.quantized else ''}")
-        if self.train.layerwise_lr_decay is not None and m not in WHOLE_MODEL_METHODS:
+        if self.train.layerwise_lr_decay is not None and not spec.whole_model:
             raise _FieldError("train.layerwise_lr_decay", f"applies to method full or freeze, not {m!r}")
-        if m not in WHOLE_MODEL_METHODS and "mixed_precision" in self.train.model_fields_set \
+        if not spec.whole_model and "mixed_precision" in self.train.model_fields_set \
                 and not self.train.mixed_precision:
             raise _FieldError("train.mixed_precision", f"applies to method full or freeze, not {m!r} (PEFT methods "
                               "always train float32 adapters on a model.dtype base); remove it")
         if self.freeze is not None and self.freeze.trainable_layers == 0 and not self.freeze.trainable_modules:
             raise _FieldError("freeze", "trains nothing: set trainable_layers > 0 or list trainable_modules")
-        if self.prompt is not None and self.prompt.init_text is not None and m != "prompt_tuning":
-            raise _FieldError("prompt.init_text", f"only applies to prompt_tuning (prefix tuning learns key/value "
-                              f"prefixes, not token embeddings); remove it for {m!r}")
-        if m in ("prompt_tuning", "prefix_tuning") and self.data.packing:
-            raise _FieldError("data.packing", f"cannot be used with {m}: the virtual tokens go before each row, so "
-                              "packed examples would share them (and peft drops the position ids that keep packed "
-                              "examples apart); set packing: false")
-        if m == "prefix_tuning":  # peft feeds the prefix as a KV cache, which checkpointing cannot recompute
+        for path, why in spec.why_not.items():  # fields of the method's own section that it does not use
+            section, _, key = path.partition(".")
+            if key and section == spec.section and getattr(getattr(self, section), key) is not None:
+                raise _FieldError(path, f"{why}; remove it for {m!r}")
+        if not spec.packs and self.data.packing:
+            raise _FieldError("data.packing", f"cannot be used with {m}: {spec.why_not['packs']}")
+        if not spec.gradient_checkpointing:
             if "gradient_checkpointing" in self.train.model_fields_set and self.train.gradient_checkpointing:
-                raise _FieldError("train.gradient_checkpointing", "does not work with prefix_tuning (peft passes the "
-                                  "prefix as a KV cache); set it to false")
+                raise _FieldError("train.gradient_checkpointing", spec.why_not["gradient_checkpointing"])
             self.train.gradient_checkpointing = False
         if self.ia3 is not None and self.ia3.target_modules and self.ia3.feedforward_modules:
             extra = sorted(set(self.ia3.feedforward_modules) - set(self.ia3.target_modules))
@@ -387,20 +361,40 @@ class Recipe(Section):
                                   "feed-forward modules must also be targets")
         return self
 
+    def _check_quantization(self, spec: Any) -> None:
+        m = spec.name
+        if self.quantization is not None and self.quantization.bits is not None and spec.quantized_base == "never":
+            if spec.quantized_twin is not None:
+                raise _FieldError("quantization", f"with method {m!r} means QLoRA: write method: "
+                                  f"{spec.quantized_twin} instead")
+            raise _FieldError("quantization", f"cannot be used with method {m!r} (quantized weights cannot be "
+                              "trained); use method: qlora, or remove quantization")
+        if spec.quantized_base == "required":
+            if self.quantization is None:
+                self.quantization = QuantizationSection()
+            elif self.quantization.bits is None:
+                raise _FieldError("quantization.bits", f"method {m} needs 4 or 8 bits; use method: lora for none")
+
     # Derived facts -------------------------------------------------------------------------------------------
     @property
     def quantized(self) -> bool:
         return self.quantization is not None and self.quantization.bits is not None
 
     @property
+    def spec(self) -> Any:
+        """The method's registry entry (ft_cli.methods.registry.MethodSpec): what it saves, merges, packs, ..."""
+        return method_spec(self.method)
+
+    @property
     def is_peft(self) -> bool:
-        return self.method in PEFT_METHODS
+        """Trains an adapter on a frozen base (every method but full and freeze)."""
+        return not method_spec(self.method).whole_model
 
     @property
     def autocast_dtype(self) -> str | None:
         """bfloat16/float16 when training keeps float32 master weights and computes under autocast in that dtype
         (full/freeze with train.mixed_precision and a 16-bit model.dtype); None when it computes in model.dtype."""
-        if self.method in WHOLE_MODEL_METHODS and self.model.dtype != "float32" and self.train.mixed_precision:
+        if method_spec(self.method).whole_model and self.model.dtype != "float32" and self.train.mixed_precision:
             return self.model.dtype
         return None
 
@@ -421,13 +415,26 @@ class Recipe(Section):
         for key in ("max_steps", "epochs", "eval_every", "save_every", "keep_last", "log_every",
                     "early_stopping_patience", "eval_batch_size", "compile"):
             d["train"].pop(key, None)
-        if self.method not in WHOLE_MODEL_METHODS or self.model.dtype == "float32":
+        if not method_spec(self.method).whole_model or self.model.dtype == "float32":
             d["train"].pop("mixed_precision", None)  # changes nothing here (and runs from before the field resume)
         return _flatten(d)
 
     def fingerprint_hash(self) -> str:
         blob = json.dumps(self.training_fingerprint(), sort_keys=True).encode()
         return hashlib.sha256(blob).hexdigest()[:16]
+
+
+def _method_sections() -> tuple[str, ...]:
+    """The recipe sections that hold a method's settings, in the recipe's field order."""
+    used = {spec.section for spec in METHODS.values()}
+    return tuple(name for name in Recipe.model_fields if name in used)
+
+
+def _section_class(section: str) -> type[Section]:
+    """The Section class of a method's section (the X of its `X | None` annotation)."""
+    import typing
+
+    return next(a for a in typing.get_args(Recipe.model_fields[section].annotation) if a is not type(None))
 
 
 class _FieldError(ValueError):

@@ -263,19 +263,28 @@ def _recipe_rows(recipe: dict[str, Any], manifest: dict[str, Any]) -> list[list[
 
 
 def _method_detail(recipe: dict[str, Any], method: str) -> str:
-    if method in ("lora", "qlora", "dora") and recipe.get("lora"):
-        lo = recipe["lora"]
-        targets = lo.get("target_modules")
-        targets = ", ".join(targets) if isinstance(targets, list) else targets
-        return f": rank {lo.get('rank')}, alpha {lo.get('alpha')}, dropout {lo.get('dropout')}, targets {targets}"
-    if method == "freeze" and recipe.get("freeze"):
-        fr = recipe["freeze"]
-        return f": last {fr.get('trainable_layers')} blocks + {fr.get('trainable_modules') or 'no extra modules'}"
-    if method in ("prompt_tuning", "prefix_tuning") and recipe.get("prompt"):
-        return f": {recipe['prompt'].get('num_virtual_tokens')} virtual tokens"
-    if method == "adapter" and recipe.get("bottleneck"):
-        return f": bottleneck size {recipe['bottleneck'].get('size')}"
-    return ""
+    """The settings of the method's recipe section (a dict: recipe.yaml of any run, old ones included)."""
+    from ft_cli.methods.registry import METHODS
+
+    spec = METHODS.get(method)
+    section = spec.section if spec else None
+    settings = recipe.get(section) if section else None
+    return _SECTION_DETAIL[section](settings) if settings and section in _SECTION_DETAIL else ""
+
+
+def _lora_detail(lo: dict[str, Any]) -> str:
+    targets = lo.get("target_modules")
+    targets = ", ".join(targets) if isinstance(targets, list) else targets
+    return f": rank {lo.get('rank')}, alpha {lo.get('alpha')}, dropout {lo.get('dropout')}, targets {targets}"
+
+
+_SECTION_DETAIL = {
+    "lora": _lora_detail,
+    "freeze": lambda fr: f": last {fr.get('trainable_layers')} blocks + "
+                         f"{fr.get('trainable_modules') or 'no extra modules'}",
+    "prompt": lambda p: f": {p.get('num_virtual_tokens')} virtual tokens",
+    "bottleneck": lambda b: f": bottleneck size {b.get('size')}",
+}
 
 
 def _metric_rows(metrics: Metrics) -> list[list[str]]:

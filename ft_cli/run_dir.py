@@ -39,13 +39,14 @@ from ft_cli.atomic import (
     write_text_atomic,
 )
 from ft_cli.errors import UserError
+from ft_cli.lock_holder import LOCK_FILE, in_use_error, lock_holder
+from ft_cli.progress import format_bytes
 
 __all__ = ["RunDir", "OutputDir", "prepare_output_dir", "remove_output_dir", "output_kind", "check_run_dir",
            "prepare_run_dir", "clear_run_dir", "remove_run_debris", "check_free_space", "write_text_atomic", "now_iso", "MARKER",
            "LOCK_FILE", "KINDS"]
 
 MARKER = ".ft-output.json"  # the manifest of a non-run output: {"kind", "ft_version", "created_at", "entries"}
-LOCK_FILE = ".ft.lock"
 KINDS = ("run", "merge", "combine", "preprocess", "export", "cache")
 # What ft eval and ft report add to a run-like directory (a run, an `ft merge --combine` output) after it was made
 WRITTEN_LATER = ("eval*.json", "report")
@@ -150,7 +151,6 @@ class RunDir:
 
     def status(self) -> str:
         """run.json's status, except that "running" with no process holding the run's lock reads "crashed"."""
-        from ft_cli.run_lock import lock_holder
 
         status = str(self.read_manifest().get("status", "unknown"))
         if status == "running" and lock_holder(self.root) is None:
@@ -253,7 +253,6 @@ class OutputDir:
         except BaseException as exc:
             remove_path(tmp)
             if isinstance(exc, Exception) and is_disk_full(exc, parent):
-                from ft_cli.plan import format_bytes
 
                 raise UserError(f"{self.option} {self.path}: disk full while writing it ({_strerror(exc)}); nothing "
                                 f"was written there and the partial copy was removed. Free space (about "
@@ -333,7 +332,6 @@ def remove_output_dir(path: Path | str, *, kind: str) -> list[str]:
         raise UserError(f"{path}: not an ft {kind} output ({'no ft manifest' if found is None else found}); "
                         "ft does not delete it")
     if kind == "run":
-        from ft_cli.run_lock import in_use_error, lock_holder
 
         holder = lock_holder(path)
         if holder is not None:
@@ -352,7 +350,6 @@ def check_run_dir(run: RunDir, *, resume: bool, overwrite: bool, probe_lock: boo
     """Refuse to clobber an existing run unless told to (--resume continues it, --overwrite replaces it), and to
     touch one that an ft process is running in. Read-only, so that every process of a multi-process run can check
     before any of them changes anything."""
-    from ft_cli.run_lock import in_use_error, lock_holder
 
     root = run.root
     if resume and overwrite:
@@ -429,7 +426,6 @@ def remove_run_debris(run: RunDir) -> list[str]:
 def check_free_space(path: Path, need: int, detail: str, *, reusable: int = 0, option: str = "output_dir") -> None:
     """UserError when the filesystem that holds (or will hold) `path` has less than `need` bytes free, counting
     `reusable` bytes that the command itself will free (an old run being replaced)."""
-    from ft_cli.plan import format_bytes
 
     free = free_bytes(path)
     if free is None or free + reusable >= need:

@@ -18,10 +18,11 @@ import os
 import socket
 import time
 from pathlib import Path
-from typing import Any
 
 from ft_cli.errors import UserError
-from ft_cli.run_dir import LOCK_FILE, RunDir, check_run_dir, now_iso
+from ft_cli.lock_holder import LOCK_FILE, in_use_error, lock_holder  # noqa: F401  (imported from here too)
+from ft_cli.lock_holder import read_holder as _read_holder
+from ft_cli.run_dir import RunDir, check_run_dir, now_iso
 
 try:
     import fcntl
@@ -30,34 +31,6 @@ except ImportError:  # pragma: no cover - Windows
 
 ACQUIRE_TRIES = 20  # a reader probing the lock (ft report, a second ft train) holds it shared for microseconds
 ACQUIRE_WAIT_S = 0.05
-
-
-def lock_holder(root: Path) -> dict[str, Any] | None:
-    """Who holds the run directory's lock ({"pid", "host", "since", "command"}), or None when nobody does. Probes
-    with a shared lock, so two processes probing at once do not see each other."""
-    if fcntl is None:
-        return None
-    try:
-        fd = os.open(Path(root) / LOCK_FILE, os.O_RDONLY)
-    except OSError:
-        return None  # no lock file (or unreadable): nobody can be holding it
-    try:
-        try:
-            fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
-        except BlockingIOError:
-            return _read_holder(fd)
-        fcntl.flock(fd, fcntl.LOCK_UN)
-        return None
-    finally:
-        os.close(fd)
-
-
-def in_use_error(root: Path, holder: dict[str, Any]) -> UserError:
-    who = f"pid {holder.get('pid', '?')} on {holder.get('host', '?')}"
-    since = f", since {holder['since']}" if holder.get("since") else ""
-    return UserError(f"output_dir {root} is in use by another ft process ({who}{since}: "
-                     f"{holder.get('command') or 'ft train'}); one process at a time writes a run directory. Wait "
-                     "for it to finish or stop it, or use --output-dir for a new run")
 
 
 class RunLock:
@@ -137,14 +110,6 @@ def _write_holder(fd: int, command: str) -> None:
         os.ftruncate(fd, 0)
         os.pwrite(fd, (json.dumps(info) + "\n").encode(), 0)
         os.fsync(fd)
-
-
-def _read_holder(fd: int) -> dict[str, Any]:
-    try:
-        data = json.loads(os.pread(fd, 4096, 0) or b"{}")
-    except (OSError, ValueError):
-        return {}
-    return data if isinstance(data, dict) else {}
 
 
 def _remove_created(created: list[Path]) -> None:

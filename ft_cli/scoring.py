@@ -1,10 +1,18 @@
 """Token-weighted loss: the sum of per-token losses over trained tokens divided by their count — over a whole
-set, never a mean of batch means. Shared by in-training evaluation and `ft eval`."""
+set, never a mean of batch means. Shared by in-training evaluation, `ft eval`, `ft merge --combine` and `ft export`:
+`eval_dataset` gives the rows of a split (or of --data) and `score` their loss."""
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
-from typing import Any
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from ft_cli.errors import UserError
+
+if TYPE_CHECKING:
+    from ft_cli.recipe import Recipe
 
 IGNORE = -100
 
@@ -58,3 +66,53 @@ def token_loss(model: Any, dataset: Any, collate: Callable, batch_size: int, *, 
             tokens += n
     model.train(was_training)
     return float(total), tokens
+
+
+def eval_dataset(recipe: Recipe, tokenizer: Any, data: Path | None, split: str) -> tuple[Any, str]:
+    """Tokenized rows (input_ids, labels masked as in training) to score, and a name for messages."""
+    if data is not None:
+        from ft_cli.data.pipeline import load_eval_data
+
+        return load_eval_data(Path(data), recipe, tokenizer), str(data)
+    from ft_cli.data.pipeline import build_datasets
+
+    bundle = build_datasets(recipe, tokenizer)
+    if split == "train":
+        return bundle.train, "the run's train split"
+    if bundle.eval is None:
+        raise UserError("the run has no eval split (data.eval is null and data.val_split is 0); "
+                        "use --split train or --data PATH")
+    return bundle.eval, "the run's eval split"
+
+
+def score(model: Any, dataset: Any, tokenizer: Any, batch_size: int, device: Any, label: str = "eval") \
+        -> dict[str, Any]:
+    """loss (token-weighted mean over the whole set), perplexity = exp(loss), tokens, examples."""
+    from ft_cli.data.pipeline import make_collator
+    from ft_cli.progress import CountProgress
+
+    packed = "position_ids" in dataset.column_names
+    collate = make_collator(tokenizer, packed=packed)
+    progress = CountProgress(len(dataset), f"{label} (rows)")
+    try:
+        loss_sum, tokens = token_loss(model, dataset, collate, batch_size, device=device, on_batch=progress.advance)
+    finally:
+        progress.close()
+    if tokens == 0:
+        raise UserError("no trained tokens in the evaluation data (every label is masked)")
+    loss = loss_sum / tokens
+    return {"loss": loss, "perplexity": perplexity(loss), "tokens": tokens, "examples": count_examples(dataset)}
+
+
+def perplexity(loss: float) -> float:
+    try:
+        return math.exp(loss)
+    except OverflowError:
+        return float("inf")
+
+
+def count_examples(dataset: Any) -> int:
+    """Rows, or for packed rows the examples inside them (each starts where position_ids restart at 0)."""
+    if "position_ids" not in dataset.column_names:
+        return len(dataset)
+    return sum(sum(1 for p in row if p == 0) for row in dataset["position_ids"])

@@ -276,7 +276,7 @@ def fit(s: Session) -> Path:
                 break
         if s.data.eval is not None and last_eval_step != step and step > s.start_step:
             _evaluate(s, step, s.batches.epoch_of(step * t.grad_accum), metrics, reporter)
-        out_dir = s.run.output(whole_model=s.recipe.method in ("full", "freeze"))
+        out_dir = s.run.output(whole_model=s.recipe.spec.whole_model)
         _save_trained(s, out_dir, step=step)
         _finish_manifest(s, "completed", step)
         reporter.close()
@@ -391,7 +391,7 @@ def _save_trained(s: Session, out_dir: Path, *, step: int) -> None:
     tensors to rank 0 (a collective) and the savers, which call model.state_dict(), are handed those."""
     from accelerate.utils import DistributedType
 
-    from ft_cli.methods import save_trained
+    from ft_cli.methods.apply import save_trained
     from ft_cli.model_card import write_model_card
 
     acc = s.accelerator

@@ -78,7 +78,7 @@ def count_trainable(recipe: Recipe, path: str) -> tuple[int, int]:
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    from ft_cli.methods import apply_method
+    from ft_cli.methods.apply import apply_method
     from ft_cli.model import count_parameters
 
     config = AutoConfig.from_pretrained(path, trust_remote_code=recipe.model.trust_remote_code,

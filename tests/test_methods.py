@@ -16,7 +16,7 @@ import yaml
 from safetensors import safe_open
 
 from ft_cli.errors import UserError
-from ft_cli.methods import apply_method
+from ft_cli.methods.apply import apply_method
 from ft_cli.recipe import load_recipe, recipe_from_dict
 
 # name: (recipe sections, lr, regex every trainable parameter name matches)
@@ -360,7 +360,7 @@ def test_qlora_without_the_fp32_upcast_is_bf16_and_smaller_on_cuda(tmp_path: Pat
     from peft import prepare_model_for_kbit_training
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    import ft_cli.methods
+    import ft_cli.methods.apply
     from ft_cli.model import build_model
 
     config = AutoConfig.for_model("llama", hidden_size=512, intermediate_size=1024, num_hidden_layers=2,
@@ -384,7 +384,7 @@ def test_qlora_without_the_fp32_upcast_is_bf16_and_smaller_on_cuda(tmp_path: Pat
         return dtype, peak
 
     ft_dtype, ft_peak = step()
-    monkeypatch.setattr(ft_cli.methods, "prepare_quantized", lambda model, recipe: prepare_model_for_kbit_training(
+    monkeypatch.setattr(ft_cli.methods.apply, "prepare_quantized", lambda model, recipe: prepare_model_for_kbit_training(
         model, use_gradient_checkpointing=True, gradient_checkpointing_kwargs={"use_reentrant": False}))
     peft_dtype, peft_peak = step()
     assert (ft_dtype, peft_dtype) == (torch.bfloat16, torch.float32)
@@ -580,7 +580,7 @@ def test_greedy_generation_uses_what_was_trained(trained, name: str) -> None:
     from ft_cli.cli import app
     from ft_cli.evaluate import greedy_generate, stop_token_ids
     from ft_cli.generation import render_prompt
-    from ft_cli.loading import PEFT_MERGEABLE, load_run
+    from ft_cli.loading import load_run
 
     t = trained(name)
     model, tok, recipe = load_run(t.run)  # as ft eval loads it
@@ -591,7 +591,7 @@ def test_greedy_generation_uses_what_was_trained(trained, name: str) -> None:
     assert greedy_generate(model, tok, prompts, max_new_tokens=8, device="cpu", batch_size=3) == expected
 
     # ft generate folds an unquantized LoRA/DoRA/IA3 adapter into the base first: compare with that model
-    merged = recipe.method in PEFT_MERGEABLE and not recipe.quantized
+    merged = recipe.spec.merges and not recipe.quantized
     cli_model = load_run(t.run, merged=True)[0] if merged else model
     want = tok.decode(hand_greedy(cli_model, prompts[0], stops, 8), skip_special_tokens=True).strip()
     result = CliRunner().invoke(app, ["generate", str(t.run), "-p", PROMPTS[0], "--temperature", "0",

@@ -15,7 +15,7 @@ from typer.testing import CliRunner
 
 from ft_cli.cli import app
 from ft_cli.errors import UserError
-from ft_cli.methods import apply_method
+from ft_cli.methods.apply import apply_method
 from ft_cli.optim import LrSchedule, check_optimizer_supported, param_groups
 from ft_cli.recipe import load_recipe, recipe_from_dict
 

@@ -335,7 +335,7 @@ def test_plan_weights_match_the_real_tiny_model(dtype: str, nbytes: int) -> None
     from transformers import AutoConfig, AutoModelForCausalLM
 
     from ft_cli.builtin_models import resolve_builtin
-    from ft_cli.methods import apply_method
+    from ft_cli.methods.apply import apply_method
     from ft_cli.plan import estimate_memory
 
     path = resolve_builtin("builtin:tiny-llama")

@@ -11,7 +11,7 @@ Modules, in the order data flows through them:
 - `packing`   best-fit-decreasing bin packing with position_ids that restart per example
 - `cache`     content-hashed, atomically written cache of the tokenized datasets
 - `collate`   batches for the training loop (padding, or packed rows without an attention mask)
-- `pipeline`  `build_datasets`, `load_eval_data`, `preprocess_to_disk`: the entry points the rest of ft calls
+- `pipeline`  `build_datasets`, `load_eval_data`: the entry points the rest of ft calls (ft preprocess: ft_cli/preprocess.py)
 - `audit`     the `ft validate` report: counts, length histogram, samples with trained tokens highlighted
 
 Nothing here is imported by `ft --help`; torch is only imported by `collate`.

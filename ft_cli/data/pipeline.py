@@ -1,5 +1,6 @@
 """Entry points of the data pipeline: `build_datasets` (train/validate), `load_eval_data` (ft eval --data),
-`preprocess_to_disk` (ft preprocess), and the collator and template helpers the training loop uses.
+`dataset_dict` + `bundle_meta` (what the cache and ft preprocess save), and the collator and template helpers the
+training loop uses.
 
 build_datasets: read every source -> records become Examples (formats) -> eval split per source (seeded) ->
 mix training sources by weight (seeded) -> render, tokenize, mask, truncate (encode) -> pack the training
@@ -13,7 +14,6 @@ import contextlib
 import os
 import sys
 from collections.abc import Callable
-from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -43,7 +43,7 @@ if TYPE_CHECKING:
 
     from ft_cli.recipe import DatasetSource, Recipe
 
-__all__ = ["DataStats", "DataBundle", "build_datasets", "make_collator", "load_eval_data", "preprocess_to_disk",
+__all__ = ["DataStats", "DataBundle", "build_datasets", "make_collator", "load_eval_data",
            "resolve_chat_template"]
 
 
@@ -81,7 +81,7 @@ def _tokenized_bundle(recipe: Recipe, tokenizer: Any) -> DataBundle:
     bundle = _build(recipe, tokenizer, key)
     if recipe.data.cache:
         try:
-            cache.save_entry(key, _dataset_dict(bundle), _meta(bundle))
+            cache.save_entry(key, dataset_dict(bundle), bundle_meta(bundle))
         except OSError as exc:
             bundle.warnings.append(f"could not write the data cache ({exc}); set data.cache: false to silence this")
     return bundle
@@ -316,7 +316,7 @@ def _cache_key(recipe: Recipe, tokenizer: Any) -> str:
     })
 
 
-def _dataset_dict(bundle: DataBundle) -> Any:
+def dataset_dict(bundle: DataBundle) -> Any:
     from datasets import DatasetDict
 
     splits = {"train": bundle.train}
@@ -325,7 +325,7 @@ def _dataset_dict(bundle: DataBundle) -> Any:
     return DatasetDict(splits)
 
 
-def _meta(bundle: DataBundle) -> dict[str, Any]:
+def bundle_meta(bundle: DataBundle) -> dict[str, Any]:
     return {"fingerprint": bundle.fingerprint, "warnings": bundle.warnings, "notes": bundle.notes,
             "train_stats": bundle.train_stats.to_dict(),
             "eval_stats": bundle.eval_stats.to_dict() if bundle.eval_stats else None}
@@ -357,44 +357,3 @@ def load_eval_data(path: str | os.PathLike, recipe: Recipe, tokenizer: Any) -> d
     enc = encode_examples(src.examples, tokenizer, _settings(recipe))
     _require_rows(enc, f"--data {path}", d.max_seq_len, d.truncation)
     return to_dataset(enc.ids, enc.labels, enc.lengths)
-
-
-def preprocess_to_disk(recipe_path: str | os.PathLike, overrides: list[str], out: Path, *,
-                       overwrite: bool = False) -> None:
-    """`ft preprocess`: a DatasetDict (train, and eval when there is one) saved at `out`, plus stats.json; written
-    under a temporary name and renamed into place (an earlier preprocess output is replaced only with --overwrite)."""
-    import json
-
-    from rich.console import Console
-
-    from ft_cli.data.saved import PREPROCESS_META
-    from ft_cli.model import load_tokenizer
-    from ft_cli.recipe import load_recipe, recipe_errors
-    from ft_cli.run_dir import prepare_output_dir
-
-    out_dir = prepare_output_dir(out, kind="preprocess", overwrite=overwrite)
-    out = out_dir.path
-    recipe = load_recipe(recipe_path, overrides)
-    with recipe_errors(recipe):
-        tokenizer = load_tokenizer(recipe)
-        bundle = build_datasets(recipe, tokenizer)
-    with out_dir.writing() as tmp, cache.quiet_datasets():
-        _dataset_dict(bundle).save_to_disk(str(tmp))  # into the empty temporary directory
-        # What the rows were made with: a recipe that trains on them is checked against it (data/saved.py).
-        meta = {**_meta(bundle), "model": recipe.model.name_or_path,
-                "tokenizer_vocab": cache.vocab_digest(tokenizer),
-                "settings": recipe.data.model_dump(mode="json", include={
-                    "format", "columns", "max_seq_len", "packing", "train_on_inputs", "truncation", "text_chunking",
-                    "text_overlap", "chat_template", "system_message", "limit"})}
-        (tmp / PREPROCESS_META).write_text(json.dumps(meta, indent=2))
-    console = Console(highlight=False)
-    s = bundle.train_stats
-    packed = f", packed into {s.packed_rows} rows ({s.packing_efficiency:.1%} full)" if s.packed_rows else ""
-    console.print(f"wrote {out}: train {s.rows} examples, {s.tokens:,} tokens "
-                  f"({s.trained_tokens / max(s.tokens, 1):.1%} trained){packed}", markup=False)
-    if bundle.eval_stats is not None and bundle.eval is not None:
-        console.print(f"  eval {bundle.eval_stats.rows} examples, {bundle.eval_stats.tokens:,} tokens", markup=False)
-    for w in bundle.warnings:
-        console.print(f"warning: {w}", markup=False, style="yellow")
-    for note in bundle.notes:
-        console.print(f"note: {note}", markup=False)

@@ -26,28 +26,11 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from ft_cli.data.formats import Example
+from ft_cli.data.rendered import Rendered, Sample
 from ft_cli.data.templates import compile_template, resolve_chat_template
 from ft_cli.errors import UserError
 
 SYSTEM_MESSAGE_POLICIES = ("keep", "merge_into_first_user")
-
-
-@dataclass(slots=True)
-class Sample:
-    """One training text and the [start, end) characters of the assistant turns that train in it."""
-
-    text: str
-    spans: list[tuple[int, int]]
-
-
-@dataclass(slots=True)
-class Rendered:
-    """A conversation's training samples: usually one; more when turns train at their own position (case 3)."""
-
-    samples: list[Sample]
-    own_turns: int = 0  # assistant turns trained in a sample of their own
-    lost: str | None = None  # assistant text the template leaves out of the training text (first found), if any
-    turns: list[tuple[int, str, int, int]] = field(default_factory=list)  # (message index, text, span) per turn
 
 
 @dataclass

@@ -32,7 +32,7 @@ import re
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from ft_cli.data.render import Rendered, Sample
+from ft_cli.data.rendered import Rendered, Sample
 
 if TYPE_CHECKING:
     from ft_cli.data.render import ChatRenderer

@@ -12,7 +12,6 @@ from __future__ import annotations
 import csv
 import glob
 import json
-import os
 import re
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -23,6 +22,7 @@ import numpy as np
 
 from ft_cli.data.formats import Converter, Example, Origin
 from ft_cli.errors import UserError
+from ft_cli.hub import hub_offline
 
 EXTENSIONS = (".json", ".jsonl", ".csv", ".parquet")
 _HUB_ID = re.compile(r"^[\w.-]+(/[\w.-]+)?$")
@@ -175,15 +175,10 @@ def _parquet(path: Path) -> Iterator[tuple[dict[str, Any], Origin]]:
         yield record, Origin(label, i)
 
 
-def hub_offline() -> bool:
-    return any(os.environ.get(v, "").lower() in ("1", "true", "yes", "on")
-               for v in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE", "TRANSFORMERS_OFFLINE"))
-
-
 def _hub_records(repo_id: str, split: str | None, where: str) -> Iterator[tuple[dict[str, Any], Origin]]:
     """Rows of a hub dataset. Offline fails at once; online, an unreachable hub fails within seconds."""
     hint = "download it first, or point the recipe at a local .json/.jsonl/.csv/.parquet file"
-    if hub_offline():
+    if hub_offline(datasets=True):
         raise UserError(f"{where}: {repo_id!r} is not a local file or directory, and as a hub dataset it needs the "
                         f"network, but the hub is offline (HF_HUB_OFFLINE=1); {hint}")
     import datasets

@@ -77,12 +77,3 @@ def template_warnings(tokenizer: Any, text: str, spans: list[tuple[int, int]]) -
     return [f"the chat template ends an assistant turn with {tail!r}, not with the tokenizer's eos_token {eos!r}: "
             "generation stops at that end-of-turn text only if the model's generation_config lists its token as "
             "an eos_token_id (set data.chat_template to one matching the model, or fix the eos token)"]
-
-
-def __getattr__(name: str) -> Any:
-    """`ChatRenderer` now lives in ft_cli.data.render; the old import keeps working."""
-    if name == "ChatRenderer":
-        from ft_cli.data.render import ChatRenderer
-
-        return ChatRenderer
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -164,10 +164,9 @@ def estimate_sizes(target: Any, fmt: ExportFormat) -> dict[str, int]:
 
     from ft_cli.loading import run_base_path
     from ft_cli.plan import count_params
-    from ft_cli.recipe import WHOLE_MODEL_METHODS
 
     recipe = target.recipe
-    source = target.output if recipe.method in WHOLE_MODEL_METHODS else run_base_path(target)
+    source = target.output if recipe.spec.whole_model else run_base_path(target)
     config = AutoConfig.from_pretrained(str(source), trust_remote_code=recipe.model.trust_remote_code)
     counts = count_params(config, recipe.model_copy(update={"quantization": None}, deep=True))
     rest = counts.total - counts.quantizable

@@ -64,9 +64,10 @@ def prepare(recipe: Recipe, target: Any, eval_rows: int, n_prompts: int) -> Chec
 
 def run_checks(fmt: Any, data: CheckData, merged: Path, artifact: Path, *, bench_tokens: int,
                verify_tokens: int) -> dict[str, Any]:
-    from ft_cli.evaluate import score, stop_token_ids
     from ft_cli.export.gguf import llama_cpp_available
+    from ft_cli.generation import stop_token_ids
     from ft_cli.loading import default_device, load_model_dir
+    from ft_cli.scoring import score
 
     device = default_device()
     llama = fmt.is_gguf and llama_cpp_available()

@@ -33,9 +33,10 @@ from torch import nn
 
 from ft_cli.errors import UserError
 from ft_cli.methods.blocks import ATTENTION_NAMES, MLP_NAMES, block_part, transformer_blocks
+from ft_cli.methods.registry import METHODS
 from ft_cli.recipe import Recipe
 
-MERGEABLE = False
+MERGEABLE = METHODS["adapter"].merges  # the registry is the source; kept as the name tests and docs use
 CONFIG_FILE = "ft_adapter_config.json"
 WEIGHTS_FILE = "adapter_model.safetensors"
 ADAPTER_NAME = "bottleneck_adapter"

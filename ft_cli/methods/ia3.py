@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 from ft_cli.errors import UserError
-from ft_cli.methods import get_peft_model_for
+from ft_cli.methods.peft_common import get_peft_model_for
 from ft_cli.recipe import Recipe
 
 

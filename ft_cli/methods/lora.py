@@ -1,7 +1,7 @@
 """LoRA (Hu et al., 2021), QLoRA (LoRA on a bitsandbytes 4/8-bit base, Dettmers et al., 2023), DoRA (Liu et al.,
 2024) and rank-stabilized LoRA (Kalajdzievski, 2023), through peft.
 
-The quantized base is prepared by `ft_cli.methods.prepare_quantized` before this runs; LoRA+ (a larger learning
+The quantized base is prepared by `ft_cli.methods.apply.prepare_quantized` before this runs; LoRA+ (a larger learning
 rate for the B matrices) is an optimizer matter, in `ft_cli.optim.param_groups`.
 """
 
@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from ft_cli.methods import get_peft_model_for
+from ft_cli.methods.peft_common import get_peft_model_for
 from ft_cli.recipe import Recipe
 
 

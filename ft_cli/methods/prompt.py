@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from ft_cli.methods import get_peft_model_for
+from ft_cli.methods.peft_common import get_peft_model_for
 from ft_cli.recipe import Recipe
 
 
@@ -22,7 +22,7 @@ def apply_prompt_tuning(model: Any, recipe: Recipe) -> Any:
     assert spec is not None
     init: dict[str, Any] = {"prompt_tuning_init": PromptTuningInit.SAMPLE_VOCAB}
     if spec.init_text:
-        from ft_cli.model import resolve_model_path
+        from ft_cli.model_path import resolve_model_path
 
         init = {
             "prompt_tuning_init": PromptTuningInit.TEXT,

@@ -53,7 +53,7 @@ def save_whole_model(model: Any, out: Path, recipe: Recipe) -> None:
 
     Under mixed precision the trained weights are float32 master weights: they are written in model.dtype, cast
     tensor by tensor on the CPU, so the trained model is untouched and no second copy is made on the GPU."""
-    from ft_cli.model import torch_dtype
+    from ft_cli.precision import torch_dtype
 
     dtype = torch_dtype(recipe.model.dtype)
     state = None

@@ -22,7 +22,7 @@ from typing import Any
 
 from ft_cli.adapters import BASE_NAME, RunAdapter, check_shared_base, parse_adapter_option, run_adapter
 from ft_cli.errors import UserError
-from ft_cli.recipe import WHOLE_MODEL_METHODS, Recipe
+from ft_cli.recipe import Recipe
 
 API_KEY_ENV = "FT_API_KEY"
 LOOPBACK = ("127.0.0.1", "localhost", "::1")
@@ -60,7 +60,7 @@ def plan_serve(base_or_run: str, adapter_specs: list[str], which: str = "final")
         target = resolve_target(path, which)  # type: ignore[arg-type]
         if target.kind == "model":
             base = str(target.output)
-        elif target.recipe is not None and target.recipe.method in WHOLE_MODEL_METHODS:
+        elif target.recipe is not None and target.recipe.spec.whole_model:
             base, whole = str(target.output), target.recipe
         else:
             first = run_adapter(path, which=which, what=base_or_run)

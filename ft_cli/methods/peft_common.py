@@ -1,0 +1,31 @@
+"""What the peft-based methods share (lora.py, ia3.py, prompt.py). A leaf: imports peft only when called."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from ft_cli.errors import UserError
+
+
+def get_peft_model_for(model: Any, config: Any, field: str) -> Any:
+    """get_peft_model, with peft's "target modules not found" turned into a message about the recipe `field`.
+
+    autocast_adapter_dtype keeps adapter weights in float32 even when the base is bf16/fp16."""
+    from peft import get_peft_model
+
+    try:
+        return get_peft_model(model, config, autocast_adapter_dtype=True)
+    except ValueError as exc:
+        if "not found in the base model" in str(exc) or "No modules were targeted" in str(exc):
+            raise UserError(f"{field}: {exc}") from None
+        raise
+
+
+def load_peft_adapter(base: Any, adapter_dir: Path) -> Any:
+    from peft import PeftModel
+
+    if not (adapter_dir / "adapter_config.json").is_file():
+        raise UserError(f"{adapter_dir}: no adapter_config.json; is the run finished?")
+    # autocast_adapter_dtype keeps the adapter in fp32 on a 16-bit base, as during training.
+    return PeftModel.from_pretrained(base, str(adapter_dir), is_trainable=False, autocast_adapter_dtype=True)

@@ -1,0 +1,88 @@
+"""The method registry (ft_cli.methods.registry) is the one source of method facts: every method the recipe schema
+accepts has an entry and every entry is a method the schema accepts; each entry's section, apply function and
+capabilities are real, and the recipe enforces what the entries say."""
+
+from __future__ import annotations
+
+import inspect
+import typing
+
+import pytest
+
+from ft_cli.errors import UserError
+from ft_cli.methods.registry import METHODS, MethodSpec
+from ft_cli.recipe import Recipe, recipe_from_dict
+
+SECTIONS = {"lora", "freeze", "prompt", "bottleneck", "ia3"}
+
+
+def _recipe(method: str, **extra) -> Recipe:
+    return recipe_from_dict({"model": {"name_or_path": "builtin:tiny-llama"}, "method": method,
+                             "data": {"train": "x.jsonl"}, **extra})
+
+
+def test_schema_methods_are_the_registry():
+    schema = typing.get_args(Recipe.model_fields["method"].annotation)
+    assert list(schema) == list(METHODS)
+    assert list(METHODS) == ["lora", "qlora", "dora", "full", "freeze", "ia3", "prompt_tuning", "prefix_tuning",
+                             "adapter"]  # the order docs/recipe.md and `ft schema` list them in
+    for name, spec in METHODS.items():
+        assert isinstance(spec, MethodSpec) and spec.name == name
+
+
+def test_every_method_section_belongs_to_a_method_and_back():
+    used = {s.section for s in METHODS.values()} - {None}
+    assert used == SECTIONS
+    for section in SECTIONS:
+        assert section in Recipe.model_fields, section
+
+
+@pytest.mark.parametrize("name", list(METHODS))
+def test_entry_is_real(name):
+    spec = METHODS[name]
+    fn = spec.apply_fn()
+    assert callable(fn) and list(inspect.signature(fn).parameters)[:2] == ["model", "recipe"]
+    assert spec.tasks and set(spec.tasks) <= set(typing.get_args(typing.get_type_hints(MethodSpec)["tasks"]
+                                                                 .__args__[0]))
+    for capability in ("merges", "packs", "gradient_checkpointing"):
+        if not getattr(spec, capability) and not (capability == "merges" and spec.whole_model):
+            assert spec.why_not.get(capability), f"{name}: {capability} is off without a reason for the user"
+    recipe = _recipe(name)
+    assert recipe.spec is spec
+    if spec.section:  # the method's section gets its defaults
+        assert getattr(recipe, spec.section) is not None
+    assert recipe.quantized == (spec.quantized_base == "required")
+    assert recipe.is_peft == (not spec.whole_model)
+
+
+@pytest.mark.parametrize("name", [n for n, s in METHODS.items() if not s.packs])
+def test_registry_refuses_packing(name):
+    with pytest.raises(UserError, match=f"data.packing: cannot be used with {name}"):
+        recipe_from_dict({"model": {"name_or_path": "builtin:tiny-llama"}, "method": name,
+                          "data": {"train": "x.jsonl", "packing": True}})
+
+
+@pytest.mark.parametrize("name", [n for n, s in METHODS.items() if s.quantized_base == "never"])
+def test_registry_refuses_quantized_base(name):
+    with pytest.raises(UserError, match="quantization"):
+        _recipe(name, quantization={"bits": 4})
+
+
+@pytest.mark.parametrize("name", [n for n, s in METHODS.items() if s.quantized_base == "optional"])
+def test_registry_allows_quantized_base(name):
+    assert _recipe(name, quantization={"bits": 4}).quantized
+
+
+@pytest.mark.parametrize("name", [n for n, s in METHODS.items() if not s.merges and not s.whole_model])
+def test_merge_refusal_comes_from_the_registry(name):
+    from ft_cli.merge import _check_mergeable
+
+    with pytest.raises(UserError, match=f"method {name}: "):
+        _check_mergeable(_recipe(name))
+
+
+def test_sections_of_other_methods_are_refused():
+    for name, spec in METHODS.items():
+        for section in SECTIONS - {spec.section}:
+            with pytest.raises(UserError, match=f"{section}: is only used by method"):
+                _recipe(name, **{section: {}})
