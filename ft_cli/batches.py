@@ -11,6 +11,16 @@ import math
 from functools import lru_cache
 
 
+def micro_batches_per_epoch(num_rows: int, micro_batch_size: int, world_size: int = 1) -> int:
+    """Global batches in one pass over the rows (the last one wraps around to the epoch's first rows)."""
+    return math.ceil(num_rows / (micro_batch_size * world_size))
+
+
+def total_steps(max_steps: int | None, epochs: float, per_epoch: int, grad_accum: int) -> int:
+    """Optimizer steps of a run: train.max_steps, else the epochs' micro-batches over grad_accum (at least 1)."""
+    return max_steps or max(1, math.ceil(epochs * per_epoch / grad_accum))
+
+
 class MicroBatches:
     def __init__(self, num_rows: int, micro_batch_size: int, *, world_size: int = 1, rank: int = 0,
                  seed: int = 0, shuffle: bool = True):
@@ -19,7 +29,7 @@ class MicroBatches:
         self.n, self.mbs, self.world, self.rank = num_rows, micro_batch_size, world_size, rank
         self.seed, self.shuffle = seed, shuffle
         self.global_batch = micro_batch_size * world_size
-        self.per_epoch = math.ceil(num_rows / self.global_batch)
+        self.per_epoch = micro_batches_per_epoch(num_rows, micro_batch_size, world_size)
 
     @lru_cache(maxsize=2)  # noqa: B019 - two epochs live at most; the object lives as long as the run
     def _order(self, epoch: int) -> list[int]:

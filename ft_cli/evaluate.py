@@ -26,7 +26,7 @@ from ft_cli.metrics_text import GENERATION_METRICS
 from ft_cli.recipe import Recipe
 from ft_cli.run_dir import RunDir
 from ft_cli.scoring import (  # noqa: F401  (shared with merge --combine and export; also imported from here)
-    IGNORE,
+    IGNORE_INDEX,
     count_examples,
     eval_dataset,
     perplexity,
@@ -308,10 +308,10 @@ def split_prompt(input_ids: Sequence[int], labels: Sequence[int]) -> tuple[list[
     """(prompt ids, reference ids): the reference is the last contiguous run of trained tokens, the prompt all
     before it; None when nothing precedes it (position 0 is never trained, so a 1-token "prompt" counts as none)."""
     end = len(labels)
-    while end > 0 and labels[end - 1] == IGNORE:
+    while end > 0 and labels[end - 1] == IGNORE_INDEX:
         end -= 1
     start = end
-    while start > 0 and labels[start - 1] != IGNORE:
+    while start > 0 and labels[start - 1] != IGNORE_INDEX:
         start -= 1
     if start <= 1 or end == 0:
         return None

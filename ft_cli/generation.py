@@ -110,7 +110,7 @@ def greedy_generate(model: Any, tokenizer: Any, prompts: list[list[int]], *, max
     import torch
 
     stops = stop_token_ids(model, tokenizer)
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else stops[0]
+    pad = pad_token_id(tokenizer, stops)
     replies: list[str] = []
     model.eval()
     batch_size = generation_batch_size(model, batch_size)

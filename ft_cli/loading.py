@@ -218,13 +218,12 @@ def load_model_dir(path: Path, *, device: Any = "cpu", dtype: str | None = None,
 def load_model_dir_tokenizer(path: Path) -> Any:
     from transformers import AutoTokenizer
 
-    from ft_cli.model import check_tokenizer_files
+    from ft_cli.model import check_tokenizer_files, ensure_pad_token
 
     check_tokenizer_files(path, field=None)
     try:
         tok = AutoTokenizer.from_pretrained(str(path))
     except (OSError, ValueError) as exc:
         raise UserError(f"{path}: cannot load the tokenizer: {exc}") from None
-    if tok.pad_token is None:
-        tok.pad_token = tok.eos_token if tok.eos_token is not None else tok.unk_token
+    ensure_pad_token(tok)
     return tok

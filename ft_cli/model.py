@@ -62,14 +62,20 @@ def load_tokenizer(recipe: Recipe, path: str | None = None):
         if "trust_remote_code" in str(exc):
             raise remote_code_refused(path) from None
         raise
-    if tok.pad_token is None:
-        tok.pad_token = tok.eos_token if tok.eos_token is not None else tok.unk_token
+    ensure_pad_token(tok)
     tok.padding_side = "right"
     if recipe.data.format != "text" or recipe.data.chat_template:
         from ft_cli.data.templates import resolve_chat_template
 
         resolve_chat_template(tok, recipe.data.chat_template)
     return tok
+
+
+def ensure_pad_token(tok: Any) -> None:
+    """Padding needs a pad token; a tokenizer without one pads with eos (or unk). Padded positions never carry
+    loss (their labels are IGNORE_INDEX) and are masked out of attention, so which token pads does not matter."""
+    if tok.pad_token is None:
+        tok.pad_token = tok.eos_token if tok.eos_token is not None else tok.unk_token
 
 
 @dataclass

@@ -31,18 +31,12 @@ def find_model_config(model: ModelSection, *, download: bool = False) -> FoundCo
     """The config.json of the recipe's model from a built-in, a local directory or the HF cache; with
     `download=True` and the hub allowed (HF_HUB_OFFLINE unset), a hub id's config.json is fetched (a few KB).
     None when it cannot be had without the network."""
-    from ft_cli.builtin_models import is_builtin, resolve_builtin
+    from ft_cli.model_path import local_model_dir
 
+    local = local_model_dir(model)
+    if local is not None:
+        return _read(local[0] / "config.json", local[1])
     name = model.name_or_path
-    if is_builtin(name):
-        return _read(resolve_builtin(name) / "config.json", "built-in")
-    path = Path(name).expanduser()
-    if path.is_dir():
-        if not (path / "config.json").is_file():
-            raise UserError(f"model.name_or_path: {path} is a directory but has no config.json (not a model directory)")
-        return _read(path / "config.json", "local directory")
-    if path.exists() or name.startswith(("/", "./", "../", "~")):
-        raise UserError(f"model.name_or_path: local model directory not found: {path}")
     from huggingface_hub import try_to_load_from_cache
 
     try:

@@ -19,23 +19,34 @@ if TYPE_CHECKING:
 
 def resolve_model_path(model: ModelSection) -> str:
     """A local directory for built-ins and paths; the hub id otherwise (checked so offline fails fast)."""
+    local = local_model_dir(model)
+    if local is not None:
+        path, kind = local
+        if kind == "local directory":
+            _check_model_config(path / "config.json", model)
+        return str(path)
+    cached = check_hub_reachable(model.name_or_path, model.revision)
+    if cached is not None:
+        _check_model_config(Path(cached), model)
+    return model.name_or_path
+
+
+def local_model_dir(model: ModelSection) -> tuple[Path, str] | None:
+    """(directory, "built-in" | "local directory") when model.name_or_path names one; None for a hub id. A path
+    that is not a model directory is refused here, for every command that locates a model (train, plan, ...)."""
     from ft_cli.builtin_models import is_builtin, resolve_builtin
 
     name = model.name_or_path
     if is_builtin(name):
-        return str(resolve_builtin(name))
+        return Path(resolve_builtin(name)), "built-in"
     path = Path(name).expanduser()
     if path.is_dir():
         if not (path / "config.json").is_file():
             raise UserError(f"model.name_or_path: {path} is a directory but has no config.json (not a model directory)")
-        _check_model_config(path / "config.json", model)
-        return str(path)
+        return path, "local directory"
     if path.exists() or name.startswith(("/", "./", "../", "~")):
         raise UserError(f"model.name_or_path: local model directory not found: {path}")
-    cached = check_hub_reachable(name, model.revision)
-    if cached is not None:
-        _check_model_config(Path(cached), model)
-    return name
+    return None
 
 
 def remote_code_refused(path: str) -> UserError:

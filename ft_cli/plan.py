@@ -224,7 +224,7 @@ def count_params(config: Any, recipe: Recipe) -> ParamCounts:
     base_ids = {id(p) for p in base}
     counts = ParamCounts(total=sum(p.numel() for p in base), quantizable=quantizable, quantizable_rows=rows,
                          base_bytes=sum(p.numel() * p.element_size() for p in base))
-    # As validate.count_trainable: apply the method without quantization (bitsandbytes cannot run on meta).
+    # validate.count_trainable counts with this too. Apply the method without quantization (bitsandbytes cannot run on meta).
     meta_recipe = recipe.model_copy(update={"quantization": None}, deep=True)
     try:
         model = apply_method(model, meta_recipe)

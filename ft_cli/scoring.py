@@ -9,17 +9,17 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from ft_cli.data.encode import IGNORE_INDEX
 from ft_cli.errors import UserError
 
 if TYPE_CHECKING:
     from ft_cli.recipe import Recipe
 
-IGNORE = -100
 
 
 def count_targets(batch: dict[str, Any]) -> int:
     """Tokens that carry loss: a label at position t is predicted from position t-1, so position 0 never is."""
-    return int((batch["labels"][:, 1:] != IGNORE).sum())
+    return int((batch["labels"][:, 1:] != IGNORE_INDEX).sum())
 
 
 def real_tokens(batch: dict[str, Any]) -> int:

@@ -108,6 +108,7 @@ def _setup_locked(recipe: Recipe, recipe_path: Path, run: RunDir, accelerator: A
     from accelerate.utils import set_seed
 
     from ft_cli.batches import MicroBatches
+    from ft_cli.batches import total_steps as count_steps
     from ft_cli.data.audit import data_notes
     from ft_cli.data.pipeline import build_datasets, make_collator
     from ft_cli.model import build_model, compile_blocks, load_tokenizer
@@ -124,7 +125,7 @@ def _setup_locked(recipe: Recipe, recipe_path: Path, run: RunDir, accelerator: A
     t = recipe.train
     batches = MicroBatches(len(data.train), t.micro_batch_size, world_size=accelerator.num_processes,
                            rank=accelerator.process_index, seed=t.seed, shuffle=recipe.data.shuffle)
-    total_steps = t.max_steps or max(1, math.ceil(t.epochs * batches.per_epoch / t.grad_accum))
+    total_steps = count_steps(t.max_steps, t.epochs, batches.per_epoch, t.grad_accum)
     sized = _check_disk_space(recipe, run, total_steps)
     set_seed(recipe.train.seed)  # data building must not shift the model's initial weights
     built = build_model(recipe, device=accelerator.device)

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import math
 import os
 from pathlib import Path
 
@@ -43,6 +42,7 @@ def _validate(recipe: Recipe, recipe_path: Path, *, show: int, check_data: bool)
         console.print(derived)
         return recipe
 
+    from ft_cli.batches import micro_batches_per_epoch, total_steps
     from ft_cli.data.audit import print_data_report
     from ft_cli.data.pipeline import build_datasets
     from ft_cli.model import load_tokenizer, resolve_model_path
@@ -50,8 +50,8 @@ def _validate(recipe: Recipe, recipe_path: Path, *, show: int, check_data: bool)
     path = resolve_model_path(recipe.model)
     tokenizer = load_tokenizer(recipe, path)
     bundle = build_datasets(recipe, tokenizer)
-    per_epoch = math.ceil(len(bundle.train) / (t.micro_batch_size * world))
-    steps = t.max_steps or max(1, math.ceil(t.epochs * per_epoch / t.grad_accum))
+    per_epoch = micro_batches_per_epoch(len(bundle.train), t.micro_batch_size, world)
+    steps = total_steps(t.max_steps, t.epochs, per_epoch, t.grad_accum)
     derived.add_row("optimizer steps", f"{steps}" + ("" if t.max_steps else f" ({t.epochs:g} epochs x "
                                                                          f"{per_epoch} micro-batches / {t.grad_accum})"))
     trainable, total = count_trainable(recipe, path)
@@ -74,18 +74,13 @@ def precision_summary(recipe: Recipe) -> str:
 
 
 def count_trainable(recipe: Recipe, path: str) -> tuple[int, int]:
-    """Trainable/total parameters from the config alone: the model is built on the meta device (no weights)."""
-    import torch
-    from transformers import AutoConfig, AutoModelForCausalLM
+    """Trainable/total parameters from the config alone, counted as ft plan counts them (on the meta device)."""
+    from transformers import AutoConfig
 
-    from ft_cli.methods.apply import apply_method
-    from ft_cli.model import count_parameters
+    from ft_cli.plan import count_params
 
     config = AutoConfig.from_pretrained(path, trust_remote_code=recipe.model.trust_remote_code,
                                         revision=recipe.model.revision)
-    with torch.device("meta"):
-        model = AutoModelForCausalLM.from_config(config, trust_remote_code=recipe.model.trust_remote_code)
-    meta_recipe = recipe.model_copy(update={"quantization": None}, deep=True)
-    model = apply_method(model, meta_recipe)
-    return count_parameters(model)
+    counts = count_params(config, recipe)
+    return sum(n for n, _ in counts.trainable), counts.total + counts.added
 

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from ft_cli.data.encode import IGNORE
+from ft_cli.data.encode import IGNORE_INDEX
 from ft_cli.data.pipeline import DataBundle, DataStats
 
 TRAINED_STYLE, MASKED_STYLE = "green", "dim"
@@ -47,7 +47,7 @@ def print_data_report(bundle: DataBundle, tokenizer: Any, console: Any, show: in
             console.print(f"first {show} training examples ([{TRAINED_STYLE}]trained tokens[/], "
                           f"[{MASKED_STYLE}]masked tokens[/]):")
         for i, (ids, labels) in enumerate(iter_examples(bundle.train, show)):
-            console.rule(f"example {i} ({len(ids)} tokens, {sum(x != IGNORE for x in labels)} trained)")
+            console.rule(f"example {i} ({len(ids)} tokens, {sum(x != IGNORE_INDEX for x in labels)} trained)")
             console.print(highlight_tokens(tokenizer, ids, labels, markers=markers))
 
 
@@ -127,9 +127,9 @@ def highlight_tokens(tokenizer: Any, ids: list[int], labels: list[int], *, marke
     text = Text()
     start = 0
     for i in range(1, len(ids) + 1):
-        if i == len(ids) or (labels[i] != IGNORE) != (labels[start] != IGNORE):
+        if i == len(ids) or (labels[i] != IGNORE_INDEX) != (labels[start] != IGNORE_INDEX):
             piece = tokenizer.decode(ids[start:i], skip_special_tokens=False)
-            trained = labels[start] != IGNORE
+            trained = labels[start] != IGNORE_INDEX
             if trained and markers:
                 piece = f"{TRAINED_OPEN}{piece}{TRAINED_CLOSE}"
             text.append(piece, style=TRAINED_STYLE if trained else MASKED_STYLE)

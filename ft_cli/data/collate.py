@@ -16,7 +16,7 @@ from typing import Any
 
 import torch
 
-IGNORE = -100
+from ft_cli.data.encode import IGNORE_INDEX
 
 
 def make_collator(tokenizer: Any, *, packed: bool,
@@ -34,7 +34,7 @@ def make_collator(tokenizer: Any, *, packed: bool,
     def collate_padded(rows: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
         n = width(rows)
         input_ids = torch.full((len(rows), n), pad_id, dtype=torch.long)
-        labels = torch.full((len(rows), n), IGNORE, dtype=torch.long)
+        labels = torch.full((len(rows), n), IGNORE_INDEX, dtype=torch.long)
         attention_mask = torch.zeros((len(rows), n), dtype=torch.long)
         for i, r in enumerate(rows):
             k = len(r["input_ids"])
@@ -46,7 +46,7 @@ def make_collator(tokenizer: Any, *, packed: bool,
     def collate_packed(rows: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
         n = width(rows)
         input_ids = torch.full((len(rows), n), pad_id, dtype=torch.long)
-        labels = torch.full((len(rows), n), IGNORE, dtype=torch.long)
+        labels = torch.full((len(rows), n), IGNORE_INDEX, dtype=torch.long)
         position_ids = torch.arange(n, dtype=torch.long).repeat(len(rows), 1)
         real = 0
         for i, r in enumerate(rows):

@@ -21,7 +21,7 @@ from ft_cli.data.formats import Example
 from ft_cli.data.render import ChatRenderer
 from ft_cli.errors import UserError
 
-IGNORE = -100
+IGNORE_INDEX = -100  # the label of a token that carries no loss (torch's cross_entropy ignore_index); ft's one copy
 CHUNK = 1024  # examples per tokenizer call: big enough for the tokenizer's threads, small enough for memory
 
 
@@ -55,7 +55,7 @@ class Encoded:
 
     @property
     def trained_tokens(self) -> int:
-        return int((self.labels != IGNORE).sum())
+        return int((self.labels != IGNORE_INDEX).sum())
 
 
 def adds_bos(tokenizer: Any) -> bool:
@@ -203,7 +203,7 @@ class _Labeler:
                 if train_all:
                     labels = list(ids)
                 else:
-                    labels = [IGNORE] * len(ids)
+                    labels = [IGNORE_INDEX] * len(ids)
                     for a, b in ranges:
                         labels[a:b] = ids[a:b]
             truncated = len(ids) > L
@@ -212,8 +212,8 @@ class _Labeler:
                     out.dropped_too_long += 1
                     continue
                 ids, labels = ids[:L], labels[:L]
-            labels[0] = IGNORE
-            if labels.count(IGNORE) == len(labels):
+            labels[0] = IGNORE_INDEX
+            if labels.count(IGNORE_INDEX) == len(labels):
                 if truncated:
                     out.dropped_too_long += 1
                 else:
@@ -239,7 +239,7 @@ class _Labeler:
             if start and len(ids) - start == 1:  # only without overlap: a lone last token nothing would predict
                 start -= 1
             piece = ids[start:start + L]
-            labels = [IGNORE] * context + piece[context:]
+            labels = [IGNORE_INDEX] * context + piece[context:]
             chunk_ids += piece
             chunk_labels += labels
             self.lengths.append(len(piece))

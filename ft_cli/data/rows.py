@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from ft_cli.data.encode import IGNORE
+from ft_cli.data.encode import IGNORE_INDEX
 from ft_cli.data.packing import packing_efficiency
 
 if TYPE_CHECKING:
@@ -110,7 +110,7 @@ def stats_of_rows(ds: Any, max_seq_len: int, sources: list[dict[str, Any]]) -> D
     packed = pos is not None
     return DataStats(
         rows_in=len(lengths), rows=len(lengths), dropped_empty=0, dropped_too_long=0, truncated=0,
-        tokens=int(lengths.sum()), trained_tokens=int((labels != IGNORE).sum()),
+        tokens=int(lengths.sum()), trained_tokens=int((labels != IGNORE_INDEX).sum()),
         packed_rows=len(row_lengths) if packed else None,
         packing_efficiency=packing_efficiency(lengths, len(row_lengths), max_seq_len) if packed else None,
         max_seq_len=max_seq_len, mean_length=float(lengths.mean()) if len(lengths) else 0.0,

@@ -130,11 +130,13 @@ def llama_cpp_loss(model: Any, rows: Any) -> dict[str, Any]:
     """Token-weighted cross-entropy over trained tokens, as ft_cli.evaluate.score computes it."""
     import torch
 
+    from ft_cli.data.encode import IGNORE_INDEX
+
     total, count = 0.0, 0
     for ids, labels in zip(rows["input_ids"], rows["labels"], strict=True):
         logits = torch.from_numpy(model.logits(list(ids))).double()
         targets = torch.tensor(labels[1:])
-        keep = targets != -100
+        keep = targets != IGNORE_INDEX
         if keep.any():
             total += float(torch.nn.functional.cross_entropy(logits[:-1][keep], targets[keep], reduction="sum"))
             count += int(keep.sum())
