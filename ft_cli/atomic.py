@@ -153,6 +153,21 @@ def swap_in(tmp: Path, target: Path) -> None:
         remove_path(old)
 
 
+def publish_once(tmp: Path, target: Path, complete: Callable[[Path], bool] = Path.exists) -> bool:
+    """Rename the finished directory `tmp` to `target` unless a complete `target` is there already: for caches,
+    where another process may publish an identical entry first (theirs is kept). True when `tmp` went in."""
+    if complete(target):
+        return False
+    try:
+        os.rename(tmp, target)  # fails when target exists and is not empty: someone else published first
+    except OSError:
+        if not complete(target):
+            raise
+        return False
+    fsync_dir(target.parent)
+    return True
+
+
 def discard(path: Path) -> None:
     """Remove a directory so that it is gone at once: renamed to a temporary name first, then deleted (a kill
     during the deletion leaves debris that remove_debris recognises, not a directory missing half its files)."""

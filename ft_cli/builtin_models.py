@@ -29,6 +29,7 @@ from importlib import metadata, resources
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from ft_cli.atomic import publish_once
 from ft_cli.errors import UserError
 
 if TYPE_CHECKING:
@@ -208,12 +209,8 @@ def _ensure_built(spec: BuiltinSpec, root: Path, chat: ChatProfile | None = None
         if target.exists() and not (target / _COMPLETE_MARKER).is_file():
             # Left half-made by something other than this function (renames are atomic): replace it.
             shutil.rmtree(target, ignore_errors=True)
-        try:
-            os.rename(tmp, target)
-        except OSError:
-            # Another process renamed its (identical) build into place first: use theirs.
-            if not (target / _COMPLETE_MARKER).is_file():
-                raise
+        # Another process may rename its (identical) build into place first: then theirs is used.
+        publish_once(tmp, target, complete=lambda t: (t / _COMPLETE_MARKER).is_file())
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return target

@@ -197,9 +197,9 @@ def _main(args: argparse.Namespace) -> None:
 
 
 def _write_json(path: Path, report: dict[str, Any]) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(report, indent=2) + "\n")
-    os.replace(tmp, path)
+    from ft_cli.atomic import write_text_atomic
+
+    write_text_atomic(path, json.dumps(report, indent=2) + "\n")
 
 
 def _command_line() -> str:

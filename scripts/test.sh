@@ -9,4 +9,5 @@ bash scripts/_setup_export.sh
 export HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 TRANSFORMERS_OFFLINE=1 TOKENIZERS_PARALLELISM=false
 # Keep the user's caches clean: tests build their tiny models and data caches in a throwaway directory.
 export FT_CACHE_DIR="${FT_CACHE_DIR:-$(mktemp -d)}"
-exec .venv/bin/python -m pytest "$@"
+# --durations=15: the slowest tests, every run, so a test that grows slow is seen.
+exec .venv/bin/python -m pytest --durations=15 "$@"

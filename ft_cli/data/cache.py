@@ -102,7 +102,7 @@ def load_entry(key: str) -> tuple[Any, dict[str, Any]] | None:
 def save_entry(key: str, dataset_dict: Any, meta: dict[str, Any]) -> None:
     """Write an entry under a temporary name, with ft's manifest (so that only entries ft wrote are ever deleted,
     ft_cli.run_dir.remove_output_dir(path, kind="cache")), and rename it into place."""
-    from ft_cli.atomic import finish_tree, remove_debris, tmp_path
+    from ft_cli.atomic import finish_tree, publish_once, remove_debris, tmp_path
     from ft_cli.run_dir import write_marker
 
     root = cache_root()
@@ -116,9 +116,7 @@ def save_entry(key: str, dataset_dict: Any, meta: dict[str, Any]) -> None:
         (tmp / "meta.json").write_text(json.dumps(meta))
         write_marker(tmp, "cache")
         finish_tree(tmp)
-        if final.exists():  # another process finished first; its entry is just as good
-            return
-        os.rename(tmp, final)
+        publish_once(tmp, final)  # another process may have finished first; its entry is just as good
     except OSError:
         if not final.exists():
             raise

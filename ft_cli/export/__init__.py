@@ -20,12 +20,12 @@
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import tempfile
 from pathlib import Path
 from typing import Any
 
+from ft_cli.atomic import finish_tree, swap_in
 from ft_cli.errors import CheckFailed, UserError
 from ft_cli.export.formats import FORMATS, INSTALL_HINT, ExportFormat, get_format, parse_percent
 from ft_cli.export.load import load_export
@@ -88,7 +88,8 @@ def export_run(run_dir: Path, out: Path, fmt_name: str, *, max_ppl_increase: str
         export_dir = tmp / "export"
         report["files"] = sorted(p.name for p in export_dir.iterdir()) + [MARKER]
         (export_dir / MARKER).write_text(json.dumps(report, indent=2, default=str) + "\n")
-        _replace_dir(export_dir, out)
+        finish_tree(export_dir)
+        swap_in(export_dir, out)  # an earlier export (checked by check_output_dir) goes once the new one is in
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     forced = "" if quality["ok"] else ", quality check FAILED, written because of --force"
@@ -126,21 +127,6 @@ def _export_files(out: Path) -> set[str] | None:
         return None
     files = data.get("files") if isinstance(data, dict) and data.get("tool") == "ft export" else None
     return set(files) if isinstance(files, list) and all(isinstance(f, str) for f in files) else None
-
-
-def _replace_dir(new: Path, out: Path) -> None:
-    """Move the finished export into place; an earlier one (checked by check_output_dir) goes only once the new
-    one is complete."""
-    old = None
-    if out.exists():
-        if any(out.iterdir()):
-            old = out.with_name(f".{out.name}.ft-export-old-{os.getpid()}")
-            os.replace(out, old)
-        else:
-            out.rmdir()
-    os.replace(new, out)
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
 
 
 # Before anything loads ---------------------------------------------------------------------------------------------

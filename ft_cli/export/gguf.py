@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import subprocess
 import sys
 import tarfile
@@ -22,6 +21,7 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
+from ft_cli.atomic import write_dir
 from ft_cli.errors import UserError
 
 # The llama-cpp-python release whose vendored converter `install` fetches when the bindings are not installed.
@@ -63,6 +63,23 @@ def converter_version() -> str | None:
         return None
 
 
+def _unpack_converter(sdist: Path, staging: Path, version: str) -> None:
+    """vendor/llama.cpp's converter files from the sdist into `staging` (atomic.write_dir renames it into place)."""
+    with tarfile.open(sdist) as tar:
+        for member in tar.getmembers():
+            parts = member.name.split("/", 3)  # llama_cpp_python-X/vendor/llama.cpp/<rest>
+            if len(parts) < 4 or parts[1:3] != ["vendor", "llama.cpp"]:
+                continue
+            rest = parts[3]
+            if not any(rest == m or rest.startswith(m) for m in _MEMBERS) or not (member.isfile() or member.isdir()):
+                continue
+            member.name = rest
+            tar.extract(member, staging, filter="data")
+    if not (staging / "convert_hf_to_gguf.py").is_file():
+        raise UserError(f"llama-cpp-python=={version}'s source release has no vendor/llama.cpp/convert_hf_to_gguf.py")
+    (staging / "ft_source.json").write_text(json.dumps({"llama-cpp-python": version}) + "\n")
+
+
 def install_converter(version: str | None = None, *, quiet: bool = False) -> Path:
     """Download llama-cpp-python's sdist (pip) and unpack its vendored converter into converter_home()."""
     if version is None:
@@ -78,27 +95,8 @@ def install_converter(version: str | None = None, *, quiet: bool = False) -> Pat
         if done.returncode != 0 or not sdists:
             raise UserError(f"could not download llama-cpp-python=={version}'s source release with pip:\n"
                             f"{done.stderr.strip()[-2000:]}")
-        staging = home.with_name(f".{home.name}.tmp-{os.getpid()}")
-        shutil.rmtree(staging, ignore_errors=True)
-        staging.mkdir(parents=True)
-        with tarfile.open(sdists[0]) as tar:
-            for member in tar.getmembers():
-                parts = member.name.split("/", 3)  # llama_cpp_python-X/vendor/llama.cpp/<rest>
-                if len(parts) < 4 or parts[1:3] != ["vendor", "llama.cpp"]:
-                    continue
-                rest = parts[3]
-                if not any(rest == m or rest.startswith(m) for m in _MEMBERS) or not (member.isfile() or member.isdir()):
-                    continue
-                member.name = rest
-                tar.extract(member, staging, filter="data")
-        if not (staging / "convert_hf_to_gguf.py").is_file():
-            shutil.rmtree(staging, ignore_errors=True)
-            raise UserError(f"llama-cpp-python=={version}'s source release has no vendor/llama.cpp/convert_hf_to_gguf.py")
-        (staging / "ft_source.json").write_text(json.dumps({"llama-cpp-python": version}) + "\n")
-        if home.exists():
-            shutil.rmtree(home)
         home.parent.mkdir(parents=True, exist_ok=True)
-        os.replace(staging, home)
+        write_dir(home, lambda staging: _unpack_converter(sdists[0], staging, version))
     if not quiet:
         print(f"installed llama.cpp's converter from llama-cpp-python {version} into {home}", flush=True)
     return home / "convert_hf_to_gguf.py"

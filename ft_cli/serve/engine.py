@@ -269,6 +269,13 @@ def first_stop(text: str, stops: Sequence[str]) -> int | None:
     return min(found) if found else None
 
 
+def hits_stop_string(tokenizer: Any, ids: Sequence[int], stop_ids: Any, stop: Sequence[str]) -> bool:
+    """Whether the text of the new tokens `ids` (stop tokens left out, as the reply is cut at them) holds a stop
+    string. The one check both stopping criteria use."""
+    new = [t for t in ids if t not in stop_ids]
+    return first_stop(tokenizer.decode(new, skip_special_tokens=True), stop) is not None
+
+
 def _criteria(tokenizer: Any, prompt_len: int, stop_ids: Sequence[int], stop: Sequence[str],
               cancelled: threading.Event | None) -> Any:
     """A StoppingCriteriaList ending decoding when the text holds a stop string or the client went away."""
@@ -281,8 +288,7 @@ def _criteria(tokenizer: Any, prompt_len: int, stop_ids: Sequence[int], stop: Se
         def __call__(self, input_ids: Any, scores: Any, **kwargs: Any) -> Any:
             done = cancelled is not None and cancelled.is_set()
             if stop and not done:
-                new = [t for t in input_ids[0, prompt_len:].tolist() if t not in stop_ids]
-                done = first_stop(tokenizer.decode(new, skip_special_tokens=True), stop) is not None
+                done = hits_stop_string(tokenizer, input_ids[0, prompt_len:].tolist(), stop_ids, stop)
             return torch.full((input_ids.shape[0],), done, dtype=torch.bool, device=input_ids.device)
 
     return StoppingCriteriaList([_Stop()])
@@ -315,8 +321,7 @@ class _RowStop:
                 continue
             done = len(row) >= j.params.max_new_tokens or (j.cancelled is not None and j.cancelled.is_set())
             if j.params.stop and not done:
-                new = [t for t in row if t not in self.stop_ids]
-                done = first_stop(self.tokenizer.decode(new, skip_special_tokens=True), j.params.stop) is not None
+                done = hits_stop_string(self.tokenizer, row, self.stop_ids, j.params.stop)
             if done:
                 self.ended[i] = len(row)
         return torch.tensor([e is not None for e in self.ended], dtype=torch.bool, device=input_ids.device)
