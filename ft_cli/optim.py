@@ -84,7 +84,14 @@ def build_scheduler(optimizer, recipe: Recipe, total_steps: int):
 
 
 class LrSchedule:
-    """Linear warm-up, then cosine / linear decay to 0 or constant. A class (not a closure) so it pickles."""
+    """Linear warm-up, then cosine / linear decay to 0 or constant. A class (not a closure) so it pickles.
+
+    After the warm-up this is exactly transformers' get_scheduler("cosine" | "linear" | "constant_with_warmup")
+    (tests/test_optim.py compares them step by step). The warm-up differs on purpose: transformers' is
+    step / warmup, so the first optimizer step runs at lr 0 and changes nothing (a step, and its batch, wasted);
+    ft's is (step + 1) / (warmup + 1), which starts at lr / (warmup + 1) and reaches the full lr on the step after
+    the warm-up, as transformers' does. ft also keeps its own class because resuming a longer run re-plans the
+    decay (replan_schedule sets `total`), which transformers' closures do not allow."""
 
     def __init__(self, kind: str, warmup: int, total: int):
         self.kind, self.warmup, self.total = kind, warmup, max(total, 1)

@@ -254,7 +254,9 @@ class TrainSection(Section):
         "under autocast in model.dtype - accurate, 2x weight memory; false: train the weights in model.dtype directly "
         "(pure bf16; less memory, small updates may be lost). PEFT methods always train float32 adapters."
     )
-    gradient_checkpointing: bool = Field(True, description="Recompute activations in backward to save memory.")
+    gradient_checkpointing: bool = Field(True, description="Recompute activations in backward to save memory. Off "
+                                         "for methods that cannot use it (prefix_tuning: peft passes the prefix as a "
+                                         "KV cache); `ft validate` lists it under derived values.")
     seed: int = Field(42, ge=0, description="Seed for weights init, data order and dropout.")
     eval_every: int | None = Field(100, gt=0, description="Evaluate every N optimizer steps (and at the end).")
     eval_batch_size: int | None = Field(None, gt=0, description="Rows per eval forward; default micro_batch_size.")
@@ -313,6 +315,13 @@ class Recipe(Section):
     _source: str | None = PrivateAttr(None)
     _lines: dict[tuple, int] = PrivateAttr(default_factory=dict)
     _overrides: dict[tuple, str] = PrivateAttr(default_factory=dict)
+    # Values the recipe did not set and ft derived from other fields ("train.gradient_checkpointing" -> why), for
+    # `ft validate` to show: nothing is changed behind the user's back.
+    _derived: dict[str, str] = PrivateAttr(default_factory=dict)
+
+    @property
+    def derived(self) -> dict[str, str]:
+        return dict(self._derived)
 
     def location(self, loc: tuple) -> str | None:
         """`recipe.yaml:12` or `--set train.lr=x` for a field path such as ("train", "lr"); None when unknown."""
@@ -353,6 +362,9 @@ class Recipe(Section):
         if not spec.gradient_checkpointing:
             if "gradient_checkpointing" in self.train.model_fields_set and self.train.gradient_checkpointing:
                 raise _FieldError("train.gradient_checkpointing", spec.why_not["gradient_checkpointing"])
+            if self.train.gradient_checkpointing:  # the default: derived, and said so by ft validate
+                self._derived["train.gradient_checkpointing"] = (
+                    f"false (the default true {spec.why_not['gradient_checkpointing'].split('; ')[0]})")
             self.train.gradient_checkpointing = False
         if self.ia3 is not None and self.ia3.target_modules and self.ia3.feedforward_modules:
             extra = sorted(set(self.ia3.feedforward_modules) - set(self.ia3.target_modules))

@@ -13,14 +13,35 @@ import signal
 import sys
 import time
 from contextlib import nullcontext
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
 from ft_cli.atomic import is_disk_full, write_dir, write_text_atomic
 from ft_cli.errors import CheckFailed, RunInterrupted, UserError
+from ft_cli.manifest import finish_manifest, start_manifest
 from ft_cli.recipe import Recipe, dump_recipe, load_recipe, recipe_errors
-from ft_cli.run_dir import RunDir, check_run_dir, now_iso, prepare_run_dir, remove_run_debris
+from ft_cli.run_dir import RunDir, check_run_dir, prepare_run_dir, remove_run_debris
+
+
+@dataclass
+class TrainState:
+    """What a resume continues with besides weights, optimizer and step: the evaluations' outcome. A checkpoint's
+    state.json stores these keys (as_dict), next to its own bookkeeping; older checkpoints without some of them
+    resume with the defaults."""
+
+    best_eval_loss: float | None = None
+    best_step: int | None = None
+    evals_without_improvement: int = 0  # early-stopping patience used up
+    last_eval_loss: float | None = None
+    last_eval_step: int | None = None
+
+    def as_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_checkpoint(cls, saved: dict[str, Any]) -> TrainState:
+        return cls(**{f.name: saved[f.name] for f in fields(cls) if f.name in saved})
 
 
 @dataclass
@@ -39,7 +60,7 @@ class Session:
     total_steps: int
     start_step: int = 0
     pending_eval: bool = False  # resumed from a checkpoint written just before its step's evaluation
-    state: dict[str, Any] = field(default_factory=dict)  # best_eval_loss, best_step, evals_without_improvement
+    state: TrainState = field(default_factory=TrainState)
     manifest: dict[str, Any] = field(default_factory=dict)
     lock: Any = None  # ft_cli.run_lock.RunLock on the main process: this run's hold on its directory
 
@@ -75,18 +96,10 @@ def _end_process_group() -> None:
 
 def setup(recipe: Recipe, recipe_path: Path, *, resume: bool, overwrite: bool) -> Session:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    from ft_cli.model import check_attn_implementation
-    from ft_cli.model_config import check_context_length
-    from ft_cli.optim import check_optimizer_supported
+    from ft_cli.preflight import preflight
 
     run = RunDir(Path(recipe.output_dir or "runs/run"))
-    accelerator = _accelerator(recipe, run)
-    _check_deepspeed(recipe, accelerator, resume)
-    check_optimizer_supported(recipe, accelerator.device.type)
-    _check_dtype(recipe, accelerator.device.type)
-    _check_kernels(recipe, accelerator.device.type)
-    check_context_length(recipe)
-    check_attn_implementation(recipe, accelerator.device.type)
+    accelerator = preflight(recipe, run, resume=resume)  # accelerator, launch, DeepSpeed, dtype, kernels, trackers
     # Every rank checks the run directory before any rank changes it, so a refusal is raised everywhere; then the
     # main process locks it for the whole run. Nothing else in it changes until tokenizer, data and model have
     # loaded: bad input writes nothing (a directory made only for the lock is removed again).
@@ -154,18 +167,17 @@ def _setup_locked(recipe: Recipe, recipe_path: Path, run: RunDir, accelerator: A
     session = Session(recipe=recipe, recipe_path=recipe_path, run=run, accelerator=accelerator, tokenizer=tokenizer,
                       model=model, optimizer=optimizer, scheduler=scheduler, data=data, collate=collate,
                       batches=batches, total_steps=total_steps, lock=lock)
-    session.state = {"best_eval_loss": None, "best_step": None, "evals_without_improvement": 0,
-                     "last_eval_loss": None, "last_eval_step": None}
     if resume_from is not None:
         from ft_cli.checkpoint import load_checkpoint
 
         state = load_checkpoint(resume_from, model=model, optimizer=optimizer, scheduler=scheduler,
                                 accelerator=accelerator)
         session.start_step = int(state["step"])
-        session.state.update({k: state[k] for k in session.state if k in state})
+        session.state = TrainState.from_checkpoint(state)
         session.pending_eval = bool(state.get("evaluation_due")) and data.eval is not None
         _report_schedule(session, planned=replan_schedule(scheduler, total_steps))
-    session.manifest = _start_manifest(session, built, resumed=resume_from is not None)
+    session.manifest = start_manifest(run, recipe, built, data, accelerator, start_step=session.start_step,
+                                      total_steps=total_steps, resumed=resume_from is not None)
     if accelerator.is_main_process:
         write_text_atomic(run.recipe, dump_recipe(recipe))
         run.write_manifest(session.manifest)
@@ -200,7 +212,8 @@ def fit(s: Session) -> Path:
     stop = _StopSignals(announce=main)
     params = [p for p in model.parameters() if p.requires_grad]
     step, stopped_early = s.start_step, False
-    window_tokens, window_t0 = 0, time.perf_counter()
+    window_tokens, window_steps, window_t0 = 0, 0, time.perf_counter()
+    cuda = acc.device.type == "cuda"
     last_eval_step = -1
     model.train()
     try:
@@ -240,6 +253,7 @@ def fit(s: Session) -> Path:
                 s.scheduler.step()
             s.optimizer.zero_grad(set_to_none=True)
             step += 1
+            window_steps += 1
 
             epoch = s.batches.epoch_of(step * t.grad_accum)
             lr = s.scheduler.get_last_lr()[0]
@@ -247,13 +261,16 @@ def fit(s: Session) -> Path:
             if step % t.log_every == 0 or step == s.total_steps:
                 elapsed = time.perf_counter() - window_t0
                 tps = _reduce_sum(acc, window_tokens) / max(elapsed, 1e-9)
-                record = {"step": step, "epoch": round(epoch, 4), "loss": loss, "lr": lr,
-                          "grad_norm": grad_norm, "tokens_per_s": round(tps, 1)}
+                # step_time_s: training seconds per optimizer step over the window (evaluation and saving left out)
+                record = {"step": step, "epoch": round(epoch, 4), "loss": loss, "lr": lr, "grad_norm": grad_norm,
+                          "tokens_per_s": round(tps, 1), "step_time_s": round(elapsed / max(window_steps, 1), 4)}
+                if cuda:  # the most GPU memory this process's tensors have held so far
+                    record["peak_mem_gib"] = round(torch.cuda.max_memory_allocated(acc.device) / 2**30, 3)
                 if metrics:
                     metrics.write(record)
                 acc.log(record, step=step)
                 reporter.update(step, f"loss {loss:.4f} lr {lr:.2e} {tps:,.0f} tok/s", log_line=True)
-                window_tokens, window_t0 = 0, time.perf_counter()
+                window_tokens, window_steps, window_t0 = 0, 0, time.perf_counter()
 
             paused = time.perf_counter()
             saves = bool(t.save_every) and (step % t.save_every == 0 or step == s.total_steps)
@@ -328,22 +345,22 @@ def _evaluate(s: Session, step: int, epoch: float, metrics: Any, reporter: Any) 
     if metrics:
         metrics.write(record)
     acc.log(record, step=step)
-    best = s.state["best_eval_loss"]
-    improved = best is None or eval_loss < best
+    st = s.state
+    improved = st.best_eval_loss is None or eval_loss < st.best_eval_loss
     reporter.message(f"step {step}: eval_loss {eval_loss:.4f}" + (" (best)" if improved else ""))
-    s.state.update(last_eval_loss=eval_loss, last_eval_step=step)
+    st.last_eval_loss, st.last_eval_step = eval_loss, step
     if improved:
-        s.state.update(best_eval_loss=eval_loss, best_step=step, evals_without_improvement=0)
+        st.best_eval_loss, st.best_step, st.evals_without_improvement = eval_loss, step, 0
         _save_trained(s, s.run.best, step=step)
         return False
-    s.state["evals_without_improvement"] += 1
+    st.evals_without_improvement += 1
     patience = t.early_stopping_patience
-    return patience is not None and s.state["evals_without_improvement"] >= patience
+    return patience is not None and st.evals_without_improvement >= patience
 
 
 def _early_stopping(s: Session, step: int) -> str:
     return (f"early stopping at step {step}: eval_loss has not improved for {s.recipe.train.early_stopping_patience} "
-            f"evaluations (best {s.state['best_eval_loss']:.4f} at step {s.state['best_step']})")
+            f"evaluations (best {s.state.best_eval_loss:.4f} at step {s.state.best_step})")
 
 
 def _sanity_eval(s: Session, reporter: Any) -> None:
@@ -371,7 +388,7 @@ def _update_checkpoint_state(s: Session, step: int) -> None:
 
     if s.accelerator.is_main_process:
         path = s.run.checkpoint(step) / STATE_FILE
-        state = {**json.loads(path.read_text()), **s.state, "evaluation_due": False}
+        state = {**json.loads(path.read_text()), **s.state.as_dict(), "evaluation_due": False}
         write_text_atomic(path, json.dumps(state, indent=2) + "\n")
     s.accelerator.wait_for_everyone()
 
@@ -379,7 +396,7 @@ def _update_checkpoint_state(s: Session, step: int) -> None:
 def _checkpoint(s: Session, step: int, evaluation_due: bool = False) -> None:
     from ft_cli.checkpoint import save_checkpoint
 
-    state = {**s.state, "fingerprint": s.recipe.fingerprint_hash(), "evaluation_due": evaluation_due,
+    state = {**s.state.as_dict(), "fingerprint": s.recipe.fingerprint_hash(), "evaluation_due": evaluation_due,
              "recipe_fields": s.recipe.training_fingerprint(), "total_steps": s.total_steps}
     save_checkpoint(s.run, step, model=s.model, optimizer=s.optimizer, scheduler=s.scheduler, state=state,
                     accelerator=s.accelerator, keep_last=s.recipe.train.keep_last)
@@ -389,7 +406,7 @@ def _save_trained(s: Session, out_dir: Path, *, step: int) -> None:
     """Rank 0 writes the adapter (or model) of `step` to `out_dir`, with a model card (README.md), replacing an
     older copy (best/) whole.
     Under FSDP (and DeepSpeed ZeRO-3) every rank holds only shards of each weight, so all ranks first gather whole
-    tensors to rank 0 (a collective) and the savers, which call model.state_dict(), are handed those."""
+    tensors to rank 0 (a collective) and the savers are handed that state dict."""
     from accelerate.utils import DistributedType
 
     from ft_cli.methods.apply import save_trained
@@ -400,17 +417,11 @@ def _save_trained(s: Session, out_dir: Path, *, step: int) -> None:
     sharded = acc.distributed_type in (DistributedType.FSDP, DistributedType.DEEPSPEED)
     full = acc.get_state_dict(s.model) if sharded else None
     if acc.is_main_process:
-        if full is not None:
-            model.state_dict = lambda *args, **kwargs: full  # instance attribute: shadows the method until del
         def write(tmp: Path) -> None:
-            save_trained(model, s.tokenizer, tmp, s.recipe)
-            write_model_card(tmp, s.recipe, s.manifest, s.state, step=step, best=out_dir == s.run.best)
+            save_trained(model, s.tokenizer, tmp, s.recipe, state_dict=full)
+            write_model_card(tmp, s.recipe, s.manifest, s.state.as_dict(), step=step, best=out_dir == s.run.best)
 
-        try:  # built under a temporary name and renamed into place: whole or absent, also on a full disk
-            write_dir(out_dir, write)
-        finally:
-            if full is not None:
-                del model.state_dict
+        write_dir(out_dir, write)  # built under a temporary name and renamed into place: whole or absent
     acc.wait_for_everyone()
 
 
@@ -569,189 +580,16 @@ def _check_disk_space(recipe: Recipe, run: RunDir, total_steps: int, *, model: A
     return True
 
 
-def _accelerator(recipe: Recipe, run: RunDir) -> Any:
-    """accelerate's Accelerator with the recipe's precision, not `accelerate launch --mixed_precision`'s: autocast
-    in model.dtype over float32 master weights (plus a GradScaler for float16) for whole-model mixed precision,
-    none otherwise (PEFT methods compute in model.dtype with float32 adapters)."""
-    from accelerate import Accelerator
-    from accelerate.state import AcceleratorState
-
-    mixed = {"bfloat16": "bf16", "float16": "fp16"}.get(recipe.autocast_dtype or "", "no")
-    state = AcceleratorState._shared_state
-    if state and state.get("_mixed_precision") != mixed:
-        # An earlier run in this process (tests, notebooks) fixed another precision in accelerate's process-wide
-        # state, which refuses a change; the distributed setup (PartialState) is kept.
-        AcceleratorState._reset_state()
-    # dynamo_backend "no": `accelerate launch --dynamo_backend` would wrap the model and rename every weight
-    # `_orig_mod.*` in checkpoints; train.compile compiles the blocks in place instead (ft_cli.model.compile_blocks).
-    accelerator = Accelerator(log_with=_trackers(recipe, run), project_dir=str(run.root), mixed_precision=mixed,
-                              cpu=_cpu_processes(), dynamo_backend="no")
-    if accelerator.is_main_process:
-        for warning in _launch_warnings(accelerator):
-            print(f"warning: {warning}", file=sys.stderr)
-    return accelerator
-
-
-def _cpu_processes() -> bool:
-    """True when launched as several processes (torchrun, `accelerate launch --multi_gpu`) on a machine with no
-    GPU: accelerate then needs cpu=True to set up gloo, or every process silently trains alone."""
-    import torch
-
-    launched = int(os.environ.get("WORLD_SIZE", "1")) > 1 or "LOCAL_RANK" in os.environ
-    return launched and not torch.accelerator.is_available()
-
-
-def _launch_warnings(accelerator: Any) -> list[str]:
-    """Launches that accelerate quietly turns into something else than what was asked for."""
-    from accelerate.utils import DistributedType
-
-    env, warnings = os.environ, []
-    if (accelerator.num_processes == 1 and "MASTER_PORT" in env
-            and env.get("ACCELERATE_USE_CPU", "").lower() in ("1", "true", "yes")):
-        warnings.append("`accelerate launch --cpu` starts one process unless given an MPI hostfile: this run uses 1 "
-                        "process. For several CPU processes: torchrun --nproc_per_node N -m ft_cli.cli train ...")
-    dynamo = env.get("ACCELERATE_DYNAMO_BACKEND", "no")
-    if dynamo.lower() not in ("no", ""):
-        warnings.append(f"accelerate launch --dynamo_backend {dynamo} is ignored (it would rename the saved weights); "
-                        "set train.compile: true in the recipe to compile the model")
-    if env.get("ACCELERATE_USE_FSDP", "").lower() == "true" and accelerator.distributed_type != DistributedType.FSDP:
-        warnings.append(f"FSDP needs GPUs; accelerate runs this as {accelerator.distributed_type.value} (plain data "
-                        "parallel: every process holds the whole model)")
-    return warnings
-
-
-def _check_deepspeed(recipe: Recipe, accelerator: Any, resume: bool) -> None:
-    """Launched with a DeepSpeed config: DeepSpeed steps the optimizer inside each backward and partitions the
-    optimizer state, so ft's own gradient accumulation and resumable checkpoints are refused (FSDP has both), and
-    the micro-batch and clipping it needs are taken from the recipe."""
-    from accelerate.utils import DistributedType
-
-    if accelerator.distributed_type != DistributedType.DEEPSPEED:
-        return
-    t = recipe.train
-    fsdp = "or launch with recipes/accelerate/fsdp.yaml, which supports it"
-    if t.grad_accum != 1:
-        raise UserError(f"train.grad_accum: must be 1 under DeepSpeed (got {t.grad_accum}); raise micro_batch_size, "
-                        f"use more GPUs, {fsdp}")
-    if t.save_every or resume:
-        raise UserError(f"train.save_every: resumable checkpoints are not supported under DeepSpeed yet; set "
-                        f"save_every: null (the final adapter is still written), {fsdp}")
-    config = accelerator.state.deepspeed_plugin.deepspeed_config
-    config["train_micro_batch_size_per_gpu"] = t.micro_batch_size
-    config["gradient_accumulation_steps"] = 1
-    config["gradient_clipping"] = t.max_grad_norm or 0.0
-
-
-def _check_kernels(recipe: Recipe, device_type: str) -> None:
-    """train.compile and train.liger_kernel: refuse, before anything loads or is written, what cannot run here."""
-    import importlib.util
-
-    t = recipe.train
-    if t.liger_kernel:
-        if importlib.util.find_spec("liger_kernel") is None:
-            raise UserError("train.liger_kernel: liger-kernel is not installed; pip install liger-kernel (or set "
-                            "train.liger_kernel: false)")
-        if device_type != "cuda":
-            raise UserError(f"train.liger_kernel: liger-kernel's Triton kernels need a CUDA GPU and this run is on "
-                            f"the {device_type}; set train.liger_kernel: false")
-        try:
-            import liger_kernel.transformers  # noqa: F401
-        except ImportError as exc:  # e.g. a liger-kernel too old or too new for this transformers
-            raise UserError(f"train.liger_kernel: liger-kernel does not load here ({exc}); upgrade liger-kernel or "
-                            "set train.liger_kernel: false") from None
-    if t.compile:
-        from ft_cli.model import compile_problem
-
-        problem = compile_problem(device_type)
-        if problem:
-            raise UserError(f"train.compile: {problem}; or set train.compile: false")
-
-
-def _check_dtype(recipe: Recipe, device_type: str) -> None:
-    import torch
-
-    if device_type == "cuda" and recipe.model.dtype == "bfloat16" and not torch.cuda.is_bf16_supported():
-        raise UserError("model.dtype: bfloat16 is not supported by this GPU; use float16 or float32")
-    if device_type == "cpu" and recipe.model.dtype == "float16":
-        raise UserError("model.dtype: float16 training is not supported on the CPU; use float32 or bfloat16")
-
-
-# logging.trackers entry -> (importable modules, any of which works; the pip extra that installs one)
-_TRACKER_PACKAGES = {"tensorboard": (("tensorboard", "tensorboardX"), "tensorboard"),
-                     "wandb": (("wandb",), "wandb"), "mlflow": (("mlflow",), "mlflow")}
-
-
-def _trackers(recipe: Recipe, run: RunDir) -> list[str] | None:
-    import importlib.util
-
-    trackers = list(recipe.logging.trackers)
-    for name in trackers:  # fail before the model loads, not after the first logged step
-        modules, extra = _TRACKER_PACKAGES[name]
-        if not any(importlib.util.find_spec(m) for m in modules):
-            raise UserError(f"logging.trackers: {name} is not installed; pip install 'ft-cli[{extra}]' "
-                            f"(or pip install {modules[0]}), or remove {name} from logging.trackers")
-    if "wandb" in trackers:
-        os.environ.setdefault("WANDB_MODE", "offline")  # offline-safe unless the user opts in
-        os.environ.setdefault("WANDB_DIR", str(run.root))
-    if "mlflow" in trackers:
-        os.environ.setdefault("MLFLOW_TRACKING_URI", (run.root / "mlruns").resolve().as_uri())
-    return trackers or None
-
-
-def _start_manifest(s: Session, built: Any, *, resumed: bool) -> dict[str, Any]:
-    from ft_cli.manifest import environment_info
-
-    previous = s.run.read_manifest() if resumed else {}
-    return {
-        **previous,
-        "status": "running",
-        "started_at": previous.get("started_at", now_iso()),
-        "resumed_at": now_iso() if resumed else None,
-        "resumed_from_step": s.start_step if resumed else None,
-        # every resume, for ft report to mark on the curves
-        "resumes": previous.get("resumes", []) + ([{"at": now_iso(), "step": s.start_step}] if resumed else []),
-        "recipe_hash": s.recipe.fingerprint_hash(),
-        "seed": s.recipe.train.seed,
-        "method": s.recipe.method,
-        "base_model": s.recipe.model.name_or_path,
-        "base_model_path": built.base_path,
-        "trainable_params": built.trainable_params,
-        "total_params": built.total_params,
-        "total_steps": s.total_steps,
-        "num_processes": s.accelerator.num_processes,
-        "data": {"fingerprint": s.data.fingerprint, "train": s.data.train_stats.to_dict(),
-                 "eval": s.data.eval_stats.to_dict() if s.data.eval_stats else None},
-        "environment": environment_info(str(s.accelerator.device)),
-        "tracker_dirs": _tracker_dirs(s.recipe, s.run),  # written by the trackers: ft's, for --overwrite
-    }
-
-
-def _tracker_dirs(recipe: Recipe, run: RunDir) -> list[str]:
-    """Directories inside the run that logging.trackers write (accelerate's tensorboard writes PROJECT/)."""
-    names = {"tensorboard": recipe.logging.project or run.root.name, "wandb": "wandb", "mlflow": "mlruns"}
-    return sorted({names[t] for t in recipe.logging.trackers if t in names})
-
-
 def _finish_manifest(s: Session, status: str, step: int, error: str | None = None, quiet: bool = False) -> None:
-    """Record how the run ended in run.json; `quiet`: while handling another error, a failure to write it (a full
-    disk) is not raised. A run.json left saying "running" then reads "crashed" once this process has exited."""
-    if not s.accelerator.is_main_process:
-        return
-    s.manifest.update(status=status, finished_at=now_iso(), final_step=step,
-                      best_eval_loss=s.state.get("best_eval_loss"), best_step=s.state.get("best_step"))
-    if error:
-        s.manifest["error"] = error[:2000]
-    try:
-        s.run.write_manifest(s.manifest)
-    except OSError:
-        if not quiet:
-            raise
+    if s.accelerator.is_main_process:
+        finish_manifest(s.run, s.manifest, status, step, best_eval_loss=s.state.best_eval_loss,
+                        best_step=s.state.best_step, error=error, quiet=quiet)
 
 
 def _summary(s: Session, step: int, out_dir: Path) -> str:
     lines = [f"done: {step} steps; {'adapter' if out_dir.name == 'adapter' else 'model'} saved to {out_dir}"]
-    if s.state.get("best_eval_loss") is not None:
-        lines.append(f"best eval_loss {s.state['best_eval_loss']:.4f} at step {s.state['best_step']} "
+    if s.state.best_eval_loss is not None:
+        lines.append(f"best eval_loss {s.state.best_eval_loss:.4f} at step {s.state.best_step} "
                      f"(a copy of that {out_dir.name} is in {s.run.best})")
     lines.append(f"metrics: {s.run.metrics}")
     return "\n".join(lines)

@@ -33,6 +33,8 @@ def _validate(recipe: Recipe, recipe_path: Path, *, show: int, check_data: bool)
                     f"{t.micro_batch_size * t.grad_accum * world} = micro_batch_size {t.micro_batch_size} "
                     f"x grad_accum {t.grad_accum} x processes {world}")
     derived.add_row("precision", precision_summary(recipe))
+    for field_path, why in recipe.derived.items():
+        derived.add_row(field_path, why)
     if recipe.quantized:
         q = recipe.quantization
         assert q is not None

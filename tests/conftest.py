@@ -128,6 +128,53 @@ def data_recipe():
     return make
 
 
+# The recipe factory of the suite ------------------------------------------------------------------------------------
+
+def tiny_recipe(train_file: Path | str | None = None, out: Path | None = None, *,
+                base: dict[str, Any] | None = None, **sections: Any) -> dict[str, Any]:
+    """A recipe (a dict, as recipe.yaml holds it) for builtin:tiny-llama in float32: method lora (rank 8, alpha 16,
+    no dropout; the lora section goes when another method does not use it), alpaca data at `train_file`, no eval
+    split, one log line per step, no eval or checkpoint unless asked, output_dir `out`.
+
+    `base` (a test module's own defaults) and then `sections` (one test's changes) are applied in turn: a dict is
+    merged into its section, anything else replaces the key, None removes it."""
+    from ft_cli.methods.registry import METHODS
+
+    recipe: dict[str, Any] = {
+        "model": {"name_or_path": "builtin:tiny-llama", "dtype": "float32"},
+        "method": "lora",
+        "lora": {"rank": 8, "alpha": 16, "dropout": 0.0},
+        "data": {"train": str(train_file), "format": "alpaca", "val_split": 0.0, "max_seq_len": 128},
+        "train": {"max_steps": 6, "micro_batch_size": 4, "grad_accum": 1, "lr": 1e-2, "warmup_ratio": 0.0,
+                  "eval_every": None, "save_every": None, "log_every": 1},
+    }
+    if train_file is None:
+        del recipe["data"]["train"]
+    if out is not None:
+        recipe["output_dir"] = str(out)
+    lora_given = "lora" in (base or {}) or "lora" in sections
+    for changes in (base or {}, sections):
+        for key, value in changes.items():
+            if value is None:
+                recipe.pop(key, None)
+            elif isinstance(value, dict) and isinstance(recipe.get(key), dict):
+                recipe[key] = {**recipe[key], **value}
+            else:
+                recipe[key] = value
+    spec = METHODS.get(recipe.get("method", "lora"))
+    if not lora_given and spec is not None and spec.section != "lora":
+        recipe.pop("lora", None)
+    return recipe
+
+
+def write_recipe_file(path: Path, recipe: dict[str, Any]) -> Path:
+    import yaml
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(yaml.safe_dump(recipe, sort_keys=False))
+    return path
+
+
 # Several adapters on one base (tests/test_serve.py, tests/test_compose.py) ------------------------------------------
 
 def train_tiny_lora(tmp: Path, name: str, rows: list[dict], seed: int, **sections: Any) -> Path:
@@ -135,29 +182,13 @@ def train_tiny_lora(tmp: Path, name: str, rows: list[dict], seed: int, **section
     override top-level recipe keys (a dict is merged into the section)."""
     import json
 
-    import yaml
-
     from ft_cli.train import train_from_recipe
 
     (tmp / f"{name}.json").write_text(json.dumps(rows))
-    recipe = {
-        "model": {"name_or_path": "builtin:tiny-llama", "dtype": "float32"},
-        "method": "lora",
-        "lora": {"rank": 8, "alpha": 16, "dropout": 0.0},
-        "data": {"train": str(tmp / f"{name}.json"), "format": "alpaca", "val_split": 0.2, "max_seq_len": 128,
-                 "packing": False},
-        "train": {"max_steps": 6, "micro_batch_size": 4, "grad_accum": 1, "lr": 2e-2, "warmup_ratio": 0.0,
-                  "eval_every": None, "save_every": None, "log_every": 1, "seed": seed,
-                  "gradient_checkpointing": False},
-        "output_dir": str(tmp / name),
-    }
-    for key, value in sections.items():
-        if value is None:
-            recipe.pop(key, None)
-        else:
-            recipe[key] = {**recipe[key], **value} if isinstance(recipe.get(key), dict) else value
-    (tmp / f"{name}.yaml").write_text(yaml.safe_dump(recipe))
-    return Path(train_from_recipe(tmp / f"{name}.yaml", [], overwrite=True))
+    recipe = tiny_recipe(tmp / f"{name}.json", tmp / name, base={
+        "data": {"val_split": 0.2, "packing": False},
+        "train": {"lr": 2e-2, "seed": seed, "gradient_checkpointing": False}}, **sections)
+    return Path(train_from_recipe(write_recipe_file(tmp / f"{name}.yaml", recipe), [], overwrite=True))
 
 
 @pytest.fixture(scope="session")

@@ -268,7 +268,7 @@ def _fake_accelerator(kind: str, num_processes: int = 2):
 
 def test_cpu_processes_need_accelerates_cpu_flag(monkeypatch: pytest.MonkeyPatch) -> None:
     """Under torchrun without a GPU, accelerate must be told cpu=True or every process trains alone."""
-    from ft_cli.train import _cpu_processes
+    from ft_cli.preflight import cpu_processes as _cpu_processes
 
     for var in ("WORLD_SIZE", "LOCAL_RANK"):
         monkeypatch.delenv(var, raising=False)
@@ -281,7 +281,7 @@ def test_cpu_processes_need_accelerates_cpu_flag(monkeypatch: pytest.MonkeyPatch
 
 
 def test_launches_accelerate_changes_are_warned(monkeypatch: pytest.MonkeyPatch) -> None:
-    from ft_cli.train import _launch_warnings
+    from ft_cli.preflight import launch_warnings as _launch_warnings
 
     monkeypatch.setenv("ACCELERATE_USE_CPU", "True")
     monkeypatch.setenv("MASTER_PORT", "29500")
@@ -299,8 +299,8 @@ def test_launches_accelerate_changes_are_warned(monkeypatch: pytest.MonkeyPatch)
 
 def test_deepspeed_limits_are_user_errors(alpaca_file: Path, tmp_path: Path) -> None:
     from ft_cli.errors import UserError
+    from ft_cli.preflight import check_deepspeed as _check_deepspeed
     from ft_cli.recipe import load_recipe
-    from ft_cli.train import _check_deepspeed
 
     recipe = load_recipe(write_recipe(tmp_path, alpaca_file, train={"grad_accum": 2}))
     with pytest.raises(UserError, match="train.grad_accum: must be 1 under DeepSpeed"):

@@ -12,10 +12,10 @@ from pathlib import Path
 
 import pytest
 import torch
-import yaml
 from typer.testing import CliRunner
 
 from ft_cli.cli import app
+from tests.conftest import tiny_recipe, write_recipe_file
 
 runner = CliRunner()
 
@@ -26,21 +26,10 @@ def write_rows(path: Path, rows: list[dict]) -> Path:
 
 
 def write_recipe(tmp: Path, data_file: Path, **sections) -> Path:
-    recipe = {
-        "model": {"name_or_path": "builtin:tiny-llama", "dtype": "float32"},
-        "method": "lora",
-        "lora": {"rank": 8, "alpha": 16, "dropout": 0.0},
-        "data": {"train": str(data_file), "format": "alpaca", "val_split": 0.25, "max_seq_len": 128, "packing": False},
-        "train": {"max_steps": 8, "micro_batch_size": 4, "grad_accum": 1, "lr": 1e-2, "warmup_ratio": 0.0,
-                  "eval_every": 4, "save_every": None, "log_every": 1, "seed": 3, "gradient_checkpointing": False},
-        "output_dir": str(tmp / "run"),
-    }
-    for key, value in sections.items():
-        recipe[key] = {**recipe[key], **value} if isinstance(value, dict) and isinstance(recipe.get(key), dict) \
-            else value
-    path = tmp / "recipe.yaml"
-    path.write_text(yaml.safe_dump(recipe))
-    return path
+    recipe = tiny_recipe(data_file, tmp / "run", base={
+        "data": {"val_split": 0.25, "packing": False},
+        "train": {"max_steps": 8, "eval_every": 4, "seed": 3, "gradient_checkpointing": False}}, **sections)
+    return write_recipe_file(tmp / "recipe.yaml", recipe)
 
 
 def train(recipe: Path) -> Path:

@@ -16,9 +16,9 @@ from typing import Any
 
 import pytest
 import torch
-import yaml
 
 from ft_cli.recipe import load_recipe
+from tests.conftest import tiny_recipe, write_recipe_file
 
 WORDS = ["apple", "river", "lamp", "cloud", "stone", "green", "seven", "music"]
 COLOURS = ["red", "blue", "yellow", "purple"]
@@ -52,24 +52,15 @@ def write_rows(path: Path, n: int, offset: int = 0) -> Path:
 
 def write_recipe(tmp: Path, train: Path, eval_file: Path | None, sections: dict[str, Any],
                  train_section: dict[str, Any] | None = None) -> Path:
-    recipe: dict[str, Any] = {
-        "model": {"name_or_path": "builtin:tiny-llama", "dtype": "float32"},
-        "method": "lora",
-        "data": {"train": str(train), "eval": str(eval_file) if eval_file else None, "val_split": 0.0,
-                 "format": "alpaca", "max_seq_len": 64},
-        "train": {"max_steps": 5, "micro_batch_size": 4, "grad_accum": 1, "lr": 1e-2, "warmup_ratio": 0.0,
-                  "eval_every": 1 if eval_file else None, "save_every": None, "log_every": 1, "seed": 5,
-                  **(train_section or {})},
-        "output_dir": str(tmp / "run"),
-    }
-    if sections.get("method", "lora") in ("lora", "qlora", "dora"):
-        recipe["lora"] = {"rank": 4, "alpha": 8, "dropout": 0.1}
-    for key, value in sections.items():
-        recipe[key] = {**recipe[key], **value} if isinstance(recipe.get(key), dict) else value
-    tmp.mkdir(parents=True, exist_ok=True)
-    path = tmp / "recipe.yaml"
-    path.write_text(yaml.safe_dump(recipe))
-    return path
+    recipe = tiny_recipe(train, tmp / "run", base={
+        "lora": {"rank": 4, "alpha": 8, "dropout": 0.1} if sections.get("method", "lora") in LORA else None,
+        "data": {"eval": str(eval_file) if eval_file else None, "max_seq_len": 64},
+        "train": {"max_steps": 5, "eval_every": 1 if eval_file else None, "seed": 5, **(train_section or {})}},
+        **sections)
+    return write_recipe_file(tmp / "recipe.yaml", recipe)
+
+
+LORA = ("lora", "qlora", "dora")
 
 
 @dataclass

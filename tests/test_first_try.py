@@ -17,6 +17,7 @@ from typer.testing import CliRunner
 
 from ft_cli.cli import app
 from ft_cli.errors import UserError
+from tests.conftest import tiny_recipe as make_recipe
 
 runner = CliRunner()
 ROOT = Path(__file__).resolve().parents[1]
@@ -27,12 +28,11 @@ def write_recipe(path: Path, data: dict) -> Path:
     return path
 
 
-def tiny_recipe(tmp_path: Path, data: Path, **sections) -> dict:
-    return {"model": {"name_or_path": "builtin:tiny-llama", "dtype": "float32"}, "method": "lora",
-            "lora": {"rank": 4, "alpha": 8, "dropout": 0.0},
-            "data": {"train": str(data), "max_seq_len": 128, "val_split": 0.1},
-            "train": {"max_steps": 3, "micro_batch_size": 2, "grad_accum": 1, "lr": 1e-2, "warmup_ratio": 0.0,
-                      "eval_every": 100, "save_every": 100, "log_every": 1}, **sections}
+def tiny_recipe(tmp_path: Path, data: Path) -> dict:
+    recipe = make_recipe(data, lora={"rank": 4, "alpha": 8}, data={"val_split": 0.1},
+                         train={"max_steps": 3, "micro_batch_size": 2, "eval_every": 100, "save_every": 100})
+    del recipe["data"]["format"]  # found from the records
+    return recipe
 
 
 @pytest.fixture
@@ -177,9 +177,13 @@ def test_tokens_per_s_counts_training_time_only(tmp_path: Path, alpaca_small: Pa
     result = runner.invoke(app, ["train", str(write_recipe(tmp_path / "r.yaml", recipe)), "--output-dir",
                                  str(tmp_path / "run")])
     assert result.exit_code == 0, result.output
-    tps = [json.loads(ln)["tokens_per_s"] for ln in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()
-           if "tokens_per_s" in ln]
+    lines = [json.loads(ln) for ln in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()
+             if "tokens_per_s" in ln]
+    tps = [ln["tokens_per_s"] for ln in lines]
     assert len(tps) == 2 and min(tps) > 10, tps  # with the 1000 s inside, it would be ~0.1 tokens/s
+    step_time = [ln["step_time_s"] for ln in lines]  # likewise: seconds per step of training, not 500+
+    assert all(0 < t < 100 for t in step_time), step_time
+    assert all("peak_mem_gib" not in ln for ln in lines)  # CUDA only
 
 
 def test_tokenizing_big_data_shows_progress(tmp_path: Path, data_tokenizer, data_recipe,

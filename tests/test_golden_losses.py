@@ -18,7 +18,8 @@ import os
 from pathlib import Path
 
 import pytest
-import yaml
+
+from tests.conftest import tiny_recipe, write_recipe_file
 
 GOLDEN = {
     "lora": [8.091439247131348, 7.464615821838379, 7.397298336029053, 7.035550117492676, 6.7712626457214355,
@@ -31,19 +32,10 @@ GOLDEN = {
 
 
 def _recipe(method: str, data: Path, out: Path) -> dict:
-    recipe = {
-        "model": {"name_or_path": "builtin:tiny-llama", "dtype": "float32"},
-        "method": method,
-        "data": {"train": str(data), "format": "alpaca", "val_split": 0.0, "max_seq_len": 128, "packing": False,
-                 "limit": 80, "cache": False},
-        "train": {"max_steps": 10, "micro_batch_size": 4, "grad_accum": 2, "lr": 1e-3 if method == "full" else 1e-2,
-                  "warmup_ratio": 0.0, "eval_every": None, "save_every": None, "log_every": 1, "seed": 7,
-                  "gradient_checkpointing": False},
-        "output_dir": str(out),
-    }
-    if method != "full":
-        recipe["lora"] = {"rank": 8, "alpha": 16, "dropout": 0.0}
-    return recipe
+    return tiny_recipe(data, out, method=method,
+                       data={"packing": False, "limit": 80, "cache": False},
+                       train={"max_steps": 10, "grad_accum": 2, "lr": 1e-3 if method == "full" else 1e-2, "seed": 7,
+                              "gradient_checkpointing": False})
 
 
 def _losses(run: Path) -> list[float]:
@@ -64,8 +56,7 @@ def test_first_ten_qlora_losses_are_pinned_on_both_bnb_cpu_paths(bnb_cpu_path: b
 def _check(method: str, tmp_path: Path, alpaca_file: Path) -> None:
     from ft_cli.train import train_from_recipe
 
-    path = tmp_path / "recipe.yaml"
-    path.write_text(yaml.safe_dump(_recipe(method, alpaca_file, tmp_path / "run")))
+    path = write_recipe_file(tmp_path / "recipe.yaml", _recipe(method, alpaca_file, tmp_path / "run"))
     run = Path(train_from_recipe(path, [], overwrite=True))
     losses = _losses(run)
     if os.environ.get("FT_PRINT_GOLDEN"):

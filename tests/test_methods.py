@@ -12,12 +12,12 @@ from typing import Any
 
 import pytest
 import torch
-import yaml
 from safetensors import safe_open
 
 from ft_cli.errors import UserError
 from ft_cli.methods.apply import apply_method
 from ft_cli.recipe import load_recipe, recipe_from_dict
+from tests.conftest import tiny_recipe, write_recipe_file
 
 # name: (recipe sections, lr, regex every trainable parameter name matches)
 RUNS: dict[str, tuple[dict[str, Any], float, str]] = {
@@ -66,21 +66,10 @@ def write_data(path: Path, n: int = 32) -> Path:
 
 
 def write_recipe(tmp: Path, data: Path, lr: float, **sections: Any) -> Path:
-    recipe: dict[str, Any] = {
-        "model": {"name_or_path": "builtin:tiny-llama", "dtype": "float32"},
-        "method": "lora",
-        "data": {"train": str(data), "format": "alpaca", "val_split": 0.0, "max_seq_len": 64},
-        "train": {"max_steps": 15, "micro_batch_size": 4, "grad_accum": 1, "lr": lr, "warmup_ratio": 0.0,
-                  "scheduler": "constant", "eval_every": None, "save_every": None, "log_every": 1, "seed": 3},
-        "output_dir": str(tmp / "run"),
-    }
-    if sections.get("method", "lora") in ("lora", "qlora", "dora"):
-        recipe["lora"] = {"rank": 8, "alpha": 16, "dropout": 0.0}
-    for key, value in sections.items():
-        recipe[key] = {**recipe[key], **value} if isinstance(recipe.get(key), dict) else value
-    path = tmp / "recipe.yaml"
-    path.write_text(yaml.safe_dump(recipe))
-    return path
+    recipe = tiny_recipe(data, tmp / "run", base={
+        "data": {"max_seq_len": 64},
+        "train": {"max_steps": 15, "lr": lr, "scheduler": "constant", "seed": 3}}, **sections)
+    return write_recipe_file(tmp / "recipe.yaml", recipe)
 
 
 @dataclass

@@ -10,7 +10,6 @@ from typing import Any
 
 import pytest
 import torch
-import yaml
 from typer.testing import CliRunner
 
 from ft_cli.cli import app
@@ -18,6 +17,7 @@ from ft_cli.errors import UserError
 from ft_cli.methods.apply import apply_method
 from ft_cli.optim import LrSchedule, check_optimizer_supported, param_groups
 from ft_cli.recipe import load_recipe, recipe_from_dict
+from tests.conftest import tiny_recipe, write_recipe_file
 
 
 def recipe(**sections: Any) -> Any:
@@ -103,6 +103,23 @@ def test_lr_schedule_warms_up_then_decays() -> None:
     assert constant(9) == 1.0
 
 
+@pytest.mark.parametrize(("kind", "hf_name"), [("cosine", "cosine"), ("linear", "linear"),
+                                              ("constant", "constant_with_warmup")])
+def test_lr_schedule_is_transformers_after_the_warm_up_and_pinned_during_it(kind: str, hf_name: str) -> None:
+    """ft's schedule is transformers' get_scheduler except in the warm-up, on purpose (LrSchedule's docstring):
+    transformers starts at lr 0 (step / warmup), ft at lr / (warmup + 1) ((step + 1) / (warmup + 1))."""
+    from transformers import get_scheduler
+
+    warmup, total = 4, 20
+    opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
+    hf = get_scheduler(hf_name, opt, num_warmup_steps=warmup, num_training_steps=total)
+    hf_factors = [fn(step) for fn in hf.lr_lambdas for step in range(total + 1)]
+    ours = LrSchedule(kind, warmup=warmup, total=total)
+    assert [ours(step) for step in range(warmup, total + 1)] == pytest.approx(hf_factors[warmup:], abs=1e-12)
+    assert [ours(step) for step in range(warmup)] == pytest.approx([0.2, 0.4, 0.6, 0.8])  # pinned: ft's warm-up
+    assert hf_factors[:warmup] == pytest.approx([0.0, 0.25, 0.5, 0.75])  # transformers' (first step at lr 0)
+
+
 def test_paged_optimizer_needs_cuda_8bit_runs_anywhere() -> None:
     paged = recipe(train={"optimizer": "paged_adamw_8bit"})
     with pytest.raises(UserError, match="paged_adamw_8bit .* needs a CUDA GPU .* use adamw_8bit or adamw_torch"):
@@ -117,17 +134,9 @@ def write_recipe(tmp: Path, **train: Any) -> Path:
     rows = [{"instruction": f"Name colour number {i % 4}.", "output": ["red", "blue", "yellow", "purple"][i % 4]}
             for i in range(32)]
     (tmp / "train.json").write_text(json.dumps(rows))
-    data = {
-        "model": {"name_or_path": "builtin:tiny-llama", "dtype": "float32"},
-        "method": "full",
-        "data": {"train": str(tmp / "train.json"), "format": "alpaca", "val_split": 0.0, "max_seq_len": 64},
-        "train": {"max_steps": 12, "micro_batch_size": 4, "grad_accum": 1, "lr": 1e-3, "warmup_ratio": 0.0,
-                  "eval_every": None, "save_every": None, "log_every": 1, **train},
-        "output_dir": str(tmp / "run"),
-    }
-    path = tmp / "recipe.yaml"
-    path.write_text(yaml.safe_dump(data))
-    return path
+    recipe = tiny_recipe(tmp / "train.json", tmp / "run", method="full", data={"max_seq_len": 64},
+                         train={"max_steps": 12, "lr": 1e-3, **train})
+    return write_recipe_file(tmp / "recipe.yaml", recipe)
 
 
 def test_adamw_8bit_trains_with_8bit_state(tmp_path: Path) -> None:

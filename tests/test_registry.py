@@ -86,3 +86,60 @@ def test_sections_of_other_methods_are_refused():
         for section in SECTIONS - {spec.section}:
             with pytest.raises(UserError, match=f"{section}: is only used by method"):
                 _recipe(name, **{section: {}})
+
+
+class _NoTokenizer:
+    def save_pretrained(self, out) -> None:
+        pass
+
+
+@pytest.mark.parametrize("name", ["lora", "adapter", "full"])  # one method per kind of output (MethodSpec.saves)
+def test_outputs_take_weights_from_an_explicit_state_dict(name, tmp_path):
+    """Under FSDP / ZeRO-3 the model in memory holds shards; training gathers the whole state dict and hands it to
+    save_trained, which must write the weights from it (not from the model) for every kind of output."""
+    import torch
+    from safetensors.torch import load_file
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from ft_cli.methods.apply import apply_method, save_trained
+
+    config = AutoConfig.for_model("llama", hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                                  num_key_value_heads=2, intermediate_size=64, vocab_size=128)
+    torch.manual_seed(0)
+    recipe = _recipe(name, model={"name_or_path": "builtin:tiny-llama", "dtype": "float32"})
+    model = apply_method(AutoModelForCausalLM.from_config(config), recipe)
+    whole = {k: v.detach().clone() + 1.0 for k, v in model.state_dict().items()}  # the "gathered" weights
+    save_trained(model, _NoTokenizer(), tmp_path, recipe, state_dict=dict(whole))  # transformers empties it
+    saved = load_file(str(next(tmp_path.glob("*.safetensors"))))
+    if METHODS[name].peft:
+        from peft import get_peft_model_state_dict
+
+        expected = get_peft_model_state_dict(model, state_dict=whole)
+    else:
+        expected = {k: v for k, v in whole.items() if k in saved}
+    assert saved and set(saved) == set(expected)
+    trained = [k for k, p in model.named_parameters() if p.requires_grad]
+    assert len(saved) >= (len(trained) if name == "adapter" else 1)
+    for key, tensor in saved.items():
+        assert torch.equal(tensor, expected[key]), key
+
+
+def test_a_value_the_method_rules_out_is_derived_and_shown_not_silent(tmp_path):
+    """prefix_tuning cannot use gradient checkpointing: the default (on) becomes off, and `ft validate` says so;
+    asking for it explicitly is an error naming the field."""
+    from typer.testing import CliRunner
+
+    from ft_cli.cli import app
+
+    recipe = _recipe("prefix_tuning")
+    assert recipe.train.gradient_checkpointing is False
+    assert "prefix_tuning" in recipe.derived["train.gradient_checkpointing"]
+    assert _recipe("lora").derived == {}
+    with pytest.raises(UserError, match="train.gradient_checkpointing: does not work with prefix_tuning"):
+        _recipe("prefix_tuning", train={"gradient_checkpointing": True})
+    path = tmp_path / "r.yaml"
+    path.write_text("model: {name_or_path: 'builtin:tiny-llama'}\nmethod: prefix_tuning\ndata: {train: x.jsonl}\n")
+    result = CliRunner().invoke(app, ["validate", str(path), "--no-data"])
+    assert result.exit_code == 0, result.output
+    flat = " ".join(result.output.split())
+    assert "train.gradient_checkpointing" in flat and "prefix_tuning" in flat

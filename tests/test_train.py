@@ -12,29 +12,16 @@ from typer.testing import CliRunner
 
 from ft_cli.cli import app
 from ft_cli.recipe import load_recipe
+from tests.conftest import tiny_recipe, write_recipe_file
 
 runner = CliRunner()
 
 
 def write_recipe(tmp_path: Path, data_file: Path, name: str = "recipe.yaml", **sections) -> Path:
-    recipe = {
-        "model": {"name_or_path": "builtin:tiny-llama", "dtype": "float32"},
-        "method": "lora",
-        "lora": {"rank": 8, "alpha": 16, "dropout": 0.0},
-        "data": {"train": str(data_file), "format": "alpaca", "val_split": 0.2, "max_seq_len": 128},
-        "train": {"max_steps": 12, "micro_batch_size": 4, "grad_accum": 1, "lr": 1e-2, "warmup_ratio": 0.0,
-                  "eval_every": 6, "save_every": 6, "log_every": 1, "seed": 7},
-        "output_dir": str(tmp_path / "run"),
-    }
-    for key, value in sections.items():
-        if isinstance(value, dict) and isinstance(recipe.get(key), dict):
-            recipe[key] = {**recipe[key], **value}
-        else:
-            recipe[key] = value
-    tmp_path.mkdir(parents=True, exist_ok=True)
-    path = tmp_path / name
-    path.write_text(yaml.safe_dump(recipe))
-    return path
+    recipe = tiny_recipe(data_file, tmp_path / "run", base={
+        "data": {"val_split": 0.2}, "train": {"max_steps": 12, "eval_every": 6, "save_every": 6, "seed": 7}},
+        **sections)
+    return write_recipe_file(tmp_path / name, recipe)
 
 
 def metrics(run: Path) -> tuple[list[dict], list[dict]]:
@@ -66,7 +53,7 @@ def test_qlora_loss_falls_and_run_dir_follows_spec(qlora_run: Path) -> None:
     assert last < 0.7 * first, (first, last)
     assert [ln["step"] for ln in eval_lines] == [10, 20, 30]
     assert eval_lines[-1]["eval_loss"] < eval_lines[0]["eval_loss"]
-    for key in ("epoch", "lr", "grad_norm", "tokens_per_s"):
+    for key in ("epoch", "lr", "grad_norm", "tokens_per_s", "step_time_s"):
         assert key in train_lines[0]
     adapter = qlora_run / "adapter"
     assert (adapter / "adapter_config.json").is_file() and (adapter / "adapter_model.safetensors").is_file()

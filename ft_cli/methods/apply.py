@@ -45,25 +45,29 @@ def prepare_quantized(model: Any, recipe: Recipe) -> Any:
     return model
 
 
-def save_trained(model: Any, tokenizer: Any, out_dir: Any, recipe: Recipe) -> None:
+def save_trained(model: Any, tokenizer: Any, out_dir: Any, recipe: Recipe, *,
+                 state_dict: dict[str, Any] | None = None) -> None:
     """Write what a run produced, plus the tokenizer with the chat template training used:
 
     - full, freeze: a whole model in the recipe's dtype (`AutoModelForCausalLM.from_pretrained(out_dir)`);
     - adapter: bottleneck weights + ft_adapter_config.json (`bottleneck.load_bottleneck_adapter(base, out_dir)`);
-    - every other method: a peft adapter (`PeftModel.from_pretrained(base, out_dir)`)."""
+    - every other method: a peft adapter (`PeftModel.from_pretrained(base, out_dir)`).
+
+    `state_dict`: the model's whole state dict when the model in memory holds only shards of it (FSDP, ZeRO-3:
+    gathered by the caller); the weights are taken from it instead of from the model."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     saves = method_spec(recipe.method).saves
     if saves == "model":
         from ft_cli.methods.whole import save_whole_model
 
-        save_whole_model(model, out, recipe)
+        save_whole_model(model, out, recipe, state_dict=state_dict)
     elif saves == "ft_adapter":
         from ft_cli.methods.bottleneck import save_bottleneck_adapter
 
-        save_bottleneck_adapter(model, out, recipe)
-    else:
-        model.save_pretrained(out)
+        save_bottleneck_adapter(model, out, recipe, state_dict=state_dict)
+    else:  # peft keeps the adapter's weights of a whole state dict
+        model.save_pretrained(out, state_dict=state_dict)
     tokenizer.save_pretrained(out)
 
 

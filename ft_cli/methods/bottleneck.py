@@ -95,12 +95,14 @@ def apply_bottleneck(model: Any, recipe: Recipe) -> Any:
     return model
 
 
-def adapter_state(model: Any) -> dict[str, torch.Tensor]:
-    return {name: p.detach().cpu().contiguous() for name, p in model.named_parameters()
-            if f".{ADAPTER_NAME}." in name}
+def adapter_state(model: Any, state_dict: dict[str, Any] | None = None) -> dict[str, torch.Tensor]:
+    """The bottleneck weights, from the model or from its whole `state_dict` (gathered from FSDP shards)."""
+    items = state_dict.items() if state_dict is not None else model.named_parameters()
+    return {name: p.detach().cpu().contiguous() for name, p in items if f".{ADAPTER_NAME}." in name}
 
 
-def save_bottleneck_adapter(model: Any, out: Path, recipe: Recipe) -> None:
+def save_bottleneck_adapter(model: Any, out: Path, recipe: Recipe, *,
+                            state_dict: dict[str, Any] | None = None) -> None:
     from safetensors.torch import save_file
 
     spec = recipe.bottleneck
@@ -125,7 +127,7 @@ def save_bottleneck_adapter(model: Any, out: Path, recipe: Recipe) -> None:
         "num_blocks": len(blocks),
         "hidden_size": model.get_input_embeddings().embedding_dim,
     }
-    save_file(adapter_state(model), str(out / WEIGHTS_FILE), metadata={"format": "pt"})
+    save_file(adapter_state(model, state_dict), str(out / WEIGHTS_FILE), metadata={"format": "pt"})
     (out / CONFIG_FILE).write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
 
 

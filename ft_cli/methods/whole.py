@@ -48,7 +48,7 @@ def apply_freeze(model: Any, recipe: Recipe) -> Any:
     return model
 
 
-def save_whole_model(model: Any, out: Path, recipe: Recipe) -> None:
+def save_whole_model(model: Any, out: Path, recipe: Recipe, *, state_dict: dict[str, Any] | None = None) -> None:
     """safetensors in the recipe's dtype, with `use_cache` back on (training turned it off for checkpointing).
 
     Under mixed precision the trained weights are float32 master weights: they are written in model.dtype, cast
@@ -56,7 +56,7 @@ def save_whole_model(model: Any, out: Path, recipe: Recipe) -> None:
     from ft_cli.precision import torch_dtype
 
     dtype = torch_dtype(recipe.model.dtype)
-    state = None
+    state = state_dict
     if any(p.is_floating_point() and p.dtype != dtype for p in model.parameters()):
         cast: dict[tuple, Any] = {}  # tied weights (one tensor under two names) stay one tensor
 
@@ -68,12 +68,13 @@ def save_whole_model(model: Any, out: Path, recipe: Recipe) -> None:
                 cast[key] = t.detach().to("cpu", dtype)
             return cast[key]
 
-        state = {name: to_dtype(t) for name, t in model.state_dict().items()}
+        source = state_dict if state_dict is not None else model.state_dict()
+        state = {name: to_dtype(t) for name, t in source.items()}
     use_cache, config_dtype = model.config.use_cache, model.config.dtype
     model.config.use_cache = True
     try:
         model.save_pretrained(out, state_dict=state, safe_serialization=True)
-        if state is not None:  # save_pretrained records the dtype of the model in memory, not of what it wrote
+        if state is not None and state is not state_dict:  # save_pretrained records the in-memory dtype
             model.config.dtype = dtype
             model.config.save_pretrained(out)
     finally:
