@@ -329,39 +329,41 @@ class Recipe(Section):
 
     @model_validator(mode="after")
     def _sections_match_method(self) -> Recipe:
-        """What the method's registry entry (ft_cli.methods.registry) says about the other fields."""
+        """What the method's registry entry (ft_cli.methods.registry) says about the other fields. Every problem is
+        collected and reported at once, like field errors."""
+        errors: list[_FieldError] = []
         m = self.method
         spec = method_spec(m)
         for section in _method_sections():
             methods = methods_where(lambda s, section=section: s.section == section)
             if getattr(self, section) is not None and m not in methods:
-                raise _FieldError(section, f"is only used by method {' | '.join(methods)}, not {m!r}; remove it")
-        self._check_quantization(spec)
+                errors.append(_FieldError(section, f"is only used by method {' | '.join(methods)}, not {m!r}; remove it"))
+        self._check_quantization(spec, errors)
         if spec.section is not None and getattr(self, spec.section) is None:
             setattr(self, spec.section, _section_class(spec.section)())
         if self.lora is not None and self.lora.loraplus_lr_ratio is not None and spec.family != "lora":
-            raise _FieldError("lora.loraplus_lr_ratio", "only applies to LoRA methods")
+            errors.append(_FieldError("lora.loraplus_lr_ratio", "only applies to LoRA methods"))
         if self.train.qat is not None and (not spec.qat or self.quantized):
             qat = methods_where(lambda s: s.qat)
-            raise _FieldError("train.qat", f"applies to method {' | '.join(qat)} on an unquantized base, "
-                              f"not {m!r}{' with quantization' if self.quantized else ''}")
+            errors.append(_FieldError("train.qat", f"applies to method {' | '.join(qat)} on an unquantized base, "
+                              f"not {m!r}{' with quantization' if self.quantized else ''}"))
         if self.train.layerwise_lr_decay is not None and not spec.whole_model:
-            raise _FieldError("train.layerwise_lr_decay", f"applies to method full or freeze, not {m!r}")
+            errors.append(_FieldError("train.layerwise_lr_decay", f"applies to method full or freeze, not {m!r}"))
         if not spec.whole_model and "mixed_precision" in self.train.model_fields_set \
                 and not self.train.mixed_precision:
-            raise _FieldError("train.mixed_precision", f"applies to method full or freeze, not {m!r} (PEFT methods "
-                              "always train float32 adapters on a model.dtype base); remove it")
+            errors.append(_FieldError("train.mixed_precision", f"applies to method full or freeze, not {m!r} (PEFT methods "
+                              "always train float32 adapters on a model.dtype base); remove it"))
         if self.freeze is not None and self.freeze.trainable_layers == 0 and not self.freeze.trainable_modules:
-            raise _FieldError("freeze", "trains nothing: set trainable_layers > 0 or list trainable_modules")
+            errors.append(_FieldError("freeze", "trains nothing: set trainable_layers > 0 or list trainable_modules"))
         for path, why in spec.why_not.items():  # fields of the method's own section that it does not use
             section, _, key = path.partition(".")
             if key and section == spec.section and getattr(getattr(self, section), key) is not None:
-                raise _FieldError(path, f"{why}; remove it for {m!r}")
+                errors.append(_FieldError(path, f"{why}; remove it for {m!r}"))
         if not spec.packs and self.data.packing:
-            raise _FieldError("data.packing", f"cannot be used with {m}: {spec.why_not['packs']}")
+            errors.append(_FieldError("data.packing", f"cannot be used with {m}: {spec.why_not['packs']}"))
         if not spec.gradient_checkpointing:
             if "gradient_checkpointing" in self.train.model_fields_set and self.train.gradient_checkpointing:
-                raise _FieldError("train.gradient_checkpointing", spec.why_not["gradient_checkpointing"])
+                errors.append(_FieldError("train.gradient_checkpointing", spec.why_not["gradient_checkpointing"]))
             if self.train.gradient_checkpointing:  # the default: derived, and said so by ft validate
                 self._derived["train.gradient_checkpointing"] = (
                     f"false (the default true {spec.why_not['gradient_checkpointing'].split('; ')[0]})")
@@ -369,23 +371,26 @@ class Recipe(Section):
         if self.ia3 is not None and self.ia3.target_modules and self.ia3.feedforward_modules:
             extra = sorted(set(self.ia3.feedforward_modules) - set(self.ia3.target_modules))
             if extra:
-                raise _FieldError("ia3.feedforward_modules", f"{', '.join(extra)} not in ia3.target_modules; "
-                                  "feed-forward modules must also be targets")
+                errors.append(_FieldError("ia3.feedforward_modules", f"{', '.join(extra)} not in ia3.target_modules; "
+                                  "feed-forward modules must also be targets"))
+        if errors:
+            raise errors[0] if len(errors) == 1 else _FieldErrors(errors)
         return self
 
-    def _check_quantization(self, spec: Any) -> None:
+    def _check_quantization(self, spec: Any, errors: list[_FieldError]) -> None:
         m = spec.name
         if self.quantization is not None and self.quantization.bits is not None and spec.quantized_base == "never":
             if spec.quantized_twin is not None:
-                raise _FieldError("quantization", f"with method {m!r} means QLoRA: write method: "
-                                  f"{spec.quantized_twin} instead")
-            raise _FieldError("quantization", f"cannot be used with method {m!r} (quantized weights cannot be "
-                              "trained); use method: qlora, or remove quantization")
+                errors.append(_FieldError("quantization", f"with method {m!r} means QLoRA: write method: "
+                                  f"{spec.quantized_twin} instead"))
+            else:
+                errors.append(_FieldError("quantization", f"cannot be used with method {m!r} (quantized weights cannot be "
+                              "trained); use method: qlora, or remove quantization"))
         if spec.quantized_base == "required":
             if self.quantization is None:
                 self.quantization = QuantizationSection()
             elif self.quantization.bits is None:
-                raise _FieldError("quantization.bits", f"method {m} needs 4 or 8 bits; use method: lora for none")
+                errors.append(_FieldError("quantization.bits", f"method {m} needs 4 or 8 bits; use method: lora for none"))
 
     # Derived facts -------------------------------------------------------------------------------------------
     @property
@@ -455,6 +460,14 @@ class _FieldError(ValueError):
     def __init__(self, path: str, message: str):
         super().__init__(f"{path}: {message}")
         self.path, self.message = path, message
+
+
+class _FieldErrors(ValueError):
+    """Several _FieldErrors of one validator, reported together."""
+
+    def __init__(self, errors: list[_FieldError]):
+        super().__init__("; ".join(str(e) for e in errors))
+        self.errors = errors
 
 
 def _flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
@@ -696,7 +709,15 @@ def _problems(errors: list[dict]) -> list[tuple[tuple, str]]:
         cut = next((i for i, p in enumerate(err["loc"]) if _is_branch(p)), None)
         groups.setdefault(err["loc"] if cut is None else err["loc"][:cut], []).append(err)
     out: list[tuple[tuple, str]] = []
-    for key, group in groups.items():
+    for key, group in list(groups.items()):
+        several = [e for e in group if e["type"] == "value_error" and isinstance((e.get("ctx") or {}).get("error"),
+                                                                                _FieldErrors)]
+        for e in several:  # one validator's several problems: one line each
+            group.remove(e)
+            loc = tuple(p for p in e["loc"] if not _is_branch(p))
+            out.extend((loc + tuple(fe.path.split(".")), fe.message) for fe in e["ctx"]["error"].errors)
+        if not group:
+            continue
         inner = [e for e in group if len(e["loc"]) > len(key) + 1]
         if len(group) == 1 or inner or not all(len(e["loc"]) > len(key) for e in group):
             out.extend(_describe(e) for e in (inner or group))

@@ -143,3 +143,13 @@ def test_a_value_the_method_rules_out_is_derived_and_shown_not_silent(tmp_path):
     assert result.exit_code == 0, result.output
     flat = " ".join(result.output.split())
     assert "train.gradient_checkpointing" in flat and "prefix_tuning" in flat
+
+
+def test_cross_field_errors_are_all_reported_at_once():
+    with pytest.raises(UserError) as caught:
+        _recipe("prefix_tuning", quantization={"bits": 4}, freeze={}, prompt={"init_text": "hi"},
+                data={"train": "x.jsonl", "packing": True}, train={"layerwise_lr_decay": 0.9})
+    lines = str(caught.value).splitlines()
+    for needle in ("freeze: is only used by method freeze", "prompt.init_text: only applies to prompt_tuning",
+                   "data.packing: cannot be used with prefix_tuning", "train.layerwise_lr_decay: applies to method"):
+        assert sum(needle in line for line in lines) == 1, (needle, lines)
