@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 from functools import lru_cache
+from typing import Any
 
 
 def micro_batches_per_epoch(num_rows: int, micro_batch_size: int, world_size: int = 1) -> int:
@@ -49,3 +50,9 @@ class MicroBatches:
 
     def epoch_of(self, m: int) -> float:
         return m / self.per_epoch
+
+
+def rows_at(dataset: Any, indices: list[int]) -> list[dict[str, Any]]:
+    """The rows of a datasets.Dataset at `indices` (one micro-batch), as dicts for the collator."""
+    cols = dataset[indices]
+    return [dict(zip(cols, vals, strict=True)) for vals in zip(*cols.values(), strict=True)]

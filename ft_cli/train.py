@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from ft_cli.atomic import is_disk_full, write_dir, write_text_atomic
+from ft_cli.batches import rows_at
 from ft_cli.errors import CheckFailed, RunInterrupted, UserError
 from ft_cli.manifest import finish_manifest, start_manifest
 from ft_cli.recipe import Recipe, dump_recipe, load_recipe, recipe_errors
@@ -318,8 +319,7 @@ def fit(s: Session) -> Path:
 # Pieces of the loop ----------------------------------------------------------------------------------------------
 
 def _rows(dataset: Any, indices: list[int]) -> list[dict[str, Any]]:
-    cols = dataset[indices]
-    return [dict(zip(cols, vals, strict=True)) for vals in zip(*cols.values(), strict=True)]
+    return rows_at(dataset, indices)  # through this module's name, so a test can stand in for it
 
 
 def _reduce_sum(acc: Any, value: Any) -> float:

@@ -221,9 +221,10 @@ class _Meter:
 def _one_ft(args: argparse.Namespace, out: Path, *, packed: bool, bare: bool) -> dict:
     import torch
 
+    from ft_cli.batches import rows_at
     from ft_cli.recipe import recipe_from_dict
     from ft_cli.scoring import count_targets
-    from ft_cli.train import _rows, fit, setup
+    from ft_cli.train import fit, setup
 
     recipe = recipe_from_dict(_train_recipe(args, out, packed=packed))
     session = setup(recipe, out / "recipe.yaml", resume=False, overwrite=True)
@@ -247,7 +248,7 @@ def _one_ft(args: argparse.Namespace, out: Path, *, packed: bool, bare: bool) ->
         model.train()
         for step in range(session.total_steps):
             first = step * recipe.train.grad_accum
-            micro = [session.collate(_rows(session.data.train, session.batches.indices(m)))
+            micro = [session.collate(rows_at(session.data.train, session.batches.indices(m)))
                      for m in range(first, first + recipe.train.grad_accum)]
             n = torch.tensor(float(sum(count_targets(b) for b in micro)))
             total = 0.0
