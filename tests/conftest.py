@@ -168,10 +168,11 @@ def tiny_recipe(train_file: Path | str | None = None, out: Path | None = None, *
 
 
 def write_recipe_file(path: Path, recipe: dict[str, Any]) -> Path:
+    """recipe.yaml with its keys sorted (yaml.safe_dump's default): tests that edit the text rely on that order."""
     import yaml
 
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(yaml.safe_dump(recipe, sort_keys=False))
+    path.write_text(yaml.safe_dump(recipe))
     return path
 
 
