@@ -34,6 +34,7 @@ class Session:
     optimizer: Any
     scheduler: Any
     data: Any  # ft_cli.data.pipeline.DataBundle
+    task: Any  # ft_cli.tasks.CausalLM or Classification: data, batches, loss and evaluation of recipe.task
     collate: Any
     batches: Any  # ft_cli.batches.MicroBatches
     total_steps: int
@@ -109,15 +110,16 @@ def _setup_locked(recipe: Recipe, recipe_path: Path, run: RunDir, accelerator: A
 
     from ft_cli.batches import MicroBatches
     from ft_cli.data.audit import data_notes
-    from ft_cli.data.pipeline import build_datasets, make_collator
     from ft_cli.model import build_model, compile_blocks, load_tokenizer
     from ft_cli.optim import build_optimizer, build_scheduler, replan_schedule
+    from ft_cli.tasks import task_for
 
     resume_from = _check_resume(run, recipe, accelerator) if resume else None
 
     set_seed(recipe.train.seed)
     tokenizer = load_tokenizer(recipe)
-    data = build_datasets(recipe, tokenizer, main_process_first=accelerator.main_process_first)
+    task = task_for(recipe)
+    data = task.build_datasets(tokenizer, main_process_first=accelerator.main_process_first)
     if accelerator.is_main_process:
         for line in data_notes(data):  # rows dropped or cut, and why: never silently
             print(line, file=sys.stderr)
@@ -127,7 +129,7 @@ def _setup_locked(recipe: Recipe, recipe_path: Path, run: RunDir, accelerator: A
     total_steps = t.max_steps or max(1, math.ceil(t.epochs * batches.per_epoch / t.grad_accum))
     sized = _check_disk_space(recipe, run, total_steps)
     set_seed(recipe.train.seed)  # data building must not shift the model's initial weights
-    built = build_model(recipe, device=accelerator.device)
+    built = build_model(recipe, device=accelerator.device, head=task.head(tokenizer, data))
     if not sized:  # the config was not on disk before the model loaded: size the run from the model itself
         _check_disk_space(recipe, run, total_steps, model=built.model)
     model = built.model
@@ -144,17 +146,17 @@ def _setup_locked(recipe: Recipe, recipe_path: Path, run: RunDir, accelerator: A
     scheduler = build_scheduler(optimizer, recipe, total_steps)
     # The scheduler is stepped by hand once per optimizer step; accelerate's wrapper would step it per process.
     model, optimizer = accelerator.prepare(model, optimizer)
-    collate = make_collator(tokenizer, packed=recipe.data.packing)
+    collate = task.collator(tokenizer, data)
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         prepare_run_dir(run, resume=resume)
     accelerator.wait_for_everyone()
 
     session = Session(recipe=recipe, recipe_path=recipe_path, run=run, accelerator=accelerator, tokenizer=tokenizer,
-                      model=model, optimizer=optimizer, scheduler=scheduler, data=data, collate=collate,
+                      model=model, optimizer=optimizer, scheduler=scheduler, data=data, task=task, collate=collate,
                       batches=batches, total_steps=total_steps, lock=lock)
     session.state = {"best_eval_loss": None, "best_step": None, "evals_without_improvement": 0,
-                     "last_eval_loss": None, "last_eval_step": None}
+                     "last_eval_loss": None, "last_eval_step": None, "best_score": None}
     if resume_from is not None:
         from ft_cli.checkpoint import load_checkpoint
 
@@ -180,7 +182,7 @@ def fit(s: Session) -> Path:
     import torch
 
     from ft_cli.progress import MetricsWriter, Reporter
-    from ft_cli.scoring import count_targets, model_inputs, real_tokens
+    from ft_cli.scoring import real_tokens
 
     acc, t, model = s.accelerator, s.recipe.train, s.model
     main = acc.is_main_process
@@ -215,16 +217,16 @@ def fit(s: Session) -> Path:
             first = step * t.grad_accum
             micro = [s.collate(_rows(s.data.train, s.batches.indices(m))) for m in range(first, first + t.grad_accum)]
             # DDP averages gradients over processes, so each process divides its loss sum by (global tokens / world).
-            n_global = _reduce_sum(acc, sum(count_targets(b) for b in micro))
+            n_global = _reduce_sum(acc, sum(s.task.count(b) for b in micro))
             denom = torch.tensor(max(n_global, 1) / world, device=acc.device)
             loss_sum = torch.zeros((), device=acc.device)
             for i, batch in enumerate(micro):
                 window_tokens += real_tokens(batch)
                 sync = i == len(micro) - 1
                 with nullcontext() if sync else acc.no_sync(model):
-                    out = model(**model_inputs(batch, acc.device), num_items_in_batch=denom)
-                    acc.backward(out.loss)
-                loss_sum += out.loss.detach().float()
+                    micro_loss = s.task.loss(model, batch, acc.device, denom)
+                    acc.backward(micro_loss)
+                loss_sum += micro_loss.detach().float()
             # Unscales float16 gradients first (accelerate's GradScaler), so the norm and the clipping are real.
             grad_norm = acc.clip_grad_norm_(params, t.max_grad_norm or float("inf"))
             grad_norm = None if grad_norm is None else float(grad_norm)  # DeepSpeed clips inside; may not say
@@ -314,25 +316,26 @@ def _reduce_sum(acc: Any, value: Any) -> float:
 
 
 def _evaluate(s: Session, step: int, epoch: float, metrics: Any, reporter: Any) -> bool:
-    """Evaluate, log, keep the best output; returns True when early stopping says stop."""
-    from ft_cli.scoring import token_loss
-
+    """Evaluate, log, keep the best output (by train.best_metric); returns True when early stopping says stop."""
     acc, t = s.accelerator, s.recipe.train
-    loss_sum, tokens = token_loss(s.model, s.data.eval, s.collate, t.eval_batch_size or t.micro_batch_size,
-                                  device=acc.device, rank=acc.process_index, world_size=acc.num_processes)
-    loss_sum, tokens = _reduce_sum(acc, loss_sum), int(_reduce_sum(acc, tokens))
-    eval_loss = loss_sum / max(tokens, 1)
-    record = {"step": step, "epoch": round(epoch, 4), "eval_loss": eval_loss,
-              "eval_perplexity": math.exp(min(eval_loss, 50)), "eval_tokens": tokens}
+    scores = s.task.evaluate(s.model, s.data.eval, s.collate, t.eval_batch_size or t.micro_batch_size, acc,
+                             _reduce_sum)
+    record = {"step": step, "epoch": round(epoch, 4), **scores}
     if metrics:
         metrics.write(record)
-    acc.log(record, step=step)
-    best = s.state["best_eval_loss"]
-    improved = best is None or eval_loss < best
-    reporter.message(f"step {step}: eval_loss {eval_loss:.4f}" + (" (best)" if improved else ""))
+    acc.log({k: v for k, v in record.items() if isinstance(v, int | float)}, step=step)
+    eval_loss = record["eval_loss"]
+    name, lower = t.best_metric, t.best_metric == "eval_loss"
+    value = record["eval_loss" if lower else f"eval_{name}"]
+    best = s.state.get("best_score")
+    if best is None and lower:  # a checkpoint from before best_metric: its best eval_loss
+        best = s.state["best_eval_loss"]
+    improved = best is None or (value < best if lower else value > best)
+    shown = f"eval_loss {eval_loss:.4f}" + ("" if lower else f" {name} {value:.4f}")
+    reporter.message(f"step {step}: {shown}" + (" (best)" if improved else ""))
     s.state.update(last_eval_loss=eval_loss, last_eval_step=step)
     if improved:
-        s.state.update(best_eval_loss=eval_loss, best_step=step, evals_without_improvement=0)
+        s.state.update(best_eval_loss=eval_loss, best_score=value, best_step=step, evals_without_improvement=0)
         _save_trained(s, s.run.best, step=step)
         return False
     s.state["evals_without_improvement"] += 1
@@ -341,8 +344,11 @@ def _evaluate(s: Session, step: int, epoch: float, metrics: Any, reporter: Any) 
 
 
 def _early_stopping(s: Session, step: int) -> str:
-    return (f"early stopping at step {step}: eval_loss has not improved for {s.recipe.train.early_stopping_patience} "
-            f"evaluations (best {s.state['best_eval_loss']:.4f} at step {s.state['best_step']})")
+    t = s.recipe.train
+    best = s.state.get("best_score")
+    best = s.state["best_eval_loss"] if best is None else best
+    return (f"early stopping at step {step}: {t.best_metric} has not improved for {t.early_stopping_patience} "
+            f"evaluations (best {best:.4f} at step {s.state['best_step']})")
 
 
 def _sanity_eval(s: Session, reporter: Any) -> None:
@@ -350,14 +356,12 @@ def _sanity_eval(s: Session, reporter: Any) -> None:
     failure in the evaluation path (memory, a kernel that only runs in eval mode, a shape) shows at step 0, not
     after eval_every steps. Every rank scores the same rows, so sharded models run the same forwards everywhere.
     The loss covers those rows only: printed, never logged as eval_loss."""
-    from ft_cli.scoring import token_loss
-
     t = s.recipe.train
     size = t.eval_batch_size or t.micro_batch_size
     rows = s.data.eval.select(range(min(len(s.data.eval), 2 * size)))
-    loss_sum, tokens = token_loss(s.model, rows, s.collate, size, device=s.accelerator.device)
+    loss = s.task.sanity_loss(s.model, rows, s.collate, size, s.accelerator.device)
     reporter.message(f"step {s.start_step}: evaluation works (sanity check on {len(rows)} eval rows: loss "
-                     f"{loss_sum / max(tokens, 1):.4f})")
+                     f"{loss:.4f})")
 
 
 def _update_checkpoint_state(s: Session, step: int) -> None:
@@ -403,6 +407,7 @@ def _save_trained(s: Session, out_dir: Path, *, step: int) -> None:
             model.state_dict = lambda *args, **kwargs: full  # instance attribute: shadows the method until del
         def write(tmp: Path) -> None:
             save_trained(model, s.tokenizer, tmp, s.recipe)
+            s.task.save_extras(model, tmp, s.data)
             write_model_card(tmp, s.recipe, s.manifest, s.state, step=step, best=out_dir == s.run.best)
 
         try:  # built under a temporary name and renamed into place: whole or absent, also on a full disk
@@ -749,7 +754,11 @@ def _finish_manifest(s: Session, status: str, step: int, error: str | None = Non
 
 def _summary(s: Session, step: int, out_dir: Path) -> str:
     lines = [f"done: {step} steps; {'adapter' if out_dir.name == 'adapter' else 'model'} saved to {out_dir}"]
-    if s.state.get("best_eval_loss") is not None:
+    metric = s.recipe.train.best_metric
+    if metric != "eval_loss" and s.state.get("best_score") is not None:
+        lines.append(f"best {metric} {s.state['best_score']:.4f} at step {s.state['best_step']} "
+                     f"(a copy of that {out_dir.name} is in {s.run.best})")
+    elif s.state.get("best_eval_loss") is not None:
         lines.append(f"best eval_loss {s.state['best_eval_loss']:.4f} at step {s.state['best_step']} "
                      f"(a copy of that {out_dir.name} is in {s.run.best})")
     lines.append(f"metrics: {s.run.metrics}")

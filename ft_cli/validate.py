@@ -44,17 +44,17 @@ def _validate(recipe: Recipe, recipe_path: Path, *, show: int, check_data: bool)
         return recipe
 
     from ft_cli.data.audit import print_data_report
-    from ft_cli.data.pipeline import build_datasets
     from ft_cli.model import load_tokenizer, resolve_model_path
+    from ft_cli.tasks import task_for
 
     path = resolve_model_path(recipe.model)
     tokenizer = load_tokenizer(recipe, path)
-    bundle = build_datasets(recipe, tokenizer)
+    bundle = task_for(recipe).build_datasets(tokenizer)
     per_epoch = math.ceil(len(bundle.train) / (t.micro_batch_size * world))
     steps = t.max_steps or max(1, math.ceil(t.epochs * per_epoch / t.grad_accum))
     derived.add_row("optimizer steps", f"{steps}" + ("" if t.max_steps else f" ({t.epochs:g} epochs x "
                                                                          f"{per_epoch} micro-batches / {t.grad_accum})"))
-    trainable, total = count_trainable(recipe, path)
+    trainable, total = count_trainable(recipe, path, num_labels=len(bundle.labels) if bundle.labels else None)
     derived.add_row("trainable parameters", f"{trainable:,} of {total:,} ({100 * trainable / max(total, 1):.3f}%)")
     console.print(derived)
     print_data_report(bundle, tokenizer, console, show=show)
@@ -73,19 +73,26 @@ def precision_summary(recipe: Recipe) -> str:
     return "float32"
 
 
-def count_trainable(recipe: Recipe, path: str) -> tuple[int, int]:
-    """Trainable/total parameters from the config alone: the model is built on the meta device (no weights)."""
+def count_trainable(recipe: Recipe, path: str, num_labels: int | None = None) -> tuple[int, int]:
+    """Trainable/total parameters from the config alone: the model is built on the meta device (no weights).
+    task classification: AutoModelForSequenceClassification with `num_labels` classes."""
     import torch
-    from transformers import AutoConfig, AutoModelForCausalLM
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSequenceClassification
 
     from ft_cli.methods import apply_method
     from ft_cli.model import count_parameters
 
+    extra = {"num_labels": num_labels} if recipe.task == "classification" and num_labels else {}
     config = AutoConfig.from_pretrained(path, trust_remote_code=recipe.model.trust_remote_code,
-                                        revision=recipe.model.revision)
+                                        revision=recipe.model.revision, **extra)
+    auto = AutoModelForSequenceClassification if recipe.task == "classification" else AutoModelForCausalLM
     with torch.device("meta"):
-        model = AutoModelForCausalLM.from_config(config, trust_remote_code=recipe.model.trust_remote_code)
+        model = auto.from_config(config, trust_remote_code=recipe.model.trust_remote_code)
     meta_recipe = recipe.model_copy(update={"quantization": None}, deep=True)
     model = apply_method(model, meta_recipe)
+    if recipe.task == "classification":
+        from ft_cli.tasks.classification import train_head
+
+        train_head(model, meta_recipe)
     return count_parameters(model)
 

@@ -20,6 +20,7 @@ FIELDS: dict[str, tuple[str, ...]] = {
     "chat": ("messages", "role", "content", "tools", "system"),
     "sharegpt": ("conversations", "from", "value", "tools", "system"),
     "text": ("text",),
+    "labelled": ("text", "text_pair", "label"),  # task: classification (ft_cli.tasks.classification reads it)
 }
 CHAT_ROLES = ("system", "user", "assistant", "tool")
 _REASONING = ("reasoning_content", "thinking", "reasoning")
