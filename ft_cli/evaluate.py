@@ -104,6 +104,17 @@ def evaluate_run(run_dir: Path | str, *, data: Path | None = None, split: str = 
         run_base_path,
     )
 
+    from ft_cli.tasks.classify_run import classification_target, evaluate_classification
+
+    if (classifier := classification_target(run_dir, which)) is not None:  # task: classification (its metrics)
+        if generate or data_format not in (None, "labelled"):
+            raise UserError("--generate and --format apply to language-model runs; this run classifies text")
+        if split not in SPLITS:
+            raise UserError(f"--split: must be one of {', '.join(SPLITS)}, got {split!r}")
+        if data is not None and not Path(data).expanduser().exists():
+            raise UserError(f"--data: {data} not found")
+        return evaluate_classification(classifier, data=data, split=split, which=which, compare_base=compare_base,
+                                       fail_if=fail_if, batch_size=batch_size, name=name, output=output)
     thresholds = parse_thresholds(fail_if, available_metrics(compare_base, generate))
     if split not in SPLITS:
         raise UserError(f"--split: must be one of {', '.join(SPLITS)}, got {split!r}")

@@ -342,3 +342,136 @@ def test_decoder_pools_the_last_real_token(trained) -> None:
     alone = {k: v[:, :n] for k, v in one.items() if k != "labels"}
     torch.testing.assert_close(logits(t.model, alone), logits(t.model, one), atol=1e-5, rtol=0)
     assert t.model.config.pad_token_id is not None
+
+
+# Training: class weights, best_metric, early stopping --------------------------------------------------------
+
+def test_class_weighted_loss_is_torch_cross_entropy_weighted_per_example() -> None:
+    import torch.nn.functional as F
+
+    from ft_cli.tasks.classification import ClassificationLoss
+
+    logits, labels = torch.randn(7, 3), torch.tensor([0, 1, 2, 2, 1, 0, 2])
+    weights = [0.5, 2.0, 1.5]
+    expected = (F.cross_entropy(logits, labels, reduction="none") * torch.tensor(weights)[labels]).sum()
+    torch.testing.assert_close(ClassificationLoss(weights)(logits, labels), expected)
+    torch.testing.assert_close(ClassificationLoss(None)(logits, labels), F.cross_entropy(logits, labels, reduction="sum"))
+
+
+def test_best_metric_picks_best_and_early_stopping_watches_it(tmp_path: Path) -> None:
+    from ft_cli.train import train_from_recipe
+
+    data = write_json(tmp_path / "train.json", labelled_rows(60))
+    raw = recipe_dict(data, data={"val_split": 0.2}, train={
+        "lr": 1e-9, "max_steps": 20, "eval_every": 2, "early_stopping_patience": 2, "best_metric": "f1_macro",
+        "class_weights": "auto"})
+    raw["output_dir"] = str(tmp_path / "run")
+    path = tmp_path / "recipe.yaml"
+    path.write_text(yaml.safe_dump(raw))
+    run = train_from_recipe(path, [])
+    lines = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
+    evals = [x for x in lines if "eval_f1_macro" in x]
+    # lr ~0: f1_macro never rises above the first evaluation's, so the run stops after 2 more evaluations
+    assert [x["step"] for x in evals] == [2, 4, 6]
+    assert {"eval_accuracy", "eval_f1_micro", "eval_f1_weighted", "eval_confusion_matrix"} <= set(evals[0])
+    assert sum(map(sum, evals[0]["eval_confusion_matrix"])) == evals[0]["eval_examples"] == 12  # 20% of each class
+    manifest = json.loads((run / "run.json").read_text())
+    assert manifest["best_step"] == 2 and manifest["final_step"] == 6
+    assert json.loads((run / "best" / "ft_classification.json").read_text())["labels"] == [
+        "negative", "neutral", "positive"]
+
+
+# ft eval, ft predict -------------------------------------------------------------------------------------------
+
+def test_metrics_equal_scikit_learns() -> None:
+    import numpy as np
+    from sklearn.metrics import accuracy_score, confusion_matrix, f1_score, precision_recall_fscore_support
+
+    from ft_cli.tasks.metrics import classification_metrics
+    from ft_cli.tasks.metrics import confusion_matrix as cm
+
+    rng = np.random.default_rng(0)
+    true = rng.integers(0, 4, 200)
+    pred = np.where(rng.random(200) < 0.6, true, rng.integers(0, 4, 200))
+    pred[pred == 3] = 2  # class 3 is never predicted: precision 0/0 -> 0, as zero_division=0
+    labels = ["a", "b", "c", "d"]
+    m = classification_metrics(cm(true, pred, 4), labels)
+    assert m["confusion_matrix"]["counts"] == confusion_matrix(true, pred, labels=range(4)).tolist()
+    assert m["accuracy"] == pytest.approx(accuracy_score(true, pred))
+    for avg in ("macro", "micro", "weighted"):
+        assert m[f"f1_{avg}"] == pytest.approx(f1_score(true, pred, average=avg, labels=range(4), zero_division=0))
+    p, r, f, s = precision_recall_fscore_support(true, pred, labels=range(4), zero_division=0)
+    for i, name in enumerate(labels):
+        assert m["per_class"][name] == pytest.approx({"precision": p[i], "recall": r[i], "f1": f[i], "support": s[i]})
+    assert m["precision_macro"] == pytest.approx(p.mean()) and m["recall_macro"] == pytest.approx(r.mean())
+
+
+@pytest.fixture(scope="module")
+def sst2_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A tiny-bert LoRA run on 400 rows of the real SST-2 sample (stratified 10% eval)."""
+    from ft_cli.train import train_from_recipe
+
+    shared = Path(__file__).resolve().parents[2] / "shared" / "data"
+    if not shared.is_dir():
+        pytest.skip("../shared/data not present")
+    tmp = tmp_path_factory.mktemp("sst2")
+    raw = recipe_dict(shared / "sst2_train_sample.tsv", method="lora", lora={"rank": 8, "alpha": 16},
+                      data={"columns": {"text": "sentence"}, "labels": ["negative", "positive"], "val_split": 0.1,
+                            "limit": 400},
+                      train={"lr": 3e-3, "eval_every": 10, "best_metric": "accuracy"})
+    raw["output_dir"] = str(tmp / "run")
+    path = tmp / "recipe.yaml"
+    path.write_text(yaml.safe_dump(raw))
+    return train_from_recipe(path, [])
+
+
+def ft(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "ft_cli.cli", *args], capture_output=True, text=True, timeout=600)
+
+
+def test_eval_writes_metrics_and_fails_if(sst2_run: Path, tmp_path: Path) -> None:
+    done = ft("eval", str(sst2_run), "--fail-if", "accuracy<0.99", "--fail-if", "f1_macro<0.01")
+    assert done.returncode == 3, done.stderr[-2000:]
+    assert "accuracy<0.99" in done.stderr and "f1_macro<0.01" not in done.stderr.split("--fail-if")[-1]
+    result = json.loads((sst2_run / "eval.json").read_text())
+    assert result["examples"] == 40 and result["task"] == "classification"  # 10% of 400, stratified
+    assert set(result["per_class"]) == {"negative", "positive"}
+    assert sum(map(sum, result["confusion_matrix"]["counts"])) == 40
+    # the same numbers as the last in-training evaluation (same model, same rows)
+    lines = [json.loads(x) for x in (sst2_run / "metrics.jsonl").read_text().splitlines()]
+    last = [x for x in lines if "eval_accuracy" in x][-1]
+    assert result["accuracy"] == pytest.approx(last["eval_accuracy"]) and result["loss"] == pytest.approx(
+        last["eval_loss"], rel=1e-5)
+    bad = ft("eval", str(sst2_run), "--fail-if", "perplexity>3")
+    assert bad.returncode == 2 and "unknown metric 'perplexity'" in bad.stderr
+
+
+def test_predict_writes_labels_and_probabilities(sst2_run: Path, shared_data: Path, tmp_path: Path) -> None:
+    import numpy as np
+    from sklearn.metrics import accuracy_score, f1_score
+
+    rows = (shared_data / "sst2_train_sample.tsv").read_text().splitlines()
+    sample = tmp_path / "sample.tsv"
+    sample.write_text("\n".join(rows[:1] + rows[1500:1600]) + "\n")  # rows training never saw
+    out = tmp_path / "preds.jsonl"
+    done = ft("predict", str(sst2_run), "--data", str(sample), "--out", str(out), "--batch-size", "16")
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert re.search(r"predicted 100 examples in [\d.]+ s: [\d,.]+ examples/s .* peak memory [\d,.]+ MiB",
+                     done.stderr)
+    preds = [json.loads(x) for x in out.read_text().splitlines()]
+    assert [p["record"] for p in preds] == list(range(100))  # input order, whatever the batching by length
+    for p in preds:
+        assert sum(p["probabilities"].values()) == pytest.approx(1, abs=1e-4)
+        assert p["label"] == max(p["probabilities"], key=p["probabilities"].get)
+    true = [int(r.split("\t")[1]) for r in rows[1500:1600]]
+    assert [p["true_label"] for p in preds] == [["negative", "positive"][t] for t in true]
+    # ft eval on the same file scores exactly these predictions (scikit-learn as the reference)
+    pred = [["negative", "positive"].index(p["label"]) for p in preds]
+    done = ft("eval", str(sst2_run), "--data", str(sample))
+    assert done.returncode == 0, done.stderr[-2000:]
+    result = json.loads((sst2_run / "eval-sample.json").read_text())
+    assert result["accuracy"] == pytest.approx(accuracy_score(true, pred))
+    assert result["f1_macro"] == pytest.approx(f1_score(true, pred, average="macro", zero_division=0))
+    assert np.isfinite(result["loss"])
+    again = ft("predict", str(sst2_run), "--data", str(sample), "--out", str(out))
+    assert again.returncode == 2 and "--overwrite" in again.stderr

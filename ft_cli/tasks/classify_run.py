@@ -1,0 +1,259 @@
+"""`ft eval` and `ft predict` for classification runs (recipe `task: classification`).
+
+ft eval writes eval.json (or eval-NAME.json) with accuracy, macro/micro/weighted F1, macro precision/recall,
+per-class precision/recall/F1/support, the confusion matrix and the mean cross-entropy (`loss`); `--fail-if`
+takes any of the scalar metrics; `--compare-base` adds the same metrics of the base model with its untrained head
+(the floor a fine-tune must beat). ft predict writes one JSON line per input record: the predicted label, its
+probability and every label's probability, in input order; batches are grouped by length (no padding to
+max_seq_len) and it reports examples/s and peak memory.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from ft_cli.errors import UserError
+from ft_cli.tasks.classification import (
+    Head,
+    load_labelled_file,
+    log_softmax,
+    make_collator,
+    predict_batches,
+    probabilities,
+    run_labels,
+)
+from ft_cli.tasks.metrics import SCALAR_METRICS, classification_metrics, confusion_matrix
+
+EVAL_METRICS = ("loss", "examples", *SCALAR_METRICS)
+
+
+def classification_target(path: str | Path, which: str) -> Any:
+    """The run target when PATH is a classification run (or its adapter/best/model directory); else None."""
+    from ft_cli.loading import resolve_target
+
+    p = Path(path).expanduser()
+    if not p.is_dir():
+        return None
+    target = resolve_target(p, which)  # type: ignore[arg-type]
+    if target.kind == "run" and target.recipe is not None and target.recipe.task == "classification":
+        return target
+    return None
+
+
+def load_classifier(target: Any, *, device: Any = "cpu", base_only: bool = False) -> tuple[Any, Any, list[str]]:
+    """(model, tokenizer, labels) of a classification run, in eval mode: the saved whole model (full, freeze), or
+    the base (quantized as in training) with the adapter and its trained head on it; `base_only`: the base model
+    with the untrained head its seed gave it (ft eval --compare-base)."""
+    from transformers import AutoModelForSequenceClassification
+
+    import ft_cli
+    from ft_cli.loading import load_run_tokenizer, run_base_path
+    from ft_cli.model import load_base_model, torch_dtype
+    from ft_cli.recipe import WHOLE_MODEL_METHODS
+
+    recipe = target.recipe
+    labels = run_labels(target.output)
+    tokenizer = load_run_tokenizer(recipe, target.output)
+    if recipe.method in WHOLE_MODEL_METHODS and not base_only:
+        model = AutoModelForSequenceClassification.from_pretrained(
+            str(target.output), dtype=torch_dtype(recipe.model.dtype),
+            trust_remote_code=recipe.model.trust_remote_code)
+        model.to(device)
+    else:
+        import torch
+
+        torch.manual_seed(recipe.train.seed)  # the untrained head of --compare-base: as training started
+        model = load_base_model(recipe, run_base_path(target), device=device,
+                                head=Head(labels, tokenizer.pad_token_id))
+        if not base_only:
+            model = ft_cli.load_adapter(model, target.output)
+        if not recipe.quantized:
+            model.to(device)
+    model.eval()
+    return model, tokenizer, labels
+
+
+def _dataset(target: Any, tokenizer: Any, labels: list[str], data: Path | None, split: str) -> tuple[Any, str]:
+    recipe = target.recipe
+    if data is not None:
+        dataset, _ = load_labelled_file(data, recipe, tokenizer, labels)
+        return dataset, str(data)
+    from ft_cli.tasks.classification import build_datasets
+
+    bundle = build_datasets(recipe, tokenizer)
+    if bundle.labels != labels:
+        raise UserError(f"{target.path}: the run's data now has the labels {bundle.labels}, but the run was trained "
+                        f"on {labels}; evaluate it on a file with --data")
+    dataset = bundle.eval if split == "eval" else bundle.train
+    if dataset is None:
+        raise UserError(f"{target.path}: the run has no eval split (data.eval is null and val_split 0); pass --data "
+                        "FILE or --split train")
+    return dataset, f"{split} split of {', '.join(s.path for s in recipe.data.sources)}"
+
+
+def score(model: Any, dataset: Any, tokenizer: Any, labels: list[str], batch_size: int, device: Any) -> dict[str, Any]:
+    logits, true = predict_batches(model, dataset, make_collator(tokenizer), batch_size, device)
+    metrics = classification_metrics(confusion_matrix(true, logits.argmax(-1), len(labels)), labels)
+    loss = float(-log_softmax(logits)[np.arange(len(true)), true].mean())
+    return {"loss": loss, "examples": len(true), **metrics}
+
+
+def evaluate_classification(target: Any, *, data: Path | None, split: str, which: str, compare_base: bool,
+                            fail_if: Sequence[str], batch_size: int, name: str | None, output: Path | None) -> int:
+    from ft_cli.eval_results import result_path
+    from ft_cli.evaluate import parse_thresholds
+    from ft_cli.loading import default_device
+    from ft_cli.run_dir import RunDir
+
+    allowed = list(EVAL_METRICS) + ([f"{p}_{m}" for m in ("loss", *SCALAR_METRICS) for p in ("base", "delta")]
+                                    if compare_base else [])
+    thresholds = parse_thresholds(fail_if, allowed)
+    device = default_device()
+    model, tokenizer, labels = load_classifier(target, device=device)
+    dataset, source = _dataset(target, tokenizer, labels, data, split)
+    result: dict[str, Any] = {"run_dir": str(target.path), "model": str(target.output), "which": which,
+                              "method": target.recipe.method, "task": "classification", "data": source,
+                              "split": None if data is not None else split}
+    result.update(score(model, dataset, tokenizer, labels, batch_size, device))
+    if compare_base:
+        del model
+        base, _, _ = load_classifier(target, device=device, base_only=True)
+        scored = score(base, dataset, tokenizer, labels, batch_size, device)
+        for metric in ("loss", *SCALAR_METRICS):
+            result[f"base_{metric}"] = scored[metric]
+            result[f"delta_{metric}"] = result[metric] - scored[metric]
+    path = output or result_path(RunDir(target.path), data=data, split=split, which=which, name=name)
+    return finish(result, thresholds, path)
+
+
+def finish(result: dict[str, Any], thresholds: list[Any], path: Path) -> int:
+    from ft_cli.errors import CheckFailed
+    from ft_cli.eval_results import write_json
+    from ft_cli.run_dir import now_iso
+
+    failed = [t for t in thresholds if t.crossed(float(result[t.metric]))]
+    result.update(evaluated_at=now_iso(), fail_if=[str(t) for t in thresholds], failed=[str(t) for t in failed])
+    path = Path(path).expanduser()
+    if path.is_dir():
+        raise UserError(f"--output: {path} is a directory; give a file name such as {path}/eval.json")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    write_json(path, result)
+    print_result(result, path)
+    if failed:
+        shown = ", ".join(f"{t} (got {result[t.metric]:.4f})" for t in failed)
+        raise CheckFailed(f"--fail-if: {shown}")
+    return 0
+
+
+def print_result(result: dict[str, Any], path: Path) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    console = Console(highlight=False)
+    compared = "base_accuracy" in result
+    table = Table(title=f"ft eval: {result['model']} on {result['data']} ({result['examples']:,} examples)")
+    table.add_column("metric")
+    table.add_column("run", justify="right")
+    if compared:
+        table.add_column("base (untrained head)", justify="right")
+        table.add_column("delta", justify="right")
+    for metric in ("accuracy", "f1_macro", "f1_micro", "f1_weighted", "precision_macro", "recall_macro", "loss"):
+        row = [metric, f"{result[metric]:.4f}"]
+        if compared:
+            row += [f"{result['base_' + metric]:.4f}", f"{result['delta_' + metric]:+.4f}"]
+        table.add_row(*row)
+    console.print(table)
+    per = Table(title="per class")
+    for col in ("label", "precision", "recall", "f1", "support"):
+        per.add_column(col, justify="left" if col == "label" else "right")
+    for label, m in result["per_class"].items():
+        per.add_row(label, f"{m['precision']:.4f}", f"{m['recall']:.4f}", f"{m['f1']:.4f}", f"{m['support']:,}")
+    console.print(per)
+    console.print(confusion_text(result["confusion_matrix"]), markup=False)
+    console.print(f"wrote {path}")
+
+
+def confusion_text(cm: dict[str, Any]) -> str:
+    """The confusion matrix as a text table: rows true labels, columns predicted."""
+    labels, counts = cm["labels"], cm["counts"]
+    width = max(6, *(len(x) for x in labels), *(len(f"{c:,}") for row in counts for c in row))
+    lines = ["confusion matrix (rows: true label, columns: predicted)",
+             " " * (width + 2) + " ".join(f"{x:>{width}}" for x in labels)]
+    for label, row in zip(labels, counts, strict=True):
+        lines.append(f"{label:>{width}}  " + " ".join(f"{c:>{width},}" for c in row))
+    return "\n".join(lines)
+
+
+# ft predict ---------------------------------------------------------------------------------------------------
+
+def predict(run_dir: str | Path, *, data: Path, out: Path, which: str = "final", batch_size: int = 32,
+            overwrite: bool = False) -> dict[str, Any]:
+    """Classify every record of `data` and write `out` (JSON lines: index, label, score, probabilities, and the
+    true label when the file has one); returns the summary (examples, examples/s, peak memory)."""
+    import torch
+
+    from ft_cli.atomic import write_text_atomic
+    from ft_cli.loading import default_device
+    from ft_cli.progress import CountProgress
+
+    target = classification_target(run_dir, which)
+    if target is None:
+        raise UserError(f"{run_dir}: not a classification run (recipe task: classification); ft predict labels text")
+    out = Path(out).expanduser()
+    if out.exists() and not overwrite:
+        raise UserError(f"--out: {out} exists; pass --overwrite to replace it")
+    if out.is_dir():
+        raise UserError(f"--out: {out} is a directory; give a file name such as {out}/preds.jsonl")
+    if not Path(data).expanduser().exists():
+        raise UserError(f"--data: {data} not found")
+    device = default_device()
+    model, tokenizer, labels = load_classifier(target, device=device)
+    dataset, rows = load_labelled_file(data, target.recipe, tokenizer, labels, need_labels=False)
+    if device == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    progress = CountProgress(len(dataset), "predicting (examples)")
+    start = time.perf_counter()
+    try:
+        logits, _ = predict_batches(model, dataset, make_collator(tokenizer), batch_size, device,
+                                    on_batch=progress.advance)
+    finally:
+        progress.close()
+    seconds = time.perf_counter() - start
+    probs = probabilities(logits)
+    lines = []
+    for row, p in zip(rows, probs, strict=True):
+        k = int(p.argmax())
+        record: dict[str, Any] = {"record": row.origin.index, "label": labels[k], "score": round(float(p[k]), 6),
+                                  "probabilities": {name: round(float(x), 6) for name, x in zip(labels, p,
+                                                                                                  strict=True)}}
+        if row.label != -1:
+            record["true_label"] = labels[row.label] if isinstance(row.label, int) and 0 <= row.label < len(labels) \
+                else row.label
+        lines.append(json.dumps(record, ensure_ascii=False))
+    out.parent.mkdir(parents=True, exist_ok=True)
+    write_text_atomic(out, "\n".join(lines) + "\n")
+    summary = {"examples": len(rows), "seconds": round(seconds, 3), "examples_per_s": round(len(rows) / seconds, 1),
+               "ms_per_example": round(1000 * seconds / len(rows), 3), "device": str(device),
+               "peak_memory_mib": round(_peak_memory(device) / 2**20, 1), "out": str(out)}
+    print(f"predicted {summary['examples']:,} examples in {seconds:.2f} s: {summary['examples_per_s']:,} examples/s "
+          f"({summary['ms_per_example']} ms each), peak memory {summary['peak_memory_mib']:,} MiB "
+          f"({'GPU' if device == 'cuda' else 'process RSS'}); wrote {out}", file=sys.stderr)
+    return summary
+
+
+def _peak_memory(device: Any) -> int:
+    """Peak bytes: CUDA's allocator peak on a GPU, the process's peak resident set on the CPU."""
+    if str(device).startswith("cuda"):
+        import torch
+
+        return int(torch.cuda.max_memory_allocated())
+    import resource
+
+    return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024  # Linux reports KiB
