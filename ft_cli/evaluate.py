@@ -103,7 +103,6 @@ def evaluate_run(run_dir: Path | str, *, data: Path | None = None, split: str = 
         resolve_target,
         run_base_path,
     )
-
     from ft_cli.tasks.classify_run import classification_target, evaluate_classification
 
     if (classifier := classification_target(run_dir, which)) is not None:  # task: classification (its metrics)

@@ -69,7 +69,9 @@ def check_columns(fmt: str, columns: dict[str, str] | None, where: str = "data.c
 
 def format_of_record(record: dict[str, Any]) -> str | None:
     """The format whose fields a record has (messages: chat, conversations: sharegpt, instruction + output: alpaca,
-    text: text); None when none or several match."""
+    text: text, text + label: labelled); None when none or several match."""
+    if "text" in record and "label" in record:
+        return "labelled"
     found = [fmt for fmt, needs in (("chat", ("messages",)), ("sharegpt", ("conversations",)),
                                     ("alpaca", ("instruction", "output")), ("text", ("text",)))
              if all(k in record for k in needs)]
