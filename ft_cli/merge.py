@@ -64,6 +64,13 @@ def merge_run(run_dir: Path, out: Path, *, force: bool = False, dtype: str | Non
     _check_mergeable(recipe)
     out_dir = prepare_output_dir(out, kind="merge", overwrite=overwrite)  # before anything loads
     out = out_dir.path
+    if recipe.task == "classification":  # a standalone AutoModelForSequenceClassification (ft_cli.tasks)
+        from ft_cli.tasks.classify_run import merge_classifier
+
+        merge_classifier(target, out_dir, out_dtype, force=force)
+        _echo(f"wrote {out} ({out_dtype}); load it with AutoModelForSequenceClassification.from_pretrained("
+              f"{str(out)!r})")
+        return out
     whole = recipe.method in WHOLE_MODEL_METHODS
     bits = recipe.quantization.bits if recipe.quantization else None
     with out_dir.writing() as tmp:  # renamed to --out when everything is written; removed on any failure

@@ -475,3 +475,25 @@ def test_predict_writes_labels_and_probabilities(sst2_run: Path, shared_data: Pa
     assert np.isfinite(result["loss"])
     again = ft("predict", str(sst2_run), "--data", str(sample), "--out", str(out))
     assert again.returncode == 2 and "--overwrite" in again.stderr
+
+
+def test_merge_writes_a_standalone_sequence_classifier(sst2_run: Path, tmp_path: Path) -> None:
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    from ft_cli.tasks.classification import model_inputs
+
+    out = tmp_path / "merged"
+    done = ft("merge", str(sst2_run), "--out", str(out))
+    assert done.returncode == 0, done.stderr[-2000:] + done.stdout[-2000:]
+    report = json.loads((out / "merge_report.json").read_text())
+    assert report["parity_ok"] and report["parity"]["relative_mean_diff"] < 1e-4
+    model = AutoModelForSequenceClassification.from_pretrained(out)
+    assert model.config.id2label == {0: "negative", 1: "positive"}
+    assert not any("lora" in n for n, _ in model.named_parameters())
+    # loads and runs with the plain transformers API (its tokenizer beside it)
+    tok = AutoTokenizer.from_pretrained(out)
+    batch = tok(["a gripping , beautifully made film", "dull and lifeless"], padding=True, return_tensors="pt")
+    with torch.no_grad():
+        assert model(**model_inputs(dict(batch), "cpu")).logits.shape == (2, 2)
+    bad = ft("generate", str(sst2_run), "--prompt", "hi")
+    assert bad.returncode == 2 and "classification run" in bad.stderr

@@ -257,3 +257,82 @@ def _peak_memory(device: Any) -> int:
     import resource
 
     return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024  # Linux reports KiB
+
+
+# ft merge -----------------------------------------------------------------------------------------------------
+
+def merge_classifier(target: Any, out_dir: Any, out_dtype: str, *, force: bool = False) -> dict[str, Any]:
+    """ft merge for a classification run, into `out_dir` (ft_cli.run_dir.OutputDir): the adapter and its trained
+    head folded into an unquantized copy of the base, saved as a standalone AutoModelForSequenceClassification
+    directory (config.json carries id2label), reloaded and compared, logit for logit, with base + adapter on the
+    run's held-out rows. Returns the report (ft_cli.merge.merge_run checks the tolerance)."""
+    import gc
+    from dataclasses import asdict
+
+    import torch
+    from transformers import AutoModelForSequenceClassification
+
+    import ft_cli
+    from ft_cli.loading import load_run_tokenizer, run_base_path
+    from ft_cli.merge import TOLERANCE, Parity, check_plain_model, compare, merge_adapter
+    from ft_cli.model import load_base_model, torch_dtype
+    from ft_cli.recipe import WHOLE_MODEL_METHODS
+    from ft_cli.tasks.classification import LABELS_FILE, build_datasets
+
+    recipe = target.recipe
+    labels = run_labels(target.output)
+    tokenizer = load_run_tokenizer(recipe, target.output)
+    try:
+        bundle = build_datasets(recipe, tokenizer)
+        rows = bundle.eval if bundle.eval is not None else bundle.train
+        samples = rows.select(range(min(8, len(rows))))
+    except UserError as exc:  # the training data moved away: a few fixed texts
+        print(f"parity samples: the run's data is unavailable ({exc.message.splitlines()[0]}); using fixed texts")
+        import datasets
+
+        texts = ["a gripping , beautifully made film", "the service was slow and the room was dirty",
+                 "it is what it is", "I would come back any time"]
+        samples = datasets.Dataset.from_dict({"input_ids": tokenizer(texts)["input_ids"], "label": [0] * len(texts)})
+    collate = make_collator(tokenizer)
+    compute = "float32"
+    if recipe.method in WHOLE_MODEL_METHODS:
+        model = AutoModelForSequenceClassification.from_pretrained(str(target.output), dtype=torch.float32)
+        reference_name = f"the trained model in {target.output.name}/"
+    else:
+        torch.manual_seed(recipe.train.seed)
+        base = load_base_model(recipe, run_base_path(target), quantize=False, dtype="float32",
+                               head=Head(labels, tokenizer.pad_token_id))
+        model = ft_cli.load_adapter(base, target.output)
+        reference_name = f"the adapter on the unquantized {recipe.model.dtype} base (computed in float32)"
+    reference, _ = predict_batches(model, samples, collate, 8, "cpu")
+    merged = merge_adapter(model)
+    merged.to(torch_dtype(out_dtype))
+    merged.config.use_cache = True
+    with out_dir.writing() as tmp:
+        merged.save_pretrained(tmp, max_shard_size="5GB")
+        tokenizer.save_pretrained(tmp)
+        (tmp / LABELS_FILE).write_text(json.dumps({"task": "classification", "labels": labels}, indent=2) + "\n")
+        del merged, model
+        gc.collect()
+        reloaded = AutoModelForSequenceClassification.from_pretrained(str(tmp), dtype="auto")
+        check_plain_model(reloaded, torch_dtype(out_dtype))
+        reloaded.to(torch.float32)
+        candidate, _ = predict_batches(reloaded, samples, collate, 8, "cpu")
+        parity = compare([torch.from_numpy(candidate)], [torch.from_numpy(reference)], compute)
+        report = {"run_dir": str(target.path), "source": str(target.output), "method": recipe.method,
+                  "task": "classification", "labels": labels, "base_model": recipe.model.name_or_path,
+                  "dtype": out_dtype, "tolerance": TOLERANCE[out_dtype], "reference": reference_name,
+                  "parity": asdict(parity)}
+        report["parity"]["samples"] = len(samples)
+        ok = parity.relative_mean_diff <= TOLERANCE[out_dtype]
+        report["parity_ok"] = ok
+        print(f"parity, merged vs {reference_name}, on {len(samples)} held-out rows: {Parity(**report['parity']).line()}"
+              f"; tolerance {TOLERANCE[out_dtype]:g} relative -> {'OK' if ok else 'FAILED'}", flush=True)
+        if not ok and not force:
+            from ft_cli.errors import CheckFailed
+
+            raise CheckFailed(f"merge refused: merged logits differ from {reference_name} by "
+                              f"{parity.relative_mean_diff:.3g} relative (tolerance {TOLERANCE[out_dtype]:g} for "
+                              f"{out_dtype}); nothing was written. Use --force to write it anyway")
+        (tmp / "merge_report.json").write_text(json.dumps(report, indent=2) + "\n")
+    return report
