@@ -497,3 +497,13 @@ def test_merge_writes_a_standalone_sequence_classifier(sst2_run: Path, tmp_path:
         assert model(**model_inputs(dict(batch), "cpu")).logits.shape == (2, 2)
     bad = ft("generate", str(sst2_run), "--prompt", "hi")
     assert bad.returncode == 2 and "classification run" in bad.stderr
+
+
+def test_report_draws_metric_curves_and_the_confusion_matrix(sst2_run: Path) -> None:
+    done = ft("report", str(sst2_run))
+    assert done.returncode == 0, done.stderr[-2000:]
+    report = sst2_run / "report"
+    for png in ("loss.png", "metrics.png", "confusion.png"):
+        assert (report / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    summary = (report / "summary.md").read_text()
+    assert "![confusion matrix](confusion.png)" in summary and "| true \\ predicted | negative | positive |" in summary

@@ -336,3 +336,64 @@ def merge_classifier(target: Any, out_dir: Any, out_dtype: str, *, force: bool =
                               f"{out_dtype}); nothing was written. Use --force to write it anyway")
         (tmp / "merge_report.json").write_text(json.dumps(report, indent=2) + "\n")
     return report
+
+
+# ft report ----------------------------------------------------------------------------------------------------
+
+METRICS_PNG = "metrics.png"
+CONFUSION_PNG = "confusion.png"
+
+
+def classification_report(evals: list[dict[str, Any]], eval_result: dict[str, Any] | None, out: Path,
+                          labels: list[str] | None) -> list[str]:
+    """ft report for a classification run: metrics.png (eval accuracy and F1s vs step) and confusion.png (the
+    confusion matrix of eval.json, else of the last evaluation during training); returns summary.md's section."""
+    from matplotlib.figure import Figure
+
+    points = [r for r in evals if "eval_accuracy" in r]
+    md: list[str] = []
+    if points:
+        fig = Figure(figsize=(8, 4), dpi=110)
+        ax = fig.add_subplot()
+        for key in ("eval_accuracy", "eval_f1_macro", "eval_f1_micro", "eval_f1_weighted"):
+            ax.plot([r["step"] for r in points], [r[key] for r in points], marker="o", ms=3,
+                    label=key.removeprefix("eval_"))
+        ax.set_xlabel("step")
+        ax.set_ylim(0, 1.02)
+        ax.grid(alpha=0.3)
+        ax.legend(loc="lower right")
+        ax.set_title("evaluation during training")
+        fig.tight_layout()
+        fig.savefig(out / METRICS_PNG, format="png")
+        print(f"wrote {out / METRICS_PNG}")
+        md += ["## Classification metrics", "", f"![accuracy and F1 during training]({METRICS_PNG})", ""]
+    if eval_result is not None and "confusion_matrix" in eval_result:
+        cm, source = eval_result["confusion_matrix"], "eval.json"
+    elif points and labels:
+        cm, source = {"labels": labels, "counts": points[-1]["eval_confusion_matrix"]}, \
+            f"the evaluation at step {points[-1]['step']}"
+    else:
+        return md
+    fig = Figure(figsize=(max(4.5, 1.6 + 0.9 * len(cm["labels"])), 1.4 + 0.9 * len(cm["labels"])), dpi=110)
+    ax = fig.add_subplot()
+    counts = np.asarray(cm["counts"])
+    ax.imshow(counts, cmap="Blues")
+    ticks = range(len(cm["labels"]))
+    ax.set_xticks(ticks, cm["labels"], rotation=45, ha="right")
+    ax.set_yticks(ticks, cm["labels"])
+    ax.set_xlabel("predicted")
+    ax.set_ylabel("true")
+    for i in ticks:
+        for j in ticks:
+            ax.text(j, i, f"{counts[i, j]:,}", ha="center", va="center",
+                    color="white" if counts[i, j] > counts.max() / 2 else "black")
+    ax.set_title(f"confusion matrix\n({source})", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(out / CONFUSION_PNG, format="png")
+    print(f"wrote {out / CONFUSION_PNG}")
+    header = ["true \\ predicted", *cm["labels"]]
+    rows = [[label, *(f"{c:,}" for c in row)] for label, row in zip(cm["labels"], counts.tolist(), strict=True)]
+    md += [f"### Confusion matrix ({source})", "", f"![confusion matrix]({CONFUSION_PNG})", "",
+           "| " + " | ".join(header) + " |", "|" + "---|" * len(header),
+           *("| " + " | ".join(r) + " |" for r in rows), ""]
+    return md
