@@ -207,6 +207,11 @@ class DataSection(Section):
         "--system does the same."
     )
     shuffle: bool = Field(True, description="Shuffle training rows each epoch (seeded).")
+    group_by_length: bool = Field(
+        False, description="Put training rows of similar length in the same micro-batch (as HF Trainer's "
+        "group_by_length: shuffled rows sorted by length within windows of 64 batches, batch order shuffled), so "
+        "unpacked batches carry little padding. Changes which rows share a batch, not which rows train."
+    )
     cache: bool = Field(True, description="Reuse tokenized data from the cache when data, tokenizer and settings match.")
     labels: list[str] | list[int] | None = Field(
         None, description="task: classification: the label names, in class-id order (e.g. [negative, positive]). "
@@ -220,6 +225,9 @@ class DataSection(Section):
 
     @model_validator(mode="after")
     def _overlap_fits(self) -> DataSection:
+        if self.group_by_length and self.packing:
+            raise _FieldError("group_by_length", "does nothing with packing: true (packed rows are all max_seq_len "
+                              "long); remove one of them")
         if self.text_overlap and self.text_chunking != "split":
             raise _FieldError("text_overlap", "only applies to text_chunking: split")
         if self.text_overlap >= self.max_seq_len:
@@ -479,7 +487,8 @@ class Recipe(Section):
         for key in ("max_steps", "epochs", "eval_every", "save_every", "keep_last", "log_every",
                     "early_stopping_patience", "eval_batch_size", "compile", "best_metric"):
             d["train"].pop(key, None)
-        for key, default in (("task", "causal_lm"), ("data.labels", None), ("train.class_weights", None)):
+        for key, default in (("task", "causal_lm"), ("data.labels", None), ("train.class_weights", None),
+                             ("data.group_by_length", False)):
             section, _, name = key.rpartition(".")
             holder = d[section] if section else d
             if holder.get(name) == default:  # unset: a checkpoint from before the classification task resumes

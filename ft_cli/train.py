@@ -125,7 +125,8 @@ def _setup_locked(recipe: Recipe, recipe_path: Path, run: RunDir, accelerator: A
             print(line, file=sys.stderr)
     t = recipe.train
     batches = MicroBatches(len(data.train), t.micro_batch_size, world_size=accelerator.num_processes,
-                           rank=accelerator.process_index, seed=t.seed, shuffle=recipe.data.shuffle)
+                           rank=accelerator.process_index, seed=t.seed, shuffle=recipe.data.shuffle,
+                           lengths=_row_lengths(data.train) if recipe.data.group_by_length else None)
     total_steps = t.max_steps or max(1, math.ceil(t.epochs * batches.per_epoch / t.grad_accum))
     sized = _check_disk_space(recipe, run, total_steps)
     set_seed(recipe.train.seed)  # data building must not shift the model's initial weights
@@ -304,6 +305,12 @@ def fit(s: Session) -> Path:
 def _rows(dataset: Any, indices: list[int]) -> list[dict[str, Any]]:
     cols = dataset[indices]
     return [dict(zip(cols, vals, strict=True)) for vals in zip(*cols.values(), strict=True)]
+
+
+def _row_lengths(dataset: Any) -> list[int]:
+    import pyarrow.compute as pc
+
+    return pc.list_value_length(dataset.data.column("input_ids")).to_numpy().tolist()
 
 
 def _reduce_sum(acc: Any, value: Any) -> float:

@@ -507,3 +507,23 @@ def test_report_draws_metric_curves_and_the_confusion_matrix(sst2_run: Path) -> 
         assert (report / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     summary = (report / "summary.md").read_text()
     assert "![confusion matrix](confusion.png)" in summary and "| true \\ predicted | negative | positive |" in summary
+
+
+def test_group_by_length_batches_similar_lengths_and_keeps_every_row() -> None:
+    import random
+
+    from ft_cli.batches import MicroBatches
+
+    rng = random.Random(0)
+    lengths = [rng.randint(5, 200) for _ in range(1000)]
+    plain = MicroBatches(1000, 8, seed=1)
+    grouped = MicroBatches(1000, 8, seed=1, lengths=lengths)
+    per_epoch = grouped.per_epoch
+
+    def padding(b: MicroBatches) -> float:
+        batches = [[lengths[i] for i in b.indices(m)] for m in range(per_epoch)]
+        return sum(max(x) * len(x) - sum(x) for x in batches) / sum(map(sum, batches))
+
+    assert sorted(i for m in range(per_epoch) for i in grouped.indices(m)) == list(range(1000))  # each row once
+    assert padding(grouped) < 0.1 < 0.5 < padding(plain)
+    assert grouped.indices(0) != MicroBatches(1000, 8, seed=1, lengths=lengths).indices(per_epoch)  # new epoch order
