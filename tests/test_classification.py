@@ -527,3 +527,39 @@ def test_group_by_length_batches_similar_lengths_and_keeps_every_row() -> None:
     assert sorted(i for m in range(per_epoch) for i in grouped.indices(m)) == list(range(1000))  # each row once
     assert padding(grouped) < 0.1 < 0.5 < padding(plain)
     assert grouped.indices(0) != MicroBatches(1000, 8, seed=1, lengths=lengths).indices(per_epoch)  # new epoch order
+
+
+def test_serve_classify_returns_what_predict_writes(sst2_run: Path, tmp_path: Path) -> None:
+    import urllib.error
+    import urllib.request
+
+    from ft_cli.loading import resolve_target
+    from ft_cli.serve import BackgroundServer
+    from ft_cli.serve.classify import load_classifier_app
+
+    texts = ["a gripping , beautifully made film", "dull , lifeless and far too long", "it is a movie"]
+    app, _ = load_classifier_app(resolve_target(sst2_run), api_key="k3y")
+
+    def post(body: Any, key: str = "k3y") -> tuple[int, dict]:
+        req = urllib.request.Request(f"{url}/v1/classify", data=json.dumps(body).encode(), method="POST",
+                                     headers={"Content-Type": "application/json", "Authorization": f"Bearer {key}"})
+        try:
+            with urllib.request.urlopen(req, timeout=120) as resp:
+                return resp.status, json.loads(resp.read())
+        except urllib.error.HTTPError as err:
+            return err.code, json.loads(err.read())
+
+    with BackgroundServer(app) as url:
+        status, served = post({"input": texts})
+        bad_status, bad = post({"input": 5})
+        key_status, _ = post({"input": "x"}, key="wrong")
+    assert status == 200 and [d["index"] for d in served["data"]] == [0, 1, 2]
+    assert bad_status == 400 and bad["error"]["param"] == "input" and key_status == 401
+    data = tmp_path / "texts.jsonl"
+    data.write_text("".join(json.dumps({"sentence": t}) + "\n" for t in texts))  # the run's columns, no label
+    out = tmp_path / "preds.jsonl"
+    assert ft("predict", str(sst2_run), "--data", str(data), "--out", str(out)).returncode == 0
+    preds = [json.loads(x) for x in out.read_text().splitlines()]
+    for p, d in zip(preds, served["data"], strict=True):
+        assert p["label"] == d["label"]
+        assert p["probabilities"] == pytest.approx(d["probabilities"], abs=1e-5)

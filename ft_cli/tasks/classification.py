@@ -319,7 +319,7 @@ def load_labelled_file(path: str | Path, recipe: Recipe, tokenizer: Any, names: 
     col = check_columns("labelled", d.columns)
 
     def read(record: dict[str, Any], origin: Origin) -> Labelled:
-        if not need_labels and col["label"] not in record:
+        if not need_labels and col["label"] not in record and col["text"] in record:
             record = {**record, col["label"]: -1}
         return convert(record, origin)
 
