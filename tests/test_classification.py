@@ -6,8 +6,6 @@ from __future__ import annotations
 
 import json
 import re
-import subprocess
-import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -152,8 +150,7 @@ def test_bad_data_gets_one_message_naming_file_and_field(tmp_path: Path, case: s
     e = write_json(tmp_path / "eval.json", eval_rows)
     path = tmp_path / "recipe.yaml"
     path.write_text(yaml.safe_dump(recipe_dict(t, data={"eval": str(e)})))
-    done = subprocess.run([sys.executable, "-m", "ft_cli.cli", "validate", str(path)], capture_output=True, text=True,
-                          timeout=300)
+    done = ft("validate", str(path))
     assert done.returncode == 2, done.stderr[-2000:]
     assert re.search(message, done.stderr), done.stderr[-2000:]
     assert "Traceback" not in done.stderr
@@ -184,6 +181,20 @@ def test_class_weights_auto_is_inverse_frequency() -> None:
     assert (90 * weights[0] + 10 * weights[1]) / 100 == pytest.approx(1.0)  # mean weight over examples is 1
 
 
+def test_validate_shows_label_counts(shared_data: Path, tmp_path: Path) -> None:
+    from typer.testing import CliRunner
+
+    from ft_cli.cli import app
+
+    path = tmp_path / "recipe.yaml"
+    path.write_text(yaml.safe_dump(recipe_dict(shared_data / "chnsenticorp_sample.csv", data={
+        "columns": {"text": "review"}, "labels": ["negative", "positive"], "val_split": 0.1})))
+    result = CliRunner().invoke(app, ["validate", str(path)], terminal_width=200)
+    assert result.exit_code == 0, result.output
+    assert re.search(r"labels \(task classification\)\s*│\s*negative: 540 \(50\.0%\)\s*│\s*negative: 60 \(50\.0%\)",
+                     result.output), result.output[-3000:]
+
+
 # Methods -------------------------------------------------------------------------------------------------------
 
 HEAD = r"^(classifier|score)\.|\.(classifier|score)\.modules_to_save\."
@@ -204,9 +215,7 @@ RUNS: dict[str, tuple[dict[str, Any], float, str]] = {
     # decoders: the head pools the last real token
     "llama-lora": ({"model": {"name_or_path": "builtin:tiny-llama"}, "method": "lora",
                     "lora": {"rank": 8, "alpha": 16, "dropout": 0.0}}, 1e-2, r"\.lora_[AB]\."),
-    "qwen2-qlora": ({"model": {"name_or_path": "builtin:tiny-qwen2"}, "method": "qlora",
-                     "lora": {"rank": 8, "alpha": 16, "dropout": 0.0},
-                     "quantization": {"bits": 4, "compute_dtype": "float32"}}, 1e-2, r"\.lora_[AB]\."),
+    # decoder QLoRA: smoke-trained by tests/test_shipped_recipes.py (recipes/llama-3.1-8b/classify-qlora.yaml)
 }
 
 
@@ -425,17 +434,35 @@ def sst2_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return train_from_recipe(path, [])
 
 
-def ft(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "ft_cli.cli", *args], capture_output=True, text=True, timeout=600)
+@dataclass
+class Done:
+    returncode: int
+    stdout: str
+    stderr: str
+
+
+def ft(*args: str) -> Done:
+    """The ft command line, in this process (as tests/test_shipped_recipes.py runs it): no interpreter start-up."""
+    from typer.testing import CliRunner
+
+    from ft_cli.cli import app
+
+    result = CliRunner().invoke(app, list(args), terminal_width=200)
+    if result.exception is not None and not isinstance(result.exception, SystemExit):
+        raise result.exception
+    return Done(result.exit_code, result.stdout, result.stderr)
 
 
 def test_eval_writes_metrics_and_fails_if(sst2_run: Path, tmp_path: Path) -> None:
-    done = ft("eval", str(sst2_run), "--fail-if", "accuracy<0.99", "--fail-if", "f1_macro<0.01")
+    done = ft("eval", str(sst2_run), "--compare-base", "--fail-if", "accuracy<0.99", "--fail-if", "f1_macro<0.01")
     assert done.returncode == 3, done.stderr[-2000:]
     assert "accuracy<0.99" in done.stderr and "f1_macro<0.01" not in done.stderr.split("--fail-if")[-1]
     result = json.loads((sst2_run / "eval.json").read_text())
     assert result["examples"] == 40 and result["task"] == "classification"  # 10% of 400, stratified
     assert set(result["per_class"]) == {"negative", "positive"}
+    # --compare-base: the base with the head its seed gave it, before training
+    assert result["delta_accuracy"] == pytest.approx(result["accuracy"] - result["base_accuracy"])
+    assert result["base_loss"] != result["loss"]
     assert sum(map(sum, result["confusion_matrix"]["counts"])) == 40
     # the same numbers as the last in-training evaluation (same model, same rows)
     lines = [json.loads(x) for x in (sst2_run / "metrics.jsonl").read_text().splitlines()]
