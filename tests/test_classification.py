@@ -590,3 +590,11 @@ def test_serve_classify_returns_what_predict_writes(sst2_run: Path, tmp_path: Pa
     for p, d in zip(preds, served["data"], strict=True):
         assert p["label"] == d["label"]
         assert p["probabilities"] == pytest.approx(d["probabilities"], abs=1e-5)
+
+
+def test_plan_counts_no_vocabulary_logits_for_a_classifier() -> None:
+    root = Path(__file__).resolve().parents[1]
+    done = ft("plan", str(root / "recipes" / "bert-base-uncased" / "sst2.yaml"), "--set",
+              "model.name_or_path=builtin:small-bert")
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert re.search(r"logits and loss\s*│\s*0\.00 KiB", done.stdout), done.stdout
