@@ -37,7 +37,8 @@ def add_base(result: dict[str, Any], scored: dict[str, Any], base_gen: dict[str,
         result[f"delta_{metric}"] = result[metric] - base
 
 
-def finish(result: dict[str, Any], thresholds: list[Any], path: Path | None) -> int:
+def finish(result: dict[str, Any], thresholds: list[Any], path: Path | None, printer: Any = None) -> int:
+    """Write the result (when `path`), print it (`printer`, default print_result), apply --fail-if."""
     failed = [t for t in thresholds if t.crossed(float(result[t.metric]))]
     result.update(evaluated_at=now_iso(), fail_if=[str(t) for t in thresholds], failed=[str(t) for t in failed])
     if path is not None:
@@ -46,7 +47,7 @@ def finish(result: dict[str, Any], thresholds: list[Any], path: Path | None) -> 
             raise UserError(f"--output: {path} is a directory; give a file name such as {path}/eval.json")
         path.parent.mkdir(parents=True, exist_ok=True)
         write_json(path, result)
-    print_result(result, path)
+    (printer or print_result)(result, path)
     if failed:
         lines = [f"  {t.metric} = {result[t.metric]:.6g} crosses {t}" for t in failed]
         raise CheckFailed("eval check failed (--fail-if):\n" + "\n".join(lines))

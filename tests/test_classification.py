@@ -16,6 +16,7 @@ import yaml
 
 from ft_cli.errors import UserError
 from ft_cli.recipe import load_recipe, recipe_from_dict
+from tests.test_methods import bit_identical
 
 POSITIVE = ["good", "great", "happy", "bright", "warm", "kind"]
 NEGATIVE = ["bad", "sad", "dark", "cold", "cruel", "broken"]
@@ -272,13 +273,6 @@ def trained(tmp_path_factory: pytest.TempPathFactory):
         return runs[name]
 
     return get
-
-
-def bit_identical(a: torch.Tensor, b: torch.Tensor) -> bool:
-    """Bytes, not values: packed 4-bit weights stored as float32 hold NaN bit patterns, and NaN != NaN."""
-    if a.shape != b.shape or a.dtype != b.dtype:
-        return False
-    return torch.equal(a.reshape(-1).view(torch.uint8), b.reshape(-1).view(torch.uint8))
 
 
 def logits(model: Any, batch: dict[str, torch.Tensor]) -> torch.Tensor:

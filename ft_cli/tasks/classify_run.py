@@ -107,7 +107,7 @@ def score(model: Any, dataset: Any, tokenizer: Any, labels: list[str], batch_siz
 
 def evaluate_classification(target: Any, *, data: Path | None, split: str, which: str, compare_base: bool,
                             fail_if: Sequence[str], batch_size: int, name: str | None, output: Path | None) -> int:
-    from ft_cli.eval_results import result_path
+    from ft_cli.eval_results import finish, result_path
     from ft_cli.evaluate import parse_thresholds
     from ft_cli.loading import default_device
     from ft_cli.run_dir import RunDir
@@ -130,26 +130,7 @@ def evaluate_classification(target: Any, *, data: Path | None, split: str, which
             result[f"base_{metric}"] = scored[metric]
             result[f"delta_{metric}"] = result[metric] - scored[metric]
     path = output or result_path(RunDir(target.path), data=data, split=split, which=which, name=name)
-    return finish(result, thresholds, path)
-
-
-def finish(result: dict[str, Any], thresholds: list[Any], path: Path) -> int:
-    from ft_cli.errors import CheckFailed
-    from ft_cli.eval_results import write_json
-    from ft_cli.run_dir import now_iso
-
-    failed = [t for t in thresholds if t.crossed(float(result[t.metric]))]
-    result.update(evaluated_at=now_iso(), fail_if=[str(t) for t in thresholds], failed=[str(t) for t in failed])
-    path = Path(path).expanduser()
-    if path.is_dir():
-        raise UserError(f"--output: {path} is a directory; give a file name such as {path}/eval.json")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    write_json(path, result)
-    print_result(result, path)
-    if failed:
-        shown = ", ".join(f"{t} (got {result[t.metric]:.4f})" for t in failed)
-        raise CheckFailed(f"--fail-if: {shown}")
-    return 0
+    return finish(result, thresholds, path, printer=print_result)
 
 
 def print_result(result: dict[str, Any], path: Path) -> None:
