@@ -42,7 +42,7 @@ def render_model_card(recipe: Recipe, manifest: dict[str, Any], state: dict[str,
         meta["base_model"] = base
     meta["library_name"] = ("transformers" if method in WHOLE_MODEL_METHODS
                             else "peft" if method != "adapter" else "ft-cli")
-    meta["pipeline_tag"] = "text-generation"
+    meta["pipeline_tag"] = "text-classification" if recipe.task == "classification" else "text-generation"
     meta["tags"] = ["ft", method] + (["qlora"] if recipe.quantized and method != "qlora" else [])
 
     rows = [("base model", f"`{shown_base}`"), ("method", method + method_detail(recipe))]
@@ -114,9 +114,13 @@ def _data_rows(recipe: Recipe, manifest: dict[str, Any]) -> list[tuple[str, str]
 
 def _usage(recipe: Recipe, base: str) -> list[str]:
     m = recipe.method
-    imports = ["from transformers import AutoModelForCausalLM, AutoTokenizer"]
+    auto = "AutoModelForSequenceClassification" if recipe.task == "classification" else "AutoModelForCausalLM"
+    # a classifier's base gets a new head of the run's size (its labels: ft_classification.json here)
+    head = ", num_labels=len(json.load(open('PATH_TO_THIS_DIRECTORY/ft_classification.json'))['labels'])" \
+        if recipe.task == "classification" else ""
+    imports = [f"from transformers import {auto}, AutoTokenizer"] + (["import json"] if head else [])
     if m in WHOLE_MODEL_METHODS:
-        return [*imports, "", 'model = AutoModelForCausalLM.from_pretrained("PATH_TO_THIS_DIRECTORY")',
+        return [*imports, "", f'model = {auto}.from_pretrained("PATH_TO_THIS_DIRECTORY")',
                 'tokenizer = AutoTokenizer.from_pretrained("PATH_TO_THIS_DIRECTORY")']
     assert m in PEFT_METHODS
     if m == "adapter":
@@ -125,7 +129,7 @@ def _usage(recipe: Recipe, base: str) -> list[str]:
     else:
         imports.append("from peft import PeftModel")
         load = 'model = PeftModel.from_pretrained(base, "PATH_TO_THIS_DIRECTORY")'
-    return [*imports, "", f'base = AutoModelForCausalLM.from_pretrained("{base}", dtype="auto")', load,
+    return [*imports, "", f'base = {auto}.from_pretrained("{base}", dtype="auto"{head})', load,
             'tokenizer = AutoTokenizer.from_pretrained("PATH_TO_THIS_DIRECTORY")  # with the chat template']
 
 

@@ -463,6 +463,8 @@ def test_eval_writes_metrics_and_fails_if(sst2_run: Path, tmp_path: Path) -> Non
     last = [x for x in lines if "eval_accuracy" in x][-1]
     assert result["accuracy"] == pytest.approx(last["eval_accuracy"]) and result["loss"] == pytest.approx(
         last["eval_loss"], rel=1e-5)
+    card = (sst2_run / "adapter" / "README.md").read_text()
+    assert "pipeline_tag: text-classification" in card and "AutoModelForSequenceClassification" in card
     bad = ft("eval", str(sst2_run), "--fail-if", "perplexity>3")
     assert bad.returncode == 2 and "unknown metric 'perplexity'" in bad.stderr
 
