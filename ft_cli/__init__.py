@@ -46,6 +46,11 @@ def load_adapter(base_model: Any, adapter_dir: str | Path) -> Any:
     - every other PEFT method (`adapter_config.json`): `peft.PeftModel.from_pretrained(base_model, adapter_dir)`,
       with the adapter weights kept in float32 on a 16-bit base, as during training.
 
+    For a classification run (task: classification) the base is
+    `AutoModelForSequenceClassification.from_pretrained(BASE, num_labels=K, pad_token_id=...)`; the trained head is
+    in the adapter (peft's modules_to_save, or beside a bottleneck adapter) and replaces the base's new one; the
+    label names are in ft_classification.json.
+
     The base must be the model the adapter was trained on (`base_model_name_or_path` in its config); a bottleneck
     adapter refuses a base of another architecture or size. `adapter_dir` is a run's `adapter/` or `best/`."""
     from ft_cli.errors import UserError
@@ -55,6 +60,10 @@ def load_adapter(base_model: Any, adapter_dir: str | Path) -> Any:
 
     if (path / CONFIG_FILE).is_file():
         model = load_bottleneck_adapter(base_model, path)
+        from ft_cli.tasks.classification import HEAD_FILE, load_head
+
+        if (path / HEAD_FILE).is_file():  # a classification run: its trained head too
+            load_head(model, path)
         model.requires_grad_(False)  # frozen for inference, as peft's is_trainable=False leaves a model
         model.eval()
         return model

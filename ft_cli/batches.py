@@ -24,11 +24,12 @@ def total_steps(max_steps: int | None, epochs: float, per_epoch: int, grad_accum
 
 class MicroBatches:
     def __init__(self, num_rows: int, micro_batch_size: int, *, world_size: int = 1, rank: int = 0,
-                 seed: int = 0, shuffle: bool = True):
+                 seed: int = 0, shuffle: bool = True, lengths: list[int] | None = None):
         if num_rows <= 0:
             raise ValueError("no training rows")
         self.n, self.mbs, self.world, self.rank = num_rows, micro_batch_size, world_size, rank
         self.seed, self.shuffle = seed, shuffle
+        self.lengths = lengths  # data.group_by_length: row lengths, to batch rows of similar length together
         self.global_batch = micro_batch_size * world_size
         self.per_epoch = micro_batches_per_epoch(num_rows, micro_batch_size, world_size)
 
@@ -39,7 +40,19 @@ class MicroBatches:
         import torch
 
         g = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
-        return torch.randperm(self.n, generator=g).tolist()
+        order = torch.randperm(self.n, generator=g).tolist()
+        if self.lengths is None:
+            return order
+        # Length grouping, as HF Trainer's group_by_length: the shuffled rows in windows of 64 global batches,
+        # each window sorted by length (longest first), cut into global batches, and the batches shuffled, so a
+        # batch holds rows of similar length (little padding) while the epoch stays in random order.
+        window = 64 * self.global_batch
+        chunks = [sorted(order[i:i + window], key=lambda r: -self.lengths[r]) for i in range(0, self.n, window)]
+        grouped = [r for chunk in chunks for r in chunk]
+        batches = [grouped[i:i + self.global_batch] for i in range(0, self.n, self.global_batch)]
+        last = batches.pop() if len(batches[-1]) < self.global_batch else None  # stays last (the epoch wraps)
+        perm = torch.randperm(len(batches), generator=g).tolist()
+        return [r for i in perm for r in batches[i]] + (last or [])
 
     def indices(self, m: int) -> list[int]:
         """Row indices of this rank's m-th micro-batch of the whole run."""

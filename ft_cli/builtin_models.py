@@ -102,6 +102,16 @@ BUILTIN_SPECS: dict[str, BuiltinSpec] = {spec.name: spec for spec in (
     _tiny("gemma2", tie=True, extra=(("query_pre_attn_scalar", 16),)),
     _tiny("phi3", tie=False),  # fused qkv_proj and gate_up_proj
     _tiny("gpt2", tie=True, kv_heads=4, intermediate=256),  # Conv1D c_attn / c_proj / c_fc, no GQA
+    # An encoder for task: classification (AutoModelForSequenceClassification pools [CLS]), with a WordPiece
+    # tokenizer ([CLS] text [SEP], lower-cased, Chinese characters split one per token) as BERT's.
+    BuiltinSpec(name="tiny-bert", model_type="bert", hidden_size=64, num_layers=2, num_heads=4, num_kv_heads=4,
+                intermediate_size=176, tie_word_embeddings=True,
+                description="tiny random BERT encoder for classification tests and --smoke (2 layers, hidden 64)",
+                extra_config=(_INIT,)),
+    BuiltinSpec(name="small-bert", model_type="bert", hidden_size=512, num_layers=6, num_heads=8, num_kv_heads=8,
+                intermediate_size=2048, tie_word_embeddings=True,
+                description="~30M-parameter random BERT encoder for classification benchmarks (6 layers, hidden 512)",
+                extra_config=(("initializer_range", 0.02),)),
     BuiltinSpec(name="small-llama", model_type="llama", hidden_size=512, num_layers=6, num_heads=8, num_kv_heads=8,
                 intermediate_size=1376, tie_word_embeddings=False,
                 description="~21M-parameter random llama for benchmarks (6 layers, hidden 512)",
@@ -221,14 +231,15 @@ def _ensure_built(spec: BuiltinSpec, root: Path, chat: ChatProfile | None = None
 
 def _build_model_dir(spec: BuiltinSpec, out: Path, chat: ChatProfile | None = None) -> None:
     """Write the tokenizer, the model and, last, the marker that says the directory is complete."""
-    tokenizer = build_tokenizer(chat)
+    tokenizer = build_wordpiece_tokenizer() if spec.model_type in ENCODER_TYPES else build_tokenizer(chat)
     model = _build_model(spec, tokenizer, chat)
     model.save_pretrained(out)
     tokenizer.save_pretrained(out)
     # transformers 5 loads qwen2 directories with Qwen2Tokenizer, whose default unk token <|endoftext|> we do
     # not have (it would be added as a new token): say explicitly that there is none.
     tokenizer_config = json.loads((out / "tokenizer_config.json").read_text(encoding="utf-8"))
-    tokenizer_config["unk_token"] = None
+    if spec.model_type not in ENCODER_TYPES:
+        tokenizer_config["unk_token"] = None
     (out / "tokenizer_config.json").write_text(json.dumps(tokenizer_config, indent=2) + "\n", encoding="utf-8")
     marker = {"name": BUILTIN_PREFIX + spec.name, "key": build_key(spec, chat), "format_version": FORMAT_VERSION,
               "parameters": sum(p.numel() for p in model.parameters()), "spec": asdict(spec),
@@ -246,6 +257,8 @@ def _build_model(spec: BuiltinSpec, tokenizer: PreTrainedTokenizerFast,
     stops = [tokenizer.convert_tokens_to_ids(t) for t in chat.generation_eos] if chat is not None else None
     # Rounded up to a multiple of 64, as real models do for fast matmuls; the spare rows are never produced.
     vocab_size = -(-len(tokenizer) // 64) * 64
+    if spec.model_type in ENCODER_TYPES:
+        return _build_encoder(spec, tokenizer)
     if spec.model_type == "gpt2":
         sizes = {"n_embd": spec.hidden_size, "n_layer": spec.num_layers, "n_head": spec.num_heads,
                  "n_inner": spec.intermediate_size, "n_positions": MODEL_MAX_LENGTH}
@@ -264,6 +277,57 @@ def _build_model(spec: BuiltinSpec, tokenizer: PreTrainedTokenizerFast,
     model.to(torch.float32)
     model.generation_config = GenerationConfig(**{**ids, "eos_token_id": stops or ids["eos_token_id"]})
     return model
+
+
+ENCODER_TYPES = ("bert",)
+WORDPIECE_SPECIAL = ("[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]")
+ENCODER_MAX_LENGTH = 512
+
+
+def _build_encoder(spec: BuiltinSpec, tokenizer: PreTrainedTokenizerFast) -> PreTrainedModel:
+    """A BERT-style encoder with its pre-training heads and pooler (what bert-base-uncased is saved as); AutoModelForSequenceClassification
+    loads its encoder and adds a new head."""
+    import torch
+    from transformers import AutoConfig, AutoModelForPreTraining
+
+    vocab_size = -(-len(tokenizer) // 64) * 64
+    config = AutoConfig.for_model(spec.model_type, vocab_size=vocab_size, hidden_size=spec.hidden_size,
+                                  num_hidden_layers=spec.num_layers, num_attention_heads=spec.num_heads,
+                                  intermediate_size=spec.intermediate_size,
+                                  max_position_embeddings=ENCODER_MAX_LENGTH, pad_token_id=tokenizer.pad_token_id,
+                                  tie_word_embeddings=spec.tie_word_embeddings, **dict(spec.extra_config))
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(spec.seed)
+        model = AutoModelForPreTraining.from_config(config)
+    return model.to(torch.float32)
+
+
+def build_wordpiece_tokenizer() -> PreTrainedTokenizerFast:
+    """BERT's tokenizer design, trained on builtin_corpus: lower-casing and accent stripping, CJK characters one
+    per token, WordPiece (## continuations), [CLS] A [SEP] (B [SEP]) with token type ids 0/1."""
+    from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    from ft_cli.builtin_corpus import corpus
+
+    tok = Tokenizer(models.WordPiece(unk_token="[UNK]"))
+    tok.normalizer = normalizers.BertNormalizer(lowercase=True, handle_chinese_chars=True, strip_accents=None)
+    tok.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
+    tok.decoder = decoders.WordPiece()
+    # Every CJK ideograph and CJK/full-width punctuation mark is in the vocabulary (the corpus is English), so
+    # Chinese text (ChnSentiCorp) tokenizes to one token per character as with bert-base-chinese, not to [UNK].
+    cjk = [chr(c) for r in ((0x3000, 0x3040), (0x4E00, 0xA000), (0xFF00, 0xFFF0)) for c in range(*r)]
+    trainer = trainers.WordPieceTrainer(vocab_size=_BPE_VOCAB_SIZE + len(cjk), min_frequency=_BPE_MIN_FREQUENCY,
+                                        special_tokens=list(WORDPIECE_SPECIAL), show_progress=False,
+                                        initial_alphabet=cjk, limit_alphabet=len(cjk) + 1000)
+    tok.train_from_iterator(corpus(), trainer=trainer)
+    cls, sep = tok.token_to_id("[CLS]"), tok.token_to_id("[SEP]")
+    tok.post_processor = processors.TemplateProcessing(
+        single="[CLS] $A [SEP]", pair="[CLS] $A [SEP] $B:1 [SEP]:1", special_tokens=[("[CLS]", cls), ("[SEP]", sep)])
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tok, unk_token="[UNK]", pad_token="[PAD]", cls_token="[CLS]", sep_token="[SEP]",
+        mask_token="[MASK]", model_max_length=ENCODER_MAX_LENGTH, padding_side="right",
+        model_input_names=["input_ids", "token_type_ids", "attention_mask"])
 
 
 def build_tokenizer(chat: ChatProfile | None = None) -> PreTrainedTokenizerFast:

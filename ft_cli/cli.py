@@ -136,6 +136,24 @@ def eval_(
 
 
 @app.command()
+def predict(
+    run_dir: TargetArg,
+    data: Annotated[Path, typer.Option("--data", help="Texts to classify: a .csv/.tsv/.json/.jsonl/.parquet file in "
+                                       "the run's columns (a label column is optional).", show_default=False)],
+    out: Annotated[Path, typer.Option("--out", help="Where to write the predictions (JSON lines).",
+                                      show_default=False)],
+    which: WhichOpt = "final",
+    batch_size: Annotated[int, typer.Option("--batch-size", min=1, help="Rows per forward pass.")] = 32,
+    overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace an existing --out file.")] = False,
+) -> None:
+    """Label every text of --data with a classification run: one JSON line per record (label, score, the
+    probability of every label); reports examples/s and peak memory."""
+    from ft_cli.tasks.classify_run import predict as run_predict
+
+    _guard(lambda: run_predict(run_dir, data=data, out=out, which=which, batch_size=batch_size, overwrite=overwrite))
+
+
+@app.command()
 def merge(
     run_dirs: Annotated[list[Path], typer.Argument(
         help="A run directory; several with --combine.", show_default=False)],

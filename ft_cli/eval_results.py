@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import operator
 import re
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -37,7 +40,58 @@ def add_base(result: dict[str, Any], scored: dict[str, Any], base_gen: dict[str,
         result[f"delta_{metric}"] = result[metric] - base
 
 
-def finish(result: dict[str, Any], thresholds: list[Any], path: Path | None) -> int:
+# --fail-if ---------------------------------------------------------------------------------------------------------
+
+_OPS: dict[str, Callable[[float, float], bool]] = {
+    ">=": operator.ge, "<=": operator.le, "==": operator.eq, ">": operator.gt, "<": operator.lt,
+}
+_THRESHOLD = re.compile(r"^\s*([A-Za-z_][A-Za-z0-9_]*)\s*(>=|<=|==|>|<)\s*([^\s<>=]+)\s*$")
+
+
+@dataclass(frozen=True)
+class Threshold:
+    """`metric op value`: the check fails when the comparison is true, e.g. perplexity>12."""
+
+    metric: str
+    op: str
+    value: float
+
+    def crossed(self, actual: float) -> bool:
+        return _OPS[self.op](actual, self.value)
+
+    def __str__(self) -> str:
+        return f"{self.metric}{self.op}{self.value:g}"
+
+
+
+def parse_thresholds(specs: Sequence[str], allowed: Sequence[str]) -> list[Threshold]:
+    out = []
+    for spec in specs:
+        m = _THRESHOLD.match(spec)
+        if not m:
+            raise UserError(f"--fail-if {spec!r}: expected METRIC OP NUMBER with OP one of > >= < <= ==, "
+                            "e.g. 'perplexity>12'")
+        name, op, raw = m.groups()
+        try:
+            value = float(raw)
+        except ValueError:
+            raise UserError(f"--fail-if {spec!r}: {raw!r} is not a number") from None
+        if name not in allowed:
+            hint = ""
+            if name.startswith(("base_", "delta_")):
+                hint = " (add --compare-base)"
+            elif name in GENERATION_METRICS or name == "generated":
+                hint = " (add --generate N)"
+            raise UserError(f"--fail-if {spec!r}: unknown metric {name!r}{hint}; available: {', '.join(allowed)}")
+        out.append(Threshold(name, op, value))
+    return out
+
+
+# The command -------------------------------------------------------------------------------------------------------
+
+
+def finish(result: dict[str, Any], thresholds: list[Any], path: Path | None, printer: Any = None) -> int:
+    """Write the result (when `path`), print it (`printer`, default print_result), apply --fail-if."""
     failed = [t for t in thresholds if t.crossed(float(result[t.metric]))]
     result.update(evaluated_at=now_iso(), fail_if=[str(t) for t in thresholds], failed=[str(t) for t in failed])
     if path is not None:
@@ -46,7 +100,7 @@ def finish(result: dict[str, Any], thresholds: list[Any], path: Path | None) -> 
             raise UserError(f"--output: {path} is a directory; give a file name such as {path}/eval.json")
         path.parent.mkdir(parents=True, exist_ok=True)
         write_json(path, result)
-    print_result(result, path)
+    (printer or print_result)(result, path)
     if failed:
         lines = [f"  {t.metric} = {result[t.metric]:.6g} crosses {t}" for t in failed]
         raise CheckFailed("eval check failed (--fail-if):\n" + "\n".join(lines))

@@ -9,17 +9,14 @@ loss (and replies) too. `--fail-if` turns any metric into a CI gate. Where resul
 
 from __future__ import annotations
 
-import operator
-import re
 import sys
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from ft_cli.errors import UserError
-from ft_cli.eval_results import add_base, finish, result_path
+from ft_cli.eval_results import Threshold, add_base, finish, parse_thresholds, result_path
 from ft_cli.generation import greedy_generate, stop_token_ids  # noqa: F401 (shared; also imported from here)
 from ft_cli.methods.registry import method_spec
 from ft_cli.metrics_text import GENERATION_METRICS
@@ -38,27 +35,6 @@ SPLITS = ("eval", "train")
 
 # --fail-if thresholds ----------------------------------------------------------------------------------------------
 
-_OPS: dict[str, Callable[[float, float], bool]] = {
-    ">=": operator.ge, "<=": operator.le, "==": operator.eq, ">": operator.gt, "<": operator.lt,
-}
-_THRESHOLD = re.compile(r"^\s*([A-Za-z_][A-Za-z0-9_]*)\s*(>=|<=|==|>|<)\s*([^\s<>=]+)\s*$")
-
-
-@dataclass(frozen=True)
-class Threshold:
-    """`metric op value`: the check fails when the comparison is true, e.g. perplexity>12."""
-
-    metric: str
-    op: str
-    value: float
-
-    def crossed(self, actual: float) -> bool:
-        return _OPS[self.op](actual, self.value)
-
-    def __str__(self) -> str:
-        return f"{self.metric}{self.op}{self.value:g}"
-
-
 def available_metrics(compare_base: bool, generate: int) -> list[str]:
     names = ["loss", "perplexity", "tokens", "examples"]
     if compare_base:
@@ -69,31 +45,6 @@ def available_metrics(compare_base: bool, generate: int) -> list[str]:
             names += [f"{p}_{m}" for m in GENERATION_METRICS for p in ("base", "delta")]
     return names
 
-
-def parse_thresholds(specs: Sequence[str], allowed: Sequence[str]) -> list[Threshold]:
-    out = []
-    for spec in specs:
-        m = _THRESHOLD.match(spec)
-        if not m:
-            raise UserError(f"--fail-if {spec!r}: expected METRIC OP NUMBER with OP one of > >= < <= ==, "
-                            "e.g. 'perplexity>12'")
-        name, op, raw = m.groups()
-        try:
-            value = float(raw)
-        except ValueError:
-            raise UserError(f"--fail-if {spec!r}: {raw!r} is not a number") from None
-        if name not in allowed:
-            hint = ""
-            if name.startswith(("base_", "delta_")):
-                hint = " (add --compare-base)"
-            elif name in GENERATION_METRICS or name == "generated":
-                hint = " (add --generate N)"
-            raise UserError(f"--fail-if {spec!r}: unknown metric {name!r}{hint}; available: {', '.join(allowed)}")
-        out.append(Threshold(name, op, value))
-    return out
-
-
-# The command -------------------------------------------------------------------------------------------------------
 
 def evaluate_run(run_dir: Path | str, *, data: Path | None = None, split: str = "eval", compare_base: bool = False,
                  generate: int = 0, fail_if: Sequence[str] = (), batch_size: int = 8, which: str = "final",
@@ -109,7 +60,17 @@ def evaluate_run(run_dir: Path | str, *, data: Path | None = None, split: str = 
         resolve_target,
         run_base_path,
     )
+    from ft_cli.tasks.classify_run import classification_target, evaluate_classification
 
+    if (classifier := classification_target(run_dir, which)) is not None:  # task: classification (its metrics)
+        if generate or data_format not in (None, "labelled"):
+            raise UserError("--generate and --format apply to language-model runs; this run classifies text")
+        if split not in SPLITS:
+            raise UserError(f"--split: must be one of {', '.join(SPLITS)}, got {split!r}")
+        if data is not None and not Path(data).expanduser().exists():
+            raise UserError(f"--data: {data} not found")
+        return evaluate_classification(classifier, data=data, split=split, which=which, compare_base=compare_base,
+                                       fail_if=fail_if, batch_size=batch_size, name=name, output=output)
     thresholds = parse_thresholds(fail_if, available_metrics(compare_base, generate))
     if split not in SPLITS:
         raise UserError(f"--split: must be one of {', '.join(SPLITS)}, got {split!r}")

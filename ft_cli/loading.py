@@ -163,6 +163,9 @@ def load_run_model(recipe: Recipe, output: Path, *, device: Any = "cpu", merged:
     under autocast; what was saved (and is loaded here, in model.dtype, as it will be deployed) is those weights
     rounded to model.dtype, so its scores differ from the logged ones by that rounding (~0.1% in eval loss on the
     tiny test model). Mirroring the autocast here would not remove it: the float32 weights are not saved."""
+    if recipe.task == "classification":
+        raise UserError(f"{output.parent}: a classification run (task: classification); this command works on "
+                        "language-model runs; use ft eval, ft predict or ft merge")
     if dtype is not None and dtype != recipe.model.dtype:
         recipe = recipe.model_copy(deep=True)
         recipe.model.dtype = dtype  # type: ignore[assignment]

@@ -19,35 +19,18 @@ from __future__ import annotations
 import gc
 import json
 import os
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
 from ft_cli.errors import CheckFailed, UserError
+from ft_cli.merge_parity import TOLERANCE, Parity, check_plain_model, compare, merge_adapter
 from ft_cli.methods.registry import method_spec
 from ft_cli.recipe import Recipe
 
 DTYPES = ("bfloat16", "float16", "float32")
-# Refuse when mean |merged - reference| / mean |reference| exceeds this. A correct merge differs only by rounding
-# its weights to the output dtype (bf16 keeps 8 bits of mantissa, fp16 11); a wrong one differs by the adapter.
-TOLERANCE = {"float32": 1e-4, "float16": 5e-3, "bfloat16": 2e-2}
 PARITY_ROWS = 4
 PARITY_TOKENS = 128
-
-
-@dataclass
-class Parity:
-    samples: int
-    tokens: int
-    compute_dtype: str
-    max_abs_diff: float
-    mean_abs_diff: float
-    relative_mean_diff: float
-    top1_agreement: float
-
-    def line(self) -> str:
-        return (f"max |diff| {self.max_abs_diff:.3g}, mean |diff| {self.mean_abs_diff:.3g} "
-                f"(relative {self.relative_mean_diff:.3g}), top-1 agreement {self.top1_agreement:.1%}")
 
 
 def merge_run(run_dir: Path, out: Path, *, force: bool = False, dtype: str | None = None,
@@ -65,6 +48,13 @@ def merge_run(run_dir: Path, out: Path, *, force: bool = False, dtype: str | Non
     _check_mergeable(recipe)
     out_dir = prepare_output_dir(out, kind="merge", overwrite=overwrite)  # before anything loads
     out = out_dir.path
+    if recipe.task == "classification":  # a standalone AutoModelForSequenceClassification (ft_cli.tasks)
+        from ft_cli.tasks.classify_run import merge_classifier
+
+        merge_classifier(target, out_dir, out_dtype, force=force)
+        _echo(f"wrote {out} ({out_dtype}); load it with AutoModelForSequenceClassification.from_pretrained("
+              f"{str(out)!r})")
+        return out
     whole = method_spec(recipe.method).whole_model
     bits = recipe.quantization.bits if recipe.quantization else None
     with out_dir.writing() as tmp:  # renamed to --out when everything is written; removed on any failure
@@ -162,17 +152,6 @@ def _merge_into(output: Path, recipe: Recipe, tmp: Path, out_dtype: str, *, run_
     return report
 
 
-def merge_adapter(model: Any) -> Any:
-    """Fold the adapter into the base weights; a whole model (full/freeze) is returned as it is."""
-    from peft import PeftModel
-
-    if isinstance(model, PeftModel):
-        return model.merge_and_unload(safe_merge=True)
-    if hasattr(model, "merge_and_unload"):  # e.g. a mergeable bottleneck adapter
-        return model.merge_and_unload()
-    return model
-
-
 def save_merged(model: Any, tokenizer: Any, out_dir: Path) -> None:
     """safetensors shards + config + generation config + tokenizer (with its chat template)."""
     from ft_cli.generation import stop_token_ids
@@ -187,17 +166,6 @@ def save_merged(model: Any, tokenizer: Any, out_dir: Path) -> None:
     model.config.use_cache = True
     model.save_pretrained(out_dir, max_shard_size="5GB")
     tokenizer.save_pretrained(out_dir)
-
-
-def check_plain_model(model: Any, dtype: Any) -> None:
-    """The merged model must be a plain transformers model: no adapter, no quantized layers, one dtype."""
-    bad = [name for name, mod in model.named_modules()
-           if "bitsandbytes" in type(mod).__module__ or "peft" in type(mod).__module__]
-    if bad:
-        raise RuntimeError(f"merged model still holds adapter/quantized modules: {bad[:3]}")
-    dtypes = {p.dtype for p in model.parameters() if p.is_floating_point()}
-    if dtypes != {dtype}:
-        raise RuntimeError(f"merged model has dtypes {dtypes}, expected {dtype}")
 
 
 # Parity ------------------------------------------------------------------------------------------------------------
@@ -240,17 +208,6 @@ def logits_of(model: Any, samples: list[Any]) -> list[Any]:
         for ids in samples:
             out.append(model(input_ids=ids[None].to(device)).logits[0].float().cpu())
     return out
-
-
-def compare(candidate: list[Any], reference: list[Any], compute_dtype: str) -> Parity:
-    import torch
-
-    diff = torch.cat([(c - r).abs().flatten() for c, r in zip(candidate, reference, strict=True)])
-    scale = torch.cat([r.abs().flatten() for r in reference]).mean().clamp_min(1e-12)
-    agree = torch.cat([c.argmax(-1) == r.argmax(-1) for c, r in zip(candidate, reference, strict=True)]).float().mean()
-    return Parity(samples=len(reference), tokens=sum(len(r) for r in reference), compute_dtype=compute_dtype,
-                  max_abs_diff=float(diff.max()), mean_abs_diff=float(diff.mean()),
-                  relative_mean_diff=float(diff.mean() / scale), top1_agreement=float(agree))
 
 
 def _param_bytes(model: Any, bytes_per_param: int) -> int:

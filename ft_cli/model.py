@@ -64,7 +64,7 @@ def load_tokenizer(recipe: Recipe, path: str | None = None):
         raise
     ensure_pad_token(tok)
     tok.padding_side = "right"
-    if recipe.data.format != "text" or recipe.data.chat_template:
+    if recipe.data.format not in ("text", "labelled") or recipe.data.chat_template:
         from ft_cli.data.templates import resolve_chat_template
 
         resolve_chat_template(tok, recipe.data.chat_template)
@@ -88,10 +88,12 @@ class BuiltModel:
     qat: str | None = None  # train.qat: what was fake-quantized
 
 
-def load_base_model(recipe: Recipe, path: str, device: Any = None, quantize: bool = True, dtype: str | None = None):
+def load_base_model(recipe: Recipe, path: str, device: Any = None, quantize: bool = True, dtype: str | None = None,
+                    head: Any = None):
     """The pretrained base model in the recipe's dtype (or `dtype`), quantized with bitsandbytes when the recipe
-    says so."""
-    from transformers import AutoModelForCausalLM
+    says so. task: classification loads AutoModelForSequenceClassification with `head`'s labels
+    (ft_cli.tasks.classification.Head)."""
+    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
 
     kwargs: dict[str, Any] = {
         "dtype": torch_dtype(dtype or recipe.model.dtype),
@@ -105,8 +107,14 @@ def load_base_model(recipe: Recipe, path: str, device: Any = None, quantize: boo
     if quantize and recipe.quantized:
         kwargs["quantization_config"] = bnb_config(recipe)
         kwargs["device_map"] = {"": device if device is not None else "cpu"}
+    auto: Any = AutoModelForCausalLM
+    if recipe.task == "classification":
+        from ft_cli.tasks.classification import model_kwargs
+
+        auto = AutoModelForSequenceClassification
+        kwargs.update(model_kwargs(head))
     try:
-        model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
+        model = auto.from_pretrained(path, **kwargs)
     except ValueError as exc:
         if "trust_remote_code" in str(exc):
             raise remote_code_refused(path) from None
@@ -160,9 +168,12 @@ def bnb_config(recipe: Recipe):
 
     q = recipe.quantization
     assert q is not None and q.bits is not None
+    # task classification: the new head is trained in full (peft's modules_to_save), so it must stay a plain layer
+    skip = {"llm_int8_skip_modules": ["classifier", "score"]} if recipe.task == "classification" else {}
     if q.bits == 8:
-        return BitsAndBytesConfig(load_in_8bit=True)
+        return BitsAndBytesConfig(load_in_8bit=True, **skip)
     return BitsAndBytesConfig(
+        **skip,
         load_in_4bit=True,
         bnb_4bit_quant_type=q.quant_type,
         bnb_4bit_use_double_quant=q.double_quant,
@@ -171,19 +182,24 @@ def bnb_config(recipe: Recipe):
     )
 
 
-def build_model(recipe: Recipe, device: Any = None) -> BuiltModel:
-    """Base model + the recipe's method (adapter, freezing, ...), ready to train."""
+def build_model(recipe: Recipe, device: Any = None, head: Any = None) -> BuiltModel:
+    """Base model + the recipe's method (adapter, freezing, ...), ready to train. `head`: task classification's
+    labels and pad token (ft_cli.tasks.classification.Head)."""
     from ft_cli.methods.apply import apply_method
 
     path = resolve_model_path(recipe.model)
     # float32 master weights under mixed precision (train.py runs them under autocast), model.dtype otherwise
-    model = load_base_model(recipe, path, device=device, dtype=recipe.weights_dtype)
+    model = load_base_model(recipe, path, device=device, dtype=recipe.weights_dtype, head=head)
     # on the base's own modules, before an adapter wraps them
     liger = apply_liger_kernel(model, recipe) if recipe.train.liger_kernel else None
     if recipe.train.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         model.config.use_cache = False
     model = apply_method(model, recipe)
+    if recipe.task == "classification":
+        from ft_cli.tasks.classification import train_head
+
+        train_head(model, recipe)
     trainable, total = count_parameters(model)
     if trainable == 0:
         raise UserError(f"method {recipe.method}: no parameter is trainable (check target_modules / trainable_modules)")

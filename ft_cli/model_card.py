@@ -41,7 +41,7 @@ def render_model_card(recipe: Recipe, manifest: dict[str, Any], state: dict[str,
     if _HUB_ID.match(base):
         meta["base_model"] = base
     meta["library_name"] = _LIBRARY[recipe.spec.saves]
-    meta["pipeline_tag"] = "text-generation"
+    meta["pipeline_tag"] = "text-classification" if recipe.task == "classification" else "text-generation"
     meta["tags"] = ["ft", method] + (["qlora"] if recipe.quantized and method != "qlora" else [])
 
     rows = [("base model", f"`{shown_base}`"), ("method", method + method_detail(recipe))]
@@ -126,9 +126,13 @@ def _data_rows(recipe: Recipe, manifest: dict[str, Any]) -> list[tuple[str, str]
 
 def _usage(recipe: Recipe, base: str) -> list[str]:
     saves = recipe.spec.saves
-    imports = ["from transformers import AutoModelForCausalLM, AutoTokenizer"]
+    auto = "AutoModelForSequenceClassification" if recipe.task == "classification" else "AutoModelForCausalLM"
+    # a classifier's base gets a new head of the run's size (its labels: ft_classification.json here)
+    head = ", num_labels=len(json.load(open('PATH_TO_THIS_DIRECTORY/ft_classification.json'))['labels'])" \
+        if recipe.task == "classification" else ""
+    imports = [f"from transformers import {auto}, AutoTokenizer"] + (["import json"] if head else [])
     if saves == "model":
-        return [*imports, "", 'model = AutoModelForCausalLM.from_pretrained("PATH_TO_THIS_DIRECTORY")',
+        return [*imports, "", f'model = {auto}.from_pretrained("PATH_TO_THIS_DIRECTORY")',
                 'tokenizer = AutoTokenizer.from_pretrained("PATH_TO_THIS_DIRECTORY")']
     if saves == "ft_adapter":
         imports.append("import ft_cli  # pip install ft-cli: peft has no bottleneck adapters")
@@ -136,7 +140,7 @@ def _usage(recipe: Recipe, base: str) -> list[str]:
     else:
         imports.append("from peft import PeftModel")
         load = 'model = PeftModel.from_pretrained(base, "PATH_TO_THIS_DIRECTORY")'
-    return [*imports, "", f'base = AutoModelForCausalLM.from_pretrained("{base}", dtype="auto")', load,
+    return [*imports, "", f'base = {auto}.from_pretrained("{base}", dtype="auto"{head})', load,
             'tokenizer = AutoTokenizer.from_pretrained("PATH_TO_THIS_DIRECTORY")  # with the chat template']
 
 

@@ -294,7 +294,10 @@ def _plan(recipe: Recipe, shape: ModelShape, counts: ParamCounts, b: int) -> Mem
                    f"{shape.layers} blocks x tensors kept for backward; {b} x {s} tokens, {dtype}; {attn}")
     on = recipe.train.gradient_checkpointing
     held = 4 if recipe.autocast_dtype else act_bytes  # accelerate returns autocast outputs in float32
-    if liger_fused_loss(recipe, shape):
+    if recipe.task == "classification":  # the head reads one token per row: b x classes logits, no vocab ones
+        logits = Row("logits and loss", 0, f"task classification: {b} rows x a few class logits (the vocabulary's "
+                     "logits are never computed)")
+    elif liger_fused_loss(recipe, shape):
         logits = Row("logits and loss (liger fused)", fused_loss_bytes(shape, b, s, act_bytes),
                      f"liger's fused linear cross-entropy: float32 logits and their gradient for chunks of ~{b} x "
                      f"{s} x hidden {shape.hidden:,} / vocab {shape.vocab:,} tokens at a time, never all "

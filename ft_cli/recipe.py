@@ -142,11 +142,12 @@ class QuantizationSection(Section):
     compute_dtype: DType = Field("bfloat16", description="Dtype of the matmuls on the dequantized weights.")
 
 
-Format = Literal["alpaca", "chat", "sharegpt", "text"]
+Format = Literal["alpaca", "chat", "sharegpt", "text", "labelled"]
+Task = Literal["causal_lm", "classification"]
 
 
 class DatasetSource(Section):
-    path: str = Field(description="A .json/.jsonl/.csv/.parquet file, a glob, a directory of them, a dataset saved with "
+    path: str = Field(description="A .json/.jsonl/.csv/.tsv/.parquet file, a glob, a directory of them, a dataset saved with "
                       "save_to_disk (ft preprocess's output is used as is), or a hub dataset id.")
     format: Format | None = Field(None, description="Format of this source; default: data.format.")
     columns: dict[str, str] | None = Field(None, description="Column renames for this source; default: data.columns.")
@@ -164,7 +165,8 @@ class DataSection(Section):
         description="Training data: one path (file, glob such as data/*.jsonl, directory, a dataset saved with "
         "save_to_disk, or hub id; ~ is expanded) or a list of sources with weights."
     )
-    format: Format = Field("alpaca", description="Record format: alpaca | chat | sharegpt | text.")
+    format: Format = Field("alpaca", description="Record format: alpaca | chat | sharegpt | text, or labelled (text "
+                           "+ label, for task: classification; its default there).")
     columns: dict[str, str] | None = Field(
         None, description="Map the format's field names to yours, e.g. {instruction: question, output: answer}."
     )
@@ -202,7 +204,17 @@ class DataSection(Section):
         "--system does the same."
     )
     shuffle: bool = Field(True, description="Shuffle training rows each epoch (seeded).")
+    group_by_length: bool = Field(
+        False, description="Put training rows of similar length in the same micro-batch (as HF Trainer's "
+        "group_by_length: shuffled rows sorted by length within windows of 64 batches, batch order shuffled), so "
+        "unpacked batches carry little padding. Changes which rows share a batch, not which rows train."
+    )
     cache: bool = Field(True, description="Reuse tokenized data from the cache when data, tokenizer and settings match.")
+    labels: list[str] | list[int] | None = Field(
+        None, description="task: classification: the label names, in class-id order (e.g. [negative, positive]). "
+        "Integer labels in the data are class ids into this list; string labels must be in it. null: the labels "
+        "found in the training data (integers as they are, strings sorted)."
+    )
     limit: int | None = Field(
         None, gt=0, description="Use only the first N records of each source (before the eval split and mixing); "
         "null: all. ft train --smoke sets it to try a recipe on a slice of its data."
@@ -210,6 +222,9 @@ class DataSection(Section):
 
     @model_validator(mode="after")
     def _overlap_fits(self) -> DataSection:
+        if self.group_by_length and self.packing:
+            raise _FieldError("group_by_length", "does nothing with packing: true (packed rows are all max_seq_len "
+                              "long); remove one of them")
         if self.text_overlap and self.text_chunking != "split":
             raise _FieldError("text_overlap", "only applies to text_chunking: split")
         if self.text_overlap >= self.max_seq_len:
@@ -264,7 +279,15 @@ class TrainSection(Section):
     keep_last: int | None = Field(2, gt=0, description="Keep only the newest N checkpoints; null keeps all.")
     log_every: int = Field(10, gt=0, description="Write a metrics line every N optimizer steps.")
     early_stopping_patience: int | None = Field(
-        None, gt=0, description="Stop after this many evaluations without a new best eval_loss."
+        None, gt=0, description="Stop after this many evaluations without a new best train.best_metric."
+    )
+    best_metric: Literal["eval_loss", "accuracy", "f1_macro", "f1_micro", "f1_weighted"] = Field(
+        "eval_loss", description="The evaluation metric that picks best/ and drives early stopping: eval_loss "
+        "(lower is better), or for task: classification accuracy, f1_macro, f1_micro, f1_weighted (higher is better)."
+    )
+    class_weights: Literal["auto"] | list[float] | None = Field(
+        None, description="task: classification: weigh the cross-entropy per class; 'auto' = inverse class "
+        "frequency in the training data (n / (classes x n_class)), or one weight per label; null: unweighted."
     )
     compile: bool = Field(
         False, description="torch.compile each transformer block in place (inductor: triton on CUDA, a C++ compiler "
@@ -295,6 +318,10 @@ class LoggingSection(Section):
 
 class Recipe(Section):
     model: ModelSection = Field(description="The base model: where it comes from and the dtype it trains in.")
+    task: Task = Field(
+        "causal_lm", description="causal_lm: train a language model on text/conversations; classification: "
+        "predict a label per text (or text pair) with AutoModelForSequenceClassification (data.format labelled)."
+    )
     method: Method = Field("lora", description="Fine-tuning method.")
     lora: LoraSection | None = Field(None, description="LoRA settings (methods lora, qlora, dora).")
     freeze: FreezeSection | None = Field(None, description="Which parts train (method freeze).")
@@ -368,6 +395,7 @@ class Recipe(Section):
                 self._derived["train.gradient_checkpointing"] = (
                     f"false (the default true {spec.why_not['gradient_checkpointing'].split('; ')[0]})")
             self.train.gradient_checkpointing = False
+        self._task_fits()
         if self.ia3 is not None and self.ia3.target_modules and self.ia3.feedforward_modules:
             extra = sorted(set(self.ia3.feedforward_modules) - set(self.ia3.target_modules))
             if extra:
@@ -391,6 +419,44 @@ class Recipe(Section):
                 self.quantization = QuantizationSection()
             elif self.quantization.bits is None:
                 errors.append(_FieldError("quantization.bits", f"method {m} needs 4 or 8 bits; use method: lora for none"))
+
+    def _task_fits(self) -> None:
+        """task: classification reads labelled text and trains a head; the keys that only one task uses are refused
+        on the other."""
+        d, t = self.data, self.train
+        if self.task == "classification":
+            if "format" not in d.model_fields_set:
+                d.format = "labelled"
+            if d.format != "labelled":
+                raise _FieldError("data.format", f"task classification reads labelled text (format: labelled), not "
+                                  f"{d.format!r}; remove data.format or set it to labelled")
+            for src in d.sources + d.eval_sources:
+                if src.format not in (None, "labelled"):
+                    raise _FieldError("data.train", f"task classification reads format labelled, not {src.format!r}")
+            if self.method == "prefix_tuning":
+                raise _FieldError("method", "prefix_tuning does not work for task classification with peft 0.21.2 "
+                                  "on transformers 5 (peft's sequence-classification wrapper passes the prefix as "
+                                  "past_key_values, which transformers 5 models no longer take); use prompt_tuning")
+            if d.packing:
+                raise _FieldError("data.packing", "does not apply to task classification (one label per example); "
+                                  "set packing: false")
+            if isinstance(t.class_weights, list) and d.labels is not None and len(t.class_weights) != len(d.labels):
+                raise _FieldError("train.class_weights", f"has {len(t.class_weights)} weights for "
+                                  f"{len(d.labels)} data.labels")
+            if d.labels is not None and len(set(d.labels)) != len(d.labels):
+                raise _FieldError("data.labels", "lists a label twice")
+            if d.labels is not None and len(d.labels) < 2:
+                raise _FieldError("data.labels", "a classifier needs at least 2 labels")
+            return
+        if d.format == "labelled":
+            raise _FieldError("data.format", "labelled is the format of task: classification; set task: "
+                              "classification or use alpaca | chat | sharegpt | text")
+        for key, value in (("data.labels", d.labels), ("train.class_weights", t.class_weights)):
+            if value is not None:
+                raise _FieldError(key, "only applies to task: classification; remove it")
+        if t.best_metric != "eval_loss":
+            raise _FieldError("train.best_metric", f"{t.best_metric} is a classification metric; a causal_lm run "
+                              "picks its best by eval_loss")
 
     # Derived facts -------------------------------------------------------------------------------------------
     @property
@@ -430,8 +496,14 @@ class Recipe(Section):
         d.pop("output_dir", None)
         d.pop("logging", None)
         for key in ("max_steps", "epochs", "eval_every", "save_every", "keep_last", "log_every",
-                    "early_stopping_patience", "eval_batch_size", "compile"):
+                    "early_stopping_patience", "eval_batch_size", "compile", "best_metric"):
             d["train"].pop(key, None)
+        for key, default in (("task", "causal_lm"), ("data.labels", None), ("train.class_weights", None),
+                             ("data.group_by_length", False)):
+            section, _, name = key.rpartition(".")
+            holder = d[section] if section else d
+            if holder.get(name) == default:  # unset: a checkpoint from before the classification task resumes
+                holder.pop(name)
         if not method_spec(self.method).whole_model or self.model.dtype == "float32":
             d["train"].pop("mixed_precision", None)  # changes nothing here (and runs from before the field resume)
         return _flatten(d)
@@ -631,7 +703,7 @@ def _resolve_one(p: str, base: Path) -> str:
 
 
 def _looks_like_path(p: str) -> bool:
-    return (p.startswith(("/", "./", "../", "~")) or p.endswith((".json", ".jsonl", ".csv", ".parquet", ".yaml"))
+    return (p.startswith(("/", "./", "../", "~")) or p.endswith((".json", ".jsonl", ".csv", ".tsv", ".parquet", ".yaml"))
             or glob.has_magic(p))
 
 

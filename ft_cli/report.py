@@ -56,6 +56,14 @@ def write_report(run_dir: str | Path) -> Path:
         title += f": {Path(_model_name(recipe, manifest)).name} ({_method(recipe, manifest)})"
     plot_curves(metrics, out / LOSS_PNG, title=title, resumed_at=resume_steps(manifest))
     summary = render_summary(run, metrics, recipe, manifest, eval_result)
+    if recipe.get("task") == "classification":  # accuracy/F1 curves and the confusion matrix (ft_cli.tasks)
+        from ft_cli.tasks.classification import LABELS_FILE
+        from ft_cli.tasks.classify_run import classification_report
+
+        saved = [run.root / d / LABELS_FILE for d in ("best", "adapter", "model")]
+        labels = next((json.loads(p.read_text())["labels"] for p in saved if p.is_file()), None)
+        section = classification_report(metrics.eval, eval_result, out, labels)
+        summary = summary.replace("## Timing", "\n".join(section) + "\n## Timing", 1) if section else summary
     write_text_atomic(out / SUMMARY_MD, summary)
     print(f"wrote {out / LOSS_PNG}")
     print(f"wrote {out / SUMMARY_MD}")

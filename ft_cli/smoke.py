@@ -42,9 +42,17 @@ _FAMILY_OF_MODEL_TYPE = {
     "gemma3_text": "gemma2",
     "phi": "phi3",
     "phimoe": "phi3",
+    # encoders (task: classification) -> the tiny BERT
+    "roberta": "bert",
+    "xlm-roberta": "bert",
+    "deberta-v2": "bert",
+    "modernbert": "bert",
+    "electra": "bert",
+    "distilbert": "bert",
 }
 # Checked in order against the lower-cased model name when no config is available offline.
 _FAMILY_OF_NAME = (
+    (r"bert|roberta|electra", "bert"),
     (r"qwen-?3", "qwen3"),
     (r"qwen", "qwen2"),
     (r"gemma-?[23]", "gemma2"),
@@ -148,6 +156,8 @@ def template_note(recipe: Recipe, chat: Any) -> str:
         return f"chat template: the recipe's data.chat_template, with {tokens}"
     if recipe.data.format == "text":
         return f"format text (no chat template), with {tokens}"
+    if recipe.data.format == "labelled":
+        return "format labelled (task classification: no chat template)"
     if chat is not None:
         return (f"chat template and special tokens: {chat.source}'s own (a copy ships with ft, "
                 f"builtin_chat/{chat.template_file}; end of turn {chat.eos_token})")
@@ -155,7 +165,8 @@ def template_note(recipe: Recipe, chat: Any) -> str:
             "rendering and masking are NOT exercised by this run (set data.chat_template to try another template)")
 
 
-SAMPLE_FILES = {"alpaca": "alpaca.json", "chat": "chat.jsonl", "sharegpt": "sharegpt.jsonl", "text": "text.jsonl"}
+SAMPLE_FILES = {"alpaca": "alpaca.json", "chat": "chat.jsonl", "sharegpt": "sharegpt.jsonl", "text": "text.jsonl",
+                "labelled": "labelled.tsv"}  # labelled: the first 96 rows of GLUE SST-2 train (text, label 0/1)
 
 
 def sample_data(fmt: str) -> Path:

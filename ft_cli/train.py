@@ -36,6 +36,7 @@ class TrainState:
     evals_without_improvement: int = 0  # early-stopping patience used up
     last_eval_loss: float | None = None
     last_eval_step: int | None = None
+    best_score: float | None = None  # the best value of train.best_metric (classification: accuracy, f1, ...)
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -56,6 +57,7 @@ class Session:
     optimizer: Any
     scheduler: Any
     data: Any  # ft_cli.data.pipeline.DataBundle
+    task: Any  # ft_cli.tasks.CausalLM or Classification: data, batches, loss and evaluation of recipe.task
     collate: Any
     batches: Any  # ft_cli.batches.MicroBatches
     total_steps: int
@@ -124,25 +126,27 @@ def _setup_locked(recipe: Recipe, recipe_path: Path, run: RunDir, accelerator: A
     from ft_cli.batches import MicroBatches
     from ft_cli.batches import total_steps as count_steps
     from ft_cli.data.audit import data_notes
-    from ft_cli.data.pipeline import build_datasets, make_collator
     from ft_cli.model import build_model, compile_blocks, load_tokenizer
     from ft_cli.optim import build_optimizer, build_scheduler, replan_schedule
+    from ft_cli.tasks import task_for
 
     resume_from = _check_resume(run, recipe, accelerator) if resume else None
 
     set_seed(recipe.train.seed)
     tokenizer = load_tokenizer(recipe)
-    data = build_datasets(recipe, tokenizer, main_process_first=accelerator.main_process_first)
+    task = task_for(recipe)
+    data = task.build_datasets(tokenizer, main_process_first=accelerator.main_process_first)
     if accelerator.is_main_process:
         for line in data_notes(data):  # rows dropped or cut, and why: never silently
             print(line, file=sys.stderr)
     t = recipe.train
     batches = MicroBatches(len(data.train), t.micro_batch_size, world_size=accelerator.num_processes,
-                           rank=accelerator.process_index, seed=t.seed, shuffle=recipe.data.shuffle)
+                           rank=accelerator.process_index, seed=t.seed, shuffle=recipe.data.shuffle,
+                           lengths=_row_lengths(data.train) if recipe.data.group_by_length else None)
     total_steps = count_steps(t.max_steps, t.epochs, batches.per_epoch, t.grad_accum)
     sized = _check_disk_space(recipe, run, total_steps)
     set_seed(recipe.train.seed)  # data building must not shift the model's initial weights
-    built = build_model(recipe, device=accelerator.device)
+    built = build_model(recipe, device=accelerator.device, head=task.head(tokenizer, data))
     if not sized:  # the config was not on disk before the model loaded: size the run from the model itself
         _check_disk_space(recipe, run, total_steps, model=built.model)
     model = built.model
@@ -159,14 +163,14 @@ def _setup_locked(recipe: Recipe, recipe_path: Path, run: RunDir, accelerator: A
     scheduler = build_scheduler(optimizer, recipe, total_steps)
     # The scheduler is stepped by hand once per optimizer step; accelerate's wrapper would step it per process.
     model, optimizer = accelerator.prepare(model, optimizer)
-    collate = make_collator(tokenizer, packed=recipe.data.packing)
+    collate = task.collator(tokenizer, data)
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         prepare_run_dir(run, resume=resume)
     accelerator.wait_for_everyone()
 
     session = Session(recipe=recipe, recipe_path=recipe_path, run=run, accelerator=accelerator, tokenizer=tokenizer,
-                      model=model, optimizer=optimizer, scheduler=scheduler, data=data, collate=collate,
+                      model=model, optimizer=optimizer, scheduler=scheduler, data=data, task=task, collate=collate,
                       batches=batches, total_steps=total_steps, lock=lock)
     if resume_from is not None:
         from ft_cli.checkpoint import load_checkpoint
@@ -194,7 +198,7 @@ def fit(s: Session) -> Path:
     import torch
 
     from ft_cli.progress import MetricsWriter, Reporter
-    from ft_cli.scoring import count_targets, model_inputs, real_tokens
+    from ft_cli.scoring import real_tokens
 
     acc, t, model = s.accelerator, s.recipe.train, s.model
     main = acc.is_main_process
@@ -230,16 +234,16 @@ def fit(s: Session) -> Path:
             first = step * t.grad_accum
             micro = [s.collate(_rows(s.data.train, s.batches.indices(m))) for m in range(first, first + t.grad_accum)]
             # DDP averages gradients over processes, so each process divides its loss sum by (global tokens / world).
-            n_global = _reduce_sum(acc, sum(count_targets(b) for b in micro))
+            n_global = _reduce_sum(acc, sum(s.task.count(b) for b in micro))
             denom = torch.tensor(max(n_global, 1) / world, device=acc.device)
             loss_sum = torch.zeros((), device=acc.device)
             for i, batch in enumerate(micro):
                 window_tokens += real_tokens(batch)
                 sync = i == len(micro) - 1
                 with nullcontext() if sync else acc.no_sync(model):
-                    out = model(**model_inputs(batch, acc.device), num_items_in_batch=denom)
-                    acc.backward(out.loss)
-                loss_sum += out.loss.detach().float()
+                    micro_loss = s.task.loss(model, batch, acc.device, denom)
+                    acc.backward(micro_loss)
+                loss_sum += micro_loss.detach().float()
             # Unscales float16 gradients first (accelerate's GradScaler), so the norm and the clipping are real.
             grad_norm = acc.clip_grad_norm_(params, t.max_grad_norm or float("inf"))
             grad_norm = None if grad_norm is None else float(grad_norm)  # DeepSpeed clips inside; may not say
@@ -322,6 +326,12 @@ def _rows(dataset: Any, indices: list[int]) -> list[dict[str, Any]]:
     return rows_at(dataset, indices)  # through this module's name, so a test can stand in for it
 
 
+def _row_lengths(dataset: Any) -> list[int]:
+    import pyarrow.compute as pc
+
+    return pc.list_value_length(dataset.data.column("input_ids")).to_numpy().tolist()
+
+
 def _reduce_sum(acc: Any, value: Any) -> float:
     if acc.num_processes == 1:
         return float(value)
@@ -332,25 +342,27 @@ def _reduce_sum(acc: Any, value: Any) -> float:
 
 
 def _evaluate(s: Session, step: int, epoch: float, metrics: Any, reporter: Any) -> bool:
-    """Evaluate, log, keep the best output; returns True when early stopping says stop."""
-    from ft_cli.scoring import token_loss
-
+    """Evaluate, log, keep the best output (by train.best_metric); returns True when early stopping says stop."""
     acc, t = s.accelerator, s.recipe.train
-    loss_sum, tokens = token_loss(s.model, s.data.eval, s.collate, t.eval_batch_size or t.micro_batch_size,
-                                  device=acc.device, rank=acc.process_index, world_size=acc.num_processes)
-    loss_sum, tokens = _reduce_sum(acc, loss_sum), int(_reduce_sum(acc, tokens))
-    eval_loss = loss_sum / max(tokens, 1)
-    record = {"step": step, "epoch": round(epoch, 4), "eval_loss": eval_loss,
-              "eval_perplexity": math.exp(min(eval_loss, 50)), "eval_tokens": tokens}
+    scores = s.task.evaluate(s.model, s.data.eval, s.collate, t.eval_batch_size or t.micro_batch_size, acc,
+                             _reduce_sum)
+    record = {"step": step, "epoch": round(epoch, 4), **scores}
     if metrics:
         metrics.write(record)
-    acc.log(record, step=step)
+    acc.log({k: v for k, v in record.items() if isinstance(v, int | float)}, step=step)
+    eval_loss = record["eval_loss"]
     st = s.state
-    improved = st.best_eval_loss is None or eval_loss < st.best_eval_loss
-    reporter.message(f"step {step}: eval_loss {eval_loss:.4f}" + (" (best)" if improved else ""))
+    name, lower = t.best_metric, t.best_metric == "eval_loss"
+    value = record["eval_loss" if lower else f"eval_{name}"]
+    best = st.best_score
+    if best is None and lower:  # a checkpoint from before best_metric: its best eval_loss
+        best = st.best_eval_loss
+    improved = best is None or (value < best if lower else value > best)
+    shown = f"eval_loss {eval_loss:.4f}" + ("" if lower else f" {name} {value:.4f}")
+    reporter.message(f"step {step}: {shown}" + (" (best)" if improved else ""))
     st.last_eval_loss, st.last_eval_step = eval_loss, step
     if improved:
-        st.best_eval_loss, st.best_step, st.evals_without_improvement = eval_loss, step, 0
+        st.best_eval_loss, st.best_score, st.best_step, st.evals_without_improvement = eval_loss, value, step, 0
         _save_trained(s, s.run.best, step=step)
         return False
     st.evals_without_improvement += 1
@@ -359,8 +371,10 @@ def _evaluate(s: Session, step: int, epoch: float, metrics: Any, reporter: Any) 
 
 
 def _early_stopping(s: Session, step: int) -> str:
-    return (f"early stopping at step {step}: eval_loss has not improved for {s.recipe.train.early_stopping_patience} "
-            f"evaluations (best {s.state.best_eval_loss:.4f} at step {s.state.best_step})")
+    t, st = s.recipe.train, s.state
+    best = st.best_eval_loss if st.best_score is None else st.best_score
+    return (f"early stopping at step {step}: {t.best_metric} has not improved for {t.early_stopping_patience} "
+            f"evaluations (best {best:.4f} at step {st.best_step})")
 
 
 def _sanity_eval(s: Session, reporter: Any) -> None:
@@ -368,14 +382,12 @@ def _sanity_eval(s: Session, reporter: Any) -> None:
     failure in the evaluation path (memory, a kernel that only runs in eval mode, a shape) shows at step 0, not
     after eval_every steps. Every rank scores the same rows, so sharded models run the same forwards everywhere.
     The loss covers those rows only: printed, never logged as eval_loss."""
-    from ft_cli.scoring import token_loss
-
     t = s.recipe.train
     size = t.eval_batch_size or t.micro_batch_size
     rows = s.data.eval.select(range(min(len(s.data.eval), 2 * size)))
-    loss_sum, tokens = token_loss(s.model, rows, s.collate, size, device=s.accelerator.device)
+    loss = s.task.sanity_loss(s.model, rows, s.collate, size, s.accelerator.device)
     reporter.message(f"step {s.start_step}: evaluation works (sanity check on {len(rows)} eval rows: loss "
-                     f"{loss_sum / max(tokens, 1):.4f})")
+                     f"{loss:.4f})")
 
 
 def _update_checkpoint_state(s: Session, step: int) -> None:
@@ -419,6 +431,7 @@ def _save_trained(s: Session, out_dir: Path, *, step: int) -> None:
     if acc.is_main_process:
         def write(tmp: Path) -> None:
             save_trained(model, s.tokenizer, tmp, s.recipe, state_dict=full)
+            s.task.save_extras(model, tmp, s.data)
             write_model_card(tmp, s.recipe, s.manifest, s.state.as_dict(), step=step, best=out_dir == s.run.best)
 
         write_dir(out_dir, write)  # built under a temporary name and renamed into place: whole or absent
@@ -588,8 +601,12 @@ def _finish_manifest(s: Session, status: str, step: int, error: str | None = Non
 
 def _summary(s: Session, step: int, out_dir: Path) -> str:
     lines = [f"done: {step} steps; {'adapter' if out_dir.name == 'adapter' else 'model'} saved to {out_dir}"]
-    if s.state.best_eval_loss is not None:
-        lines.append(f"best eval_loss {s.state.best_eval_loss:.4f} at step {s.state.best_step} "
+    metric, st = s.recipe.train.best_metric, s.state
+    if metric != "eval_loss" and st.best_score is not None:
+        lines.append(f"best {metric} {st.best_score:.4f} at step {st.best_step} "
+                     f"(a copy of that {out_dir.name} is in {s.run.best})")
+    elif st.best_eval_loss is not None:
+        lines.append(f"best eval_loss {st.best_eval_loss:.4f} at step {st.best_step} "
                      f"(a copy of that {out_dir.name} is in {s.run.best})")
     lines.append(f"metrics: {s.run.metrics}")
     return "\n".join(lines)

@@ -46,17 +46,17 @@ def _validate(recipe: Recipe, recipe_path: Path, *, show: int, check_data: bool)
 
     from ft_cli.batches import micro_batches_per_epoch, total_steps
     from ft_cli.data.audit import print_data_report
-    from ft_cli.data.pipeline import build_datasets
     from ft_cli.model import load_tokenizer, resolve_model_path
+    from ft_cli.tasks import task_for
 
     path = resolve_model_path(recipe.model)
     tokenizer = load_tokenizer(recipe, path)
-    bundle = build_datasets(recipe, tokenizer)
+    bundle = task_for(recipe).build_datasets(tokenizer)
     per_epoch = micro_batches_per_epoch(len(bundle.train), t.micro_batch_size, world)
     steps = total_steps(t.max_steps, t.epochs, per_epoch, t.grad_accum)
     derived.add_row("optimizer steps", f"{steps}" + ("" if t.max_steps else f" ({t.epochs:g} epochs x "
                                                                          f"{per_epoch} micro-batches / {t.grad_accum})"))
-    trainable, total = count_trainable(recipe, path)
+    trainable, total = count_trainable(recipe, path, num_labels=len(bundle.labels) if bundle.labels else None)
     derived.add_row("trainable parameters", f"{trainable:,} of {total:,} ({100 * trainable / max(total, 1):.3f}%)")
     console.print(derived)
     print_data_report(bundle, tokenizer, console, show=show)
@@ -75,14 +75,30 @@ def precision_summary(recipe: Recipe) -> str:
     return "float32"
 
 
-def count_trainable(recipe: Recipe, path: str) -> tuple[int, int]:
-    """Trainable/total parameters from the config alone, counted as ft plan counts them (on the meta device)."""
+def count_trainable(recipe: Recipe, path: str, num_labels: int | None = None) -> tuple[int, int]:
+    """Trainable/total parameters from the config alone, counted as ft plan counts them (on the meta device).
+    task classification: AutoModelForSequenceClassification with `num_labels` classes, its head trained."""
     from transformers import AutoConfig
 
-    from ft_cli.plan import count_params
-
+    extra = {"num_labels": num_labels} if recipe.task == "classification" and num_labels else {}
     config = AutoConfig.from_pretrained(path, trust_remote_code=recipe.model.trust_remote_code,
-                                        revision=recipe.model.revision)
-    counts = count_params(config, recipe)
-    return sum(n for n, _ in counts.trainable), counts.total + counts.added
+                                        revision=recipe.model.revision, **extra)
+    if recipe.task != "classification":
+        from ft_cli.plan import count_params
+
+        counts = count_params(config, recipe)
+        return sum(n for n, _ in counts.trainable), counts.total + counts.added
+    import torch
+    from transformers import AutoModelForSequenceClassification
+
+    from ft_cli.methods.apply import apply_method
+    from ft_cli.model import count_parameters
+    from ft_cli.tasks.classification import train_head
+
+    with torch.device("meta"):
+        model = AutoModelForSequenceClassification.from_config(config, trust_remote_code=recipe.model.trust_remote_code)
+    meta_recipe = recipe.model_copy(update={"quantization": None}, deep=True)
+    model = apply_method(model, meta_recipe)
+    train_head(model, meta_recipe)
+    return count_parameters(model)
 

@@ -5,6 +5,7 @@
     python scripts/bench.py gpu   [--shape 8b] [--methods lora,qlora] [--seq 2048]   (CUDA; see bench_gpu.py)
     python scripts/bench.py serve [--requests 48] [--concurrency 8] [--json PATH]   (see bench_serve.py)
     python scripts/bench.py export [--steps 60] [--formats int8,...] [--json PATH]
+    python scripts/bench.py classify [--steps 30] [--batch 32] [--repeat 1] [--json PATH]   (see bench_classify.py)
 
 `data`: ft's data pipeline (render + tokenize + mask + pack, from a file on disk) against a per-example
 `datasets.map` over `tokenizer.apply_chat_template`, on alpaca rows (the demo rows repeated, each made unique so
@@ -40,6 +41,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "scripts"))
+from bench_classify import add_parser as add_classify_parser  # noqa: E402
 from bench_gpu import add_parser as add_gpu_parser  # noqa: E402
 from bench_serve import add_parser as add_serve_parser  # noqa: E402
 
@@ -545,6 +547,7 @@ def main(argv: list[str] | None = None) -> None:
     p.set_defaults(func=bench_export)
     add_gpu_parser(sub)  # scripts/bench_gpu.py
     add_serve_parser(sub)  # scripts/bench_serve.py
+    add_classify_parser(sub)  # scripts/bench_classify.py
     p = sub.add_parser("_train_one")  # internal: one run in its own process
     p.add_argument("variant", choices=TRAIN_VARIANTS)
     _train_args(p)

@@ -62,3 +62,14 @@ def test_bench_data_prints_every_ratio(shared_data: Path) -> None:
                  "baseline map, apply_chat_template + prompt mask"):
         assert f"{name:<48} / ft: x" in out and "2 repeats)" in out, out
     assert "ft: 300 examples" in out and "packing efficiency on alpaca_en_demo.json" in out, out
+
+
+def test_bench_classify_prints_ratios_against_the_trainer_script(shared_data: Path) -> None:
+    done = subprocess.run([sys.executable, str(ROOT / "scripts" / "bench.py"), "classify", "--model", "builtin:tiny-bert",
+                           "--steps", "2", "--batch", "8", "--max-len", "32"], capture_output=True, text=True,
+                          timeout=900)
+    assert done.returncode == 0, done.stderr[-3000:]
+    out = done.stdout
+    for line in ("train examples/s", "predict examples/s (200)", "held-out accuracy", "ft / trainer: training",
+                 "ft / trainer-dynamic: training"):
+        assert line in out, out

@@ -223,7 +223,7 @@ def test_build_key_follows_the_spec_but_not_its_description():
 # Other families ----------------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("model_type", sorted(bm._TINY_BY_MODEL_TYPE))
+@pytest.mark.parametrize("model_type", sorted(set(bm._TINY_BY_MODEL_TYPE) - set(bm.ENCODER_TYPES)))
 def test_tiny_model_for_each_family(model_type, cache, tok):
     path = bm.tiny_model_dir_for(model_type, cache_dir=cache)
     model = AutoModelForCausalLM.from_pretrained(path)
@@ -237,6 +237,22 @@ def test_tiny_model_for_each_family(model_type, cache, tok):
     assert family_tok.chat_template == tok.chat_template
     logits = model(input_ids=torch.tensor([tok(text)["input_ids"]])).logits
     assert logits.shape[-1] == model.config.vocab_size
+
+
+def test_tiny_bert_is_an_encoder_with_a_wordpiece_tokenizer(cache):
+    from transformers import AutoModelForSequenceClassification
+
+    path = bm.resolve_builtin("builtin:tiny-bert", cache_dir=cache)
+    tok = AutoTokenizer.from_pretrained(path)
+    enc = tok("The hotel was GOOD", "酒店很好")
+    tokens = tok.convert_ids_to_tokens(enc["input_ids"])
+    assert tokens[0] == "[CLS]" and tokens.count("[SEP]") == 2 and "good" in tokens  # lower-cased
+    assert tokens[-5:-1] == ["酒", "店", "很", "好"]  # one token per CJK character, none unknown
+    assert enc["token_type_ids"][-1] == 1 and enc["token_type_ids"][0] == 0
+    model = AutoModelForSequenceClassification.from_pretrained(path, num_labels=3)
+    assert model.config.model_type == "bert" and model.config.pad_token_id == tok.pad_token_id == 0
+    assert sum(p.numel() for p in model.parameters()) < 2_000_000
+    assert model.bert.pooler is not None  # saved with its pooler, as bert-base-uncased is
 
 
 def test_family_specific_modules(cache):

@@ -126,7 +126,7 @@ def test_unsupported_file_and_empty_directory(tmp_path, data_tokenizer, data_rec
     txt.write_text("x")
     fails(data_recipe(str(txt)), data_tokenizer, r"unsupported file type '.txt'")
     (tmp_path / "empty").mkdir()
-    fails(data_recipe(str(tmp_path / "empty")), data_tokenizer, r"holds no .json, .jsonl, .csv, .parquet files")
+    fails(data_recipe(str(tmp_path / "empty")), data_tokenizer, r"holds no .json, .jsonl, .csv, .tsv, .parquet files")
 
 
 def test_hub_dataset_offline_fails_at_once_naming_the_id(data_tokenizer, data_recipe, monkeypatch):

@@ -2,7 +2,7 @@
 
 Modules, in the order data flows through them:
 
-- `sources`   read .json/.jsonl/.csv/.parquet files, directories and hub datasets; mix sources by weight; split eval
+- `sources`   read .json/.jsonl/.csv/.tsv/.parquet files, directories and hub datasets; mix sources by weight; split eval
 - `formats`   turn a record (alpaca, chat, sharegpt, text) into an `Example`: messages + tools, or plain text
 - `templates` pick the chat template (the tokenizer's, a built-in, a jinja string or file) and compile it
 - `render`    render conversations and find every assistant turn's characters (the prefix-consistency rules)

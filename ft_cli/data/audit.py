@@ -38,7 +38,11 @@ def print_data_report(bundle: DataBundle, tokenizer: Any, console: Any, show: in
         console.print(Text.assemble(("warning: ", "yellow"), w))
     for note in bundle.notes:
         console.print(Text.assemble(("note: ", "cyan"), note))
-    if show > 0:
+    if show > 0 and bundle.labels is not None:  # task classification: text and label, no loss mask
+        for i, row in enumerate(bundle.train.select(range(min(show, len(bundle.train))))):
+            console.rule(f"example {i} ({len(row['input_ids'])} tokens, label {bundle.labels[row['label']]!r})")
+            console.print(tokenizer.decode(row["input_ids"], skip_special_tokens=False), markup=False)
+    elif show > 0:
         markers = console.color_system is None or console.no_color  # piped, redirected, NO_COLOR: no colours
         if markers:
             console.print(f"first {show} training examples ({TRAINED_OPEN}trained tokens{TRAINED_CLOSE}, "
@@ -70,6 +74,11 @@ def data_notes(bundle: DataBundle) -> list[str]:
     return lines + [f"warning: {w}" for w in bundle.warnings] + [f"note: {n}" for n in bundle.notes]
 
 
+def _label_counts(counts: dict[str, int]) -> str:
+    total = sum(counts.values())
+    return "\n".join(f"{name}: {_pct(n, total)}" for name, n in counts.items())
+
+
 def _pct(part: int, whole: int) -> str:
     return f"{part:,} ({part / whole:.1%})" if whole else f"{part:,}"
 
@@ -86,7 +95,8 @@ _ROWS = [
      if s.split_rows else ""),
     ("assistant text left out by the template", lambda s: f"{s.lost_rows:,} conversations" if s.lost_rows else ""),
     ("tokens", lambda s: f"{s.tokens:,}"),
-    ("trained tokens", lambda s: _pct(s.trained_tokens, s.tokens)),
+    ("trained tokens", lambda s: _pct(s.trained_tokens, s.tokens) if s.label_counts is None else ""),
+    ("labels (task classification)", lambda s: _label_counts(s.label_counts) if s.label_counts else ""),
     ("mean / max length", lambda s: f"{s.mean_length:.0f} / {s.max_length}"),
     ("packed rows", lambda s: f"{s.packed_rows:,}" if s.packed_rows else ""),
     ("packing efficiency", lambda s: f"{s.packing_efficiency:.1%}" if s.packing_efficiency else ""),

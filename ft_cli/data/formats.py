@@ -20,6 +20,7 @@ FIELDS: dict[str, tuple[str, ...]] = {
     "chat": ("messages", "role", "content", "tools", "system"),
     "sharegpt": ("conversations", "from", "value", "tools", "system"),
     "text": ("text",),
+    "labelled": ("text", "text_pair", "label"),  # task: classification (ft_cli.tasks.classification reads it)
 }
 CHAT_ROLES = ("system", "user", "assistant", "tool")
 _REASONING = ("reasoning_content", "thinking", "reasoning")
@@ -68,7 +69,9 @@ def check_columns(fmt: str, columns: dict[str, str] | None, where: str = "data.c
 
 def format_of_record(record: dict[str, Any]) -> str | None:
     """The format whose fields a record has (messages: chat, conversations: sharegpt, instruction + output: alpaca,
-    text: text); None when none or several match."""
+    text: text, text + label: labelled); None when none or several match."""
+    if "text" in record and "label" in record:
+        return "labelled"
     found = [fmt for fmt, needs in (("chat", ("messages",)), ("sharegpt", ("conversations",)),
                                     ("alpaca", ("instruction", "output")), ("text", ("text",)))
              if all(k in record for k in needs)]

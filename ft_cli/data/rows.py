@@ -40,6 +40,7 @@ class DataStats:
     split_rows: int = 0  # conversations with assistant turns trained in samples of their own (data.render)
     extra_samples: int = 0  # samples those turns added
     lost_rows: int = 0  # conversations whose assistant text the chat template partly leaves out
+    label_counts: dict[str, int] | None = None  # task: classification: examples per label, in class-id order
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -55,6 +56,7 @@ class DataBundle:
     warnings: list[str] = field(default_factory=list)
     from_cache: bool = False
     notes: list[str] = field(default_factory=list)  # how the data is trained, where it is not the obvious way
+    labels: list[str] | None = None  # task: classification: the class names, in id order
 
 
 def histogram(lengths: np.ndarray, max_seq_len: int, bins: int = 10) -> list[list[int]]:

@@ -24,7 +24,7 @@ from ft_cli.data.formats import Converter, Example, Origin
 from ft_cli.errors import UserError
 from ft_cli.hub import hub_offline
 
-EXTENSIONS = (".json", ".jsonl", ".csv", ".parquet")
+EXTENSIONS = (".json", ".jsonl", ".csv", ".tsv", ".parquet")
 _HUB_ID = re.compile(r"^[\w.-]+(/[\w.-]+)?$")
 
 
@@ -95,6 +95,8 @@ def read_records(path: Path) -> Iterator[tuple[dict[str, Any], Origin]]:
             yield from _json(path)
         elif suffix == ".csv":
             yield from _csv(path)
+        elif suffix == ".tsv":
+            yield from _tsv(path)
         else:
             yield from _parquet(path)
     except UnicodeDecodeError:
@@ -161,6 +163,30 @@ def _csv(path: Path) -> Iterator[tuple[dict[str, Any], Origin]]:
                 yield row, Origin(label, i, reader.line_num)
         except csv.Error as exc:
             raise UserError(f"{path}:{reader.line_num}: invalid CSV: {exc}") from None
+
+
+def _tsv(path: Path) -> Iterator[tuple[dict[str, Any], Origin]]:
+    """Tab-separated, one record per line, with quoting off (csv.QUOTE_NONE): a `"` is an ordinary character, as
+    in GLUE's TSV files (SST-2), where a quote-aware reader would join lines or drop quote marks."""
+    label = str(path)
+    with path.open(newline="", encoding="utf-8-sig") as fh:
+        lines = iter(enumerate(fh, 1))
+        header = next(((n, line) for n, line in lines if line.strip()), None)
+        if header is None:
+            return
+        columns = header[1].rstrip("\r\n").split("\t")
+        index = 0
+        for lineno, line in lines:
+            line = line.rstrip("\r\n")
+            if not line.strip():
+                continue
+            cells = line.split("\t")
+            if len(cells) > len(columns):
+                raise UserError(f"{path}:{lineno}: {len(cells)} tab-separated cells, but the header has "
+                                f"{len(columns)} columns ({', '.join(columns)})")
+            yield dict(zip(columns, cells + [None] * (len(columns) - len(cells)), strict=True)), \
+                Origin(label, index, lineno)
+            index += 1
 
 
 def _parquet(path: Path) -> Iterator[tuple[dict[str, Any], Origin]]:

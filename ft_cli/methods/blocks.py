@@ -5,6 +5,7 @@ Hugging Face models agree on the shape (a ModuleList of identical blocks) but no
     Llama, Qwen2, Mistral, Phi, Gemma: model.layers.N    .self_attn  .mlp
     GPT-2, Falcon, GPT-J:              transformer.h.N   .attn / .self_attention  .mlp
     GPT-NeoX:                          gpt_neox.layers.N .attention  .mlp
+    BERT, RoBERTa (encoders):          bert.encoder.layer.N .attention  .output (feed-forward out + residual + norm)
 """
 
 from __future__ import annotations
@@ -13,9 +14,9 @@ from typing import Any
 
 from ft_cli.errors import UserError
 
-BLOCK_LIST_NAMES = ("layers", "h", "blocks", "block")
+BLOCK_LIST_NAMES = ("layers", "h", "blocks", "block", "layer")
 ATTENTION_NAMES = ("self_attn", "attn", "self_attention", "attention")
-MLP_NAMES = ("mlp", "feed_forward", "ffn")
+MLP_NAMES = ("mlp", "feed_forward", "ffn", "output")
 
 
 def transformer_blocks(model: Any) -> tuple[str, Any]:

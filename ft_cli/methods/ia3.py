@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 from ft_cli.errors import UserError
-from ft_cli.methods.peft_common import get_peft_model_for
+from ft_cli.methods.peft_common import get_peft_model_for, peft_task_type
 from ft_cli.recipe import Recipe
 
 
@@ -32,7 +32,7 @@ def apply_ia3(model: Any, recipe: Recipe) -> Any:
     if extra:
         raise UserError(f"ia3.feedforward_modules: {', '.join(extra)} not in ia3.target_modules "
                         f"({', '.join(targets)}); feed-forward modules must also be targets")
-    config = IA3Config(task_type="CAUSAL_LM", target_modules=list(targets), feedforward_modules=list(feedforward))
+    config = IA3Config(task_type=peft_task_type(recipe), target_modules=list(targets), feedforward_modules=list(feedforward))
     return get_peft_model_for(model, config, "ia3.target_modules")
 
 

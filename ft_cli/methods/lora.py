@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from ft_cli.methods.peft_common import get_peft_model_for
+from ft_cli.methods.peft_common import get_peft_model_for, peft_task_type
 from ft_cli.recipe import Recipe
 
 
@@ -27,7 +27,7 @@ def apply_lora(model: Any, recipe: Recipe) -> Any:
         use_dora=recipe.method == "dora",
         modules_to_save=lora.modules_to_save,
         bias="none",
-        task_type="CAUSAL_LM",
+        task_type=peft_task_type(recipe),
     )
     model = get_peft_model_for(model, config, "lora.target_modules")
     check_modules_to_save(model, lora.modules_to_save or [])

@@ -19,7 +19,15 @@ def get_peft_model_for(model: Any, config: Any, field: str) -> Any:
     except ValueError as exc:
         if "not found in the base model" in str(exc) or "No modules were targeted" in str(exc):
             raise UserError(f"{field}: {exc}") from None
+        if "does not support past key values" in str(exc):  # prefix tuning on a model without a KV cache (BERT)
+            raise UserError(f"method prefix_tuning: peft feeds the prefix as a KV cache, which this "
+                            f"{model.config.model_type} model does not take; use prompt_tuning (or lora)") from None
         raise
+
+
+def peft_task_type(recipe: Any) -> str:
+    """peft's task type: SEQ_CLS also trains and saves the classification head (modules_to_save)."""
+    return "SEQ_CLS" if recipe.task == "classification" else "CAUSAL_LM"
 
 
 def load_peft_adapter(base: Any, adapter_dir: Path) -> Any:

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from ft_cli.methods.peft_common import get_peft_model_for
+from ft_cli.methods.peft_common import get_peft_model_for, peft_task_type
 from ft_cli.recipe import Recipe
 
 
@@ -31,7 +31,7 @@ def apply_prompt_tuning(model: Any, recipe: Recipe) -> Any:
             "tokenizer_kwargs": {"trust_remote_code": recipe.model.trust_remote_code,
                                  "revision": recipe.model.revision},
         }
-    config = PromptTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=spec.num_virtual_tokens, **init)
+    config = PromptTuningConfig(task_type=peft_task_type(recipe), num_virtual_tokens=spec.num_virtual_tokens, **init)
     return get_peft_model_for(model, config, "prompt")
 
 
@@ -42,5 +42,5 @@ def apply_prefix_tuning(model: Any, recipe: Recipe) -> Any:
 
     spec = recipe.prompt
     assert spec is not None
-    config = PrefixTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=spec.num_virtual_tokens)
+    config = PrefixTuningConfig(task_type=peft_task_type(recipe), num_virtual_tokens=spec.num_virtual_tokens)
     return get_peft_model_for(model, config, "prompt")

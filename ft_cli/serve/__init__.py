@@ -146,6 +146,12 @@ def serve_cli(base_or_run: str, adapter_specs: list[str], *, host: str = "127.0.
         raise UserError("--max-batch applies to the transformers engine; vLLM batches continuously on its own")
     if api_key is not None and not api_key.strip():
         raise UserError(f"--api-key / {API_KEY_ENV}: empty")
+    from ft_cli.tasks.classify_run import classification_target
+
+    if (classifier := classification_target(base_or_run, which)) is not None:  # POST /v1/classify
+        _serve_classifier(classifier, adapter_specs, host=host, port=port, api_key=api_key, engine=engine,
+                          print_command=print_command)
+        return
     plan = plan_serve(base_or_run, adapter_specs, which)
     if engine == "vllm":
         from ft_cli.serve.vllm import exec_vllm, vllm_command
@@ -168,6 +174,26 @@ def serve_cli(base_or_run: str, adapter_specs: list[str], *, host: str = "127.0.
 
     app = build_app(served, api_key=api_key, roots=roots(plan))
     _banner(plan, host, port, api_key is not None, max_batch)
+    uvicorn.run(app, host=host, port=port, log_level="info", timeout_graceful_shutdown=5)
+
+
+def _serve_classifier(target: Any, adapter_specs: list[str], *, host: str, port: int, api_key: str | None,
+                      engine: str, print_command: bool) -> None:
+    """A classification run: one model behind POST /v1/classify (ft_cli.serve.classify)."""
+    if adapter_specs or engine != "transformers" or print_command:
+        raise UserError(f"{target.path}: a classification run is served alone by the transformers engine (no "
+                        "--adapter, --engine vllm or --print-command)")
+    import uvicorn
+
+    from ft_cli.serve.classify import load_classifier_app
+
+    if host not in LOOPBACK and not api_key:
+        print(f"warning: serving on {host} without --api-key ({API_KEY_ENV}): anyone who can reach port {port} "
+              "can use the model", file=sys.stderr)
+    app, classifier = load_classifier_app(target, api_key=api_key)
+    url = f"http://{'[' + host + ']' if ':' in host else host}:{port}/v1/classify"
+    print(f"classifier `{classifier.name}` ({target.recipe.method}; labels {', '.join(classifier.labels)}) at "
+          f"POST {url}{' (API key required)' if api_key else ''}", flush=True)
     uvicorn.run(app, host=host, port=port, log_level="info", timeout_graceful_shutdown=5)
 
 
