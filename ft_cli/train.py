@@ -42,6 +42,7 @@ class Session:
     state: dict[str, Any] = field(default_factory=dict)  # best_eval_loss, best_step, evals_without_improvement
     manifest: dict[str, Any] = field(default_factory=dict)
     lock: Any = None  # ft_cli.run_lock.RunLock on the main process: this run's hold on its directory
+    objective: Any = None  # ft_cli.objectives.PreferenceObjective for dpo/orpo/simpo; None: SFT's token loss
 
 
 def train_from_recipe(recipe_path: Path, overrides: list[str], *, output_dir: Path | None = None,
@@ -143,8 +144,10 @@ def _setup_locked(recipe: Recipe, recipe_path: Path, run: RunDir, accelerator: A
     optimizer = build_optimizer(model, recipe)
     scheduler = build_scheduler(optimizer, recipe, total_steps)
     # The scheduler is stepped by hand once per optimizer step; accelerate's wrapper would step it per process.
+    objective, collate = None, make_collator(tokenizer, packed=recipe.data.packing)
+    if recipe.objective != "sft":
+        objective, collate = _preference_setup(recipe, data, model, tokenizer, accelerator)
     model, optimizer = accelerator.prepare(model, optimizer)
-    collate = make_collator(tokenizer, packed=recipe.data.packing)
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         prepare_run_dir(run, resume=resume)
@@ -152,7 +155,7 @@ def _setup_locked(recipe: Recipe, recipe_path: Path, run: RunDir, accelerator: A
 
     session = Session(recipe=recipe, recipe_path=recipe_path, run=run, accelerator=accelerator, tokenizer=tokenizer,
                       model=model, optimizer=optimizer, scheduler=scheduler, data=data, collate=collate,
-                      batches=batches, total_steps=total_steps, lock=lock)
+                      batches=batches, total_steps=total_steps, lock=lock, objective=objective)
     session.state = {"best_eval_loss": None, "best_step": None, "evals_without_improvement": 0,
                      "last_eval_loss": None, "last_eval_step": None}
     if resume_from is not None:
@@ -200,6 +203,7 @@ def fit(s: Session) -> Path:
     params = [p for p in model.parameters() if p.requires_grad]
     step, stopped_early = s.start_step, False
     window_tokens, window_t0 = 0, time.perf_counter()
+    window_pref: dict[str, float] = {}  # preference objectives: reward stats summed since the last log line
     last_eval_step = -1
     model.train()
     try:
@@ -215,16 +219,26 @@ def fit(s: Session) -> Path:
             first = step * t.grad_accum
             micro = [s.collate(_rows(s.data.train, s.batches.indices(m))) for m in range(first, first + t.grad_accum)]
             # DDP averages gradients over processes, so each process divides its loss sum by (global tokens / world).
-            n_global = _reduce_sum(acc, sum(count_targets(b) for b in micro))
-            denom = torch.tensor(max(n_global, 1) / world, device=acc.device)
+            if s.objective is None:
+                n_global = _reduce_sum(acc, sum(count_targets(b) for b in micro))
+                denom = torch.tensor(max(n_global, 1) / world, device=acc.device)
+            else:  # preference pairs: per pair (and ORPO's NLL per chosen token) over the whole step
+                units = [s.objective.units(b) for b in micro]
+                pair_denom = max(_reduce_sum(acc, sum(u[0] for u in units)), 1) / world
+                token_denom = max(_reduce_sum(acc, sum(u[1] for u in units)), 1) / world
             loss_sum = torch.zeros((), device=acc.device)
             for i, batch in enumerate(micro):
                 window_tokens += real_tokens(batch)
                 sync = i == len(micro) - 1
                 with nullcontext() if sync else acc.no_sync(model):
-                    out = model(**model_inputs(batch, acc.device), num_items_in_batch=denom)
-                    acc.backward(out.loss)
-                loss_sum += out.loss.detach().float()
+                    if s.objective is None:
+                        micro_loss = model(**model_inputs(batch, acc.device), num_items_in_batch=denom).loss
+                    else:
+                        micro_loss, stats = s.objective.loss(model, batch, acc.device, pair_denom, token_denom)
+                        for k, v in stats.items():
+                            window_pref[k] = window_pref.get(k, 0.0) + v
+                    acc.backward(micro_loss)
+                loss_sum += micro_loss.detach().float()
             # Unscales float16 gradients first (accelerate's GradScaler), so the norm and the clipping are real.
             grad_norm = acc.clip_grad_norm_(params, t.max_grad_norm or float("inf"))
             grad_norm = None if grad_norm is None else float(grad_norm)  # DeepSpeed clips inside; may not say
@@ -248,6 +262,11 @@ def fit(s: Session) -> Path:
                 tps = _reduce_sum(acc, window_tokens) / max(elapsed, 1e-9)
                 record = {"step": step, "epoch": round(epoch, 4), "loss": loss, "lr": lr,
                           "grad_norm": grad_norm, "tokens_per_s": round(tps, 1)}
+                if s.objective is not None:
+                    from ft_cli.objectives import step_metrics
+
+                    record.update(step_metrics({k: _reduce_sum(acc, v) for k, v in sorted(window_pref.items())}))
+                    window_pref = {}
                 if metrics:
                     metrics.write(record)
                 acc.log(record, step=step)
@@ -318,12 +337,19 @@ def _evaluate(s: Session, step: int, epoch: float, metrics: Any, reporter: Any) 
     from ft_cli.scoring import token_loss
 
     acc, t = s.accelerator, s.recipe.train
-    loss_sum, tokens = token_loss(s.model, s.data.eval, s.collate, t.eval_batch_size or t.micro_batch_size,
-                                  device=acc.device, rank=acc.process_index, world_size=acc.num_processes)
-    loss_sum, tokens = _reduce_sum(acc, loss_sum), int(_reduce_sum(acc, tokens))
-    eval_loss = loss_sum / max(tokens, 1)
-    record = {"step": step, "epoch": round(epoch, 4), "eval_loss": eval_loss,
-              "eval_perplexity": math.exp(min(eval_loss, 50)), "eval_tokens": tokens}
+    if s.objective is not None:
+        sums = s.objective.evaluate(s.model, s.data.eval, s.collate, t.eval_batch_size or t.micro_batch_size,
+                                    device=acc.device, rank=acc.process_index, world_size=acc.num_processes)
+        record = {"step": step, "epoch": round(epoch, 4),
+                  **s.objective.eval_record({k: _reduce_sum(acc, v) for k, v in sorted(sums.items())})}
+        eval_loss = record["eval_loss"]
+    else:
+        loss_sum, tokens = token_loss(s.model, s.data.eval, s.collate, t.eval_batch_size or t.micro_batch_size,
+                                      device=acc.device, rank=acc.process_index, world_size=acc.num_processes)
+        loss_sum, tokens = _reduce_sum(acc, loss_sum), int(_reduce_sum(acc, tokens))
+        eval_loss = loss_sum / max(tokens, 1)
+        record = {"step": step, "epoch": round(epoch, 4), "eval_loss": eval_loss,
+                  "eval_perplexity": math.exp(min(eval_loss, 50)), "eval_tokens": tokens}
     if metrics:
         metrics.write(record)
     acc.log(record, step=step)
@@ -355,9 +381,35 @@ def _sanity_eval(s: Session, reporter: Any) -> None:
     t = s.recipe.train
     size = t.eval_batch_size or t.micro_batch_size
     rows = s.data.eval.select(range(min(len(s.data.eval), 2 * size)))
-    loss_sum, tokens = token_loss(s.model, rows, s.collate, size, device=s.accelerator.device)
+    if s.objective is not None:
+        loss = s.objective.eval_record(s.objective.evaluate(s.model, rows, s.collate, size,
+                                                            device=s.accelerator.device))["eval_loss"]
+    else:
+        loss_sum, tokens = token_loss(s.model, rows, s.collate, size, device=s.accelerator.device)
+        loss = loss_sum / max(tokens, 1)
     reporter.message(f"step {s.start_step}: evaluation works (sanity check on {len(rows)} eval rows: loss "
-                     f"{loss_sum / max(tokens, 1):.4f})")
+                     f"{loss:.4f})")
+
+
+def _preference_setup(recipe: Recipe, data: Any, model: Any, tokenizer: Any, accelerator: Any) -> tuple[Any, Any]:
+    """objective dpo / orpo / simpo: the pair collator and, for DPO, the reference log-probabilities of every row,
+    computed now from the model as loaded (PEFT: with the adapter disabled) - before a resume loads the checkpoint,
+    so a resumed run compares with the same reference."""
+    from ft_cli.objectives import PreferenceObjective, add_reference_logps, preference_collator
+
+    objective, collate = PreferenceObjective(recipe), preference_collator(tokenizer)
+    if objective.needs_reference:
+        size = recipe.train.eval_batch_size or recipe.train.micro_batch_size
+        t0 = time.perf_counter()
+        data.train = add_reference_logps(data.train, model, collate, size, device=accelerator.device)
+        if data.eval is not None:
+            data.eval = add_reference_logps(data.eval, model, collate, size, device=accelerator.device)
+        if accelerator.is_main_process:
+            pairs = len(data.train) + (len(data.eval) if data.eval is not None else 0)
+            print(f"dpo: reference log-probabilities of {pairs:,} pairs computed in {time.perf_counter() - t0:.1f} s "
+                  "(the model before training" + (", adapter disabled" if recipe.is_peft else "") + ")",
+                  file=sys.stderr)
+    return objective, collate
 
 
 def _update_checkpoint_state(s: Session, step: int) -> None:

@@ -57,6 +57,9 @@ def data_notes(bundle: DataBundle) -> list[str]:
     lines = []
     splits = [("training", bundle.train_stats)] + ([("eval", bundle.eval_stats)] if bundle.eval_stats else [])
     for name, s in splits:
+        if s.unit == "pairs":
+            lines += _pair_notes(name, s)
+            continue
         if s.dropped_empty:
             lines.append(f"data: {s.dropped_empty:,} of {s.rows_in:,} {name} records dropped: nothing to train on "
                          "(no assistant reply with content, or blank text)")
@@ -68,6 +71,16 @@ def data_notes(bundle: DataBundle) -> list[str]:
             lines.append(f"data: {s.truncated:,} of {s.rows:,} {name} examples truncated to data.max_seq_len="
                          f"{s.max_seq_len} (their tail is not trained; data.truncation: drop skips them instead)")
     return lines + [f"warning: {w}" for w in bundle.warnings] + [f"note: {n}" for n in bundle.notes]
+
+
+def _pair_notes(name: str, s: Any) -> list[str]:
+    lines = []
+    if s.dropped_empty:
+        lines.append(f"data: {s.dropped_empty:,} of {s.rows_in:,} {name} pairs dropped: a blank chosen or rejected reply")
+    if s.dropped_too_long:
+        lines.append(f"data: {s.dropped_too_long:,} of {s.rows_in:,} {name} pairs dropped: a reply does not fit "
+                     f"data.max_seq_len={s.max_seq_len} after its prompt (or data.truncation: drop)")
+    return lines
 
 
 def _pct(part: int, whole: int) -> str:

@@ -40,6 +40,7 @@ class DataStats:
     split_rows: int = 0  # conversations with assistant turns trained in samples of their own (data.render)
     extra_samples: int = 0  # samples those turns added
     lost_rows: int = 0  # conversations whose assistant text the chat template partly leaves out
+    unit: str = "records"  # what rows count: "pairs" for preference data (data.format: preference)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
