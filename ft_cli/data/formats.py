@@ -74,7 +74,9 @@ def check_columns(fmt: str, columns: dict[str, str] | None, where: str = "data.c
 
 def format_of_record(record: dict[str, Any]) -> str | None:
     """The format whose fields a record has (messages: chat, conversations: sharegpt, instruction + output: alpaca,
-    text: text); None when none or several match."""
+    text: text; chosen + rejected: preference); None when none or several match."""
+    if "chosen" in record and "rejected" in record:
+        return "preference"
     found = [fmt for fmt, needs in (("chat", ("messages",)), ("sharegpt", ("conversations",)),
                                     ("alpaca", ("instruction", "output")), ("text", ("text",)))
              if all(k in record for k in needs)]
