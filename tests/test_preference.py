@@ -262,3 +262,26 @@ def test_full_dpo_resume_equals_the_uninterrupted_run(tmp_path: Path, shared_dat
                 assert a[key] == pytest.approx(b[key], rel=1e-6, abs=1e-7), (key, a["step"])
     a, b = load_file(cut / "model" / "model.safetensors"), load_file(whole / "model" / "model.safetensors")
     assert max((a[k] - b[k]).abs().max().item() for k in b) < 1e-6
+
+
+def test_ft_eval_on_a_dpo_run_reproduces_its_last_evaluation(tmp_path: Path, shared_data: Path) -> None:
+    """ft eval RUN on a DPO run reports the pair loss, reward accuracy and margin that training logged at its last
+    evaluation (same reference: the base with the adapter disabled); --fail-if works on them; --data takes pairs."""
+    _train(_recipe(tmp_path, shared_data, train__max_steps=2, train__eval_every=2, train__save_every=2),
+           tmp_path / "run")
+    logged = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    last = [ln for ln in logged if "eval_loss" in ln][-1]
+    result = runner.invoke(app, ["eval", str(tmp_path / "run"), "--fail-if", "reward_accuracy<0"])
+    assert result.exit_code == 0, result.output + repr(result.exception)
+    got = json.loads((tmp_path / "run" / "eval.json").read_text())
+    assert got["pairs"] == last["eval_pairs"]
+    assert got["pair_loss"] == pytest.approx(last["eval_loss"], rel=1e-5)
+    assert got["reward_margin"] == pytest.approx(last["eval_reward_margin"], rel=1e-4, abs=1e-6)
+    assert got["reward_accuracy"] == pytest.approx(last["eval_reward_accuracy"])
+    failed = runner.invoke(app, ["eval", str(tmp_path / "run"), "--fail-if", "reward_accuracy<2", "--name", "x"])
+    assert failed.exit_code == 3, failed.output
+    pairs = tmp_path / "pairs.json"
+    pairs.write_text(json.dumps(json.loads((shared_data / "dpo_en_demo.json").read_text())[200:230]))
+    on_file = runner.invoke(app, ["eval", str(tmp_path / "run"), "--data", str(pairs)])
+    assert on_file.exit_code == 0, on_file.output + repr(on_file.exception)
+    assert json.loads((tmp_path / "run" / "eval-pairs.json").read_text())["pairs"] > 0

@@ -361,6 +361,13 @@ def load_eval_data(path: str | os.PathLike, recipe: Recipe, tokenizer: Any) -> d
         return unpack_rows(ds)
     convert = make_converter(d.format, d.columns)
     src = load_source(str(path), None, convert, "--data")
+    if d.format == "preference":  # pairs: the chosen side scores as `labels`, the rejected one beside it
+        from ft_cli.data.preference import encode_pairs, pair_dataset
+
+        pairs = encode_pairs(src.examples, tokenizer, _settings(recipe), ChatRenderer(tokenizer, d.system_message))
+        if not pairs.chosen_ids:
+            raise UserError(f"--data {path}: no preference pair fits data.max_seq_len={d.max_seq_len}")
+        return pair_dataset(pairs)
     enc = encode_examples(src.examples, tokenizer, _settings(recipe))
     _require_rows(enc, f"--data {path}", d.max_seq_len, d.truncation)
     return to_dataset(enc.ids, enc.labels, enc.lengths)
