@@ -285,3 +285,21 @@ def test_ft_eval_on_a_dpo_run_reproduces_its_last_evaluation(tmp_path: Path, sha
     on_file = runner.invoke(app, ["eval", str(tmp_path / "run"), "--data", str(pairs)])
     assert on_file.exit_code == 0, on_file.output + repr(on_file.exception)
     assert json.loads((tmp_path / "run" / "eval-pairs.json").read_text())["pairs"] > 0
+
+
+def test_plan_counts_both_sequences_of_a_pair(tmp_path: Path, shared_data: Path, tiny_llama_dir: Path) -> None:
+    """ft plan: a DPO micro-batch of b pairs runs 2b sequences, so its activations and logits are those of an SFT
+    micro-batch of 2b rows; the weights and optimizer state are the same."""
+    from transformers import AutoConfig
+
+    from ft_cli.plan import estimate_memory
+    from ft_cli.recipe import load_recipe
+
+    config = AutoConfig.from_pretrained(tiny_llama_dir)
+    dpo = load_recipe(_recipe(tmp_path, shared_data), [])
+    sft = load_recipe(_recipe(tmp_path, shared_data, objective="sft", data__format="sharegpt"), [])
+    pairs, rows = estimate_memory(config, dpo, micro_batch_size=2), estimate_memory(config, sft, micro_batch_size=4)
+    assert pairs.micro_batch_size == 2
+    assert pairs.activations.bytes == rows.activations.bytes > 0 and pairs.logits.bytes == rows.logits.bytes
+    assert [r.bytes for r in pairs.static] == [r.bytes for r in rows.static]
+    assert estimate_memory(config, dpo, micro_batch_size=1).activations.bytes < pairs.activations.bytes
