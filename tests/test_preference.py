@@ -285,6 +285,16 @@ def test_ft_eval_on_a_dpo_run_reproduces_its_last_evaluation(tmp_path: Path, sha
     on_file = runner.invoke(app, ["eval", str(tmp_path / "run"), "--data", str(pairs)])
     assert on_file.exit_code == 0, on_file.output + repr(on_file.exception)
     assert json.loads((tmp_path / "run" / "eval-pairs.json").read_text())["pairs"] > 0
+    # ft report adds a reward panel (margin and accuracy, train and eval) and the final values to the summary
+    from ft_cli.report import plot_curves, read_metrics
+    from ft_cli.run_dir import RunDir
+
+    report = runner.invoke(app, ["report", str(tmp_path / "run")])
+    assert report.exit_code == 0, report.output
+    summary = (tmp_path / "run" / "report" / "summary.md").read_text()
+    assert "final reward margin" in summary and "final eval reward accuracy" in summary
+    figure = plot_curves(read_metrics(RunDir(tmp_path / "run")), tmp_path / "curves.png")
+    assert [ax.get_ylabel() for ax in figure.axes][:3] == ["loss (per pair)", "reward margin", "learning rate"]
 
 
 def test_plan_counts_both_sequences_of_a_pair(tmp_path: Path, shared_data: Path, tiny_llama_dir: Path) -> None:
