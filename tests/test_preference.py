@@ -313,3 +313,30 @@ def test_plan_counts_both_sequences_of_a_pair(tmp_path: Path, shared_data: Path,
     assert pairs.activations.bytes == rows.activations.bytes > 0 and pairs.logits.bytes == rows.logits.bytes
     assert [r.bytes for r in pairs.static] == [r.bytes for r in rows.static]
     assert estimate_memory(config, dpo, micro_batch_size=1).activations.bytes < pairs.activations.bytes
+
+
+def test_two_processes_equal_one_with_twice_the_micro_batch(tmp_path: Path, shared_data: Path) -> None:
+    """DPO under torchrun (2 gloo processes, micro-batch 1 pair each) trains as 1 process with micro-batch 2: the
+    pair-normalised loss, the reward metrics and the adapter agree."""
+    from safetensors.torch import load_file
+
+    from tests.test_distributed import child_env, run, torchrun
+
+    one = _recipe(tmp_path, shared_data, train__micro_batch_size=2, train__max_steps=3, train__eval_every=3,
+                  train__save_every=3)
+    _train(one, tmp_path / "one")
+    two_dir = tmp_path / "two"
+    two_dir.mkdir()
+    two = _recipe(two_dir, shared_data, train__micro_batch_size=1, train__max_steps=3, train__eval_every=3,
+                  train__save_every=3)
+    run(torchrun("-m", "ft_cli.cli", "train", str(two), "--output-dir", str(tmp_path / "two-run")), child_env())
+    read = lambda d: [json.loads(x) for x in (d / "metrics.jsonl").read_text().splitlines()]  # noqa: E731
+    got, want = read(tmp_path / "two-run"), read(tmp_path / "one")
+    assert [x["step"] for x in got] == [x["step"] for x in want]
+    for a, b in zip(got, want, strict=True):
+        for key in ("loss", "reward_margin", "eval_loss", "eval_reward_margin"):
+            if key in b:
+                assert a[key] == pytest.approx(b[key], rel=1e-4, abs=1e-6), (key, a["step"])
+    a, b = (load_file(d / "adapter" / "adapter_model.safetensors") for d in (tmp_path / "two-run", tmp_path / "one"))
+    scale = max(v.abs().max().item() for v in b.values())
+    assert max((a[k] - b[k]).abs().max().item() for k in b) < 1e-4 * scale
