@@ -71,6 +71,23 @@ def sequence_logps(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Te
     return (picked * mask).sum(-1), mask.sum(-1)
 
 
+def reply_logps(model: Any, batch: dict[str, Any], device: Any) -> tuple[torch.Tensor, torch.Tensor, Any]:
+    """Summed reply log-probabilities and reply token counts of every row of a collated pair batch. The logits of
+    prompt positions that no row scores are never computed (transformers' `logits_to_keep`: the last k positions),
+    which saves the lm_head and the log-softmax over the vocabulary for the shared prompt length."""
+    labels = batch["labels"].to(device)
+    scored = (labels[:, 1:] != IGNORE).any(0).nonzero()
+    first = int(scored[0]) if len(scored) else 0  # the first label position any row scores is first + 1
+    keep = labels.shape[1] - first  # logits positions first .. L-1 predict labels first+1 .. L (the last unused)
+    out = model(input_ids=batch["input_ids"].to(device), attention_mask=batch["attention_mask"].to(device),
+                use_cache=False, logits_to_keep=keep)
+    logits = out.logits
+    if logits.shape[1] != keep:  # a model without logits_to_keep returned every position
+        logits = logits[:, -keep:]
+    logps, counts = sequence_logps(logits, labels[:, first:])
+    return logps, counts, out
+
+
 def _log1mexp(x: torch.Tensor) -> torch.Tensor:
     """log(1 - exp(x)) for x < 0, stable at both ends (as TRL's log1mexp)."""
     return torch.where(x > -math.log(2), torch.log(-torch.expm1(x)), torch.log1p(-torch.exp(x)))
@@ -137,10 +154,7 @@ class PreferenceObjective:
         return loss, _stats(losses, chosen_rewards, rejected_rewards, logps, counts)
 
     def _score(self, model: Any, batch: dict[str, Any], device: Any) -> tuple[torch.Tensor, torch.Tensor, Any]:
-        out = model(input_ids=batch["input_ids"].to(device), attention_mask=batch["attention_mask"].to(device),
-                    use_cache=False)
-        logps, counts = sequence_logps(out.logits, batch["labels"].to(device))
-        return logps, counts, out
+        return reply_logps(model, batch, device)
 
     def evaluate(self, model: Any, dataset: Any, collate: Callable, batch_size: int, *, device: Any,
                  rank: int = 0, world_size: int = 1) -> dict[str, float]:
@@ -195,9 +209,7 @@ def reference_logps(model: Any, dataset: Any, collate: Callable, batch_size: int
     with torch.no_grad(), (disable() if disable is not None else contextlib.nullcontext()):
         for start in range(0, len(dataset), batch_size):
             batch = collate(_rows(dataset, list(range(start, min(start + batch_size, len(dataset))))))
-            out = model(input_ids=batch["input_ids"].to(device), attention_mask=batch["attention_mask"].to(device),
-                        use_cache=False)
-            logps, _ = sequence_logps(out.logits, batch["labels"].to(device))
+            logps, _, _ = reply_logps(model, batch, device)
             c, r = logps.double().cpu().chunk(2)
             chosen += c.tolist()
             rejected += r.tolist()

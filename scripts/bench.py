@@ -40,6 +40,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "scripts"))
+from bench_dpo import add_parser as add_dpo_parser  # noqa: E402
 from bench_gpu import add_parser as add_gpu_parser  # noqa: E402
 from bench_serve import add_parser as add_serve_parser  # noqa: E402
 
@@ -544,6 +545,7 @@ def main(argv: list[str] | None = None) -> None:
     p.set_defaults(func=bench_export)
     add_gpu_parser(sub)  # scripts/bench_gpu.py
     add_serve_parser(sub)  # scripts/bench_serve.py
+    add_dpo_parser(sub)  # scripts/bench_dpo.py
     p = sub.add_parser("_train_one")  # internal: one run in its own process
     p.add_argument("variant", choices=TRAIN_VARIANTS)
     _train_args(p)

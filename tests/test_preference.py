@@ -16,7 +16,7 @@ import yaml
 from typer.testing import CliRunner
 
 from ft_cli.cli import app
-from ft_cli.objectives import pair_losses, sequence_logps
+from ft_cli.objectives import pair_losses, reply_logps, sequence_logps
 
 runner = CliRunner()
 
@@ -76,6 +76,9 @@ def test_dpo_loss_and_gradients_equal_trls(trl_dpo, loss_type: str) -> None:
     logps, counts = sequence_logps(model(**inputs).logits, labels)
     with torch.no_grad(), model.disable_adapter():
         ref, _ = sequence_logps(model(**inputs).logits, labels)
+    with torch.no_grad():  # ft's scoring keeps only the logits of scored positions: the same numbers
+        kept, kept_counts, _ = reply_logps(model, {**batch, "labels": labels}, "cpu")
+    assert torch.allclose(kept, logps.detach(), rtol=1e-6, atol=1e-5) and torch.equal(kept_counts, counts)
     cfg = SimpleNamespace(beta=0.1, label_smoothing=0.0, loss_type=loss_type)
     losses, chosen_rewards, rejected_rewards = pair_losses("dpo", cfg, logps, counts, ref)
     ours = losses.mean()
