@@ -134,6 +134,10 @@ def print_result(result: dict[str, Any], path: Path | None) -> None:
         table.add_row(*row)
     for name in ("tokens", "examples"):
         table.add_row(name, f"{result[name]:,}", *([""] * 2 if compared else []))
+    if "pairs" in result:  # a preference run (objective dpo / orpo / simpo)
+        for name in ("pair_loss", "reward_accuracy", "reward_margin"):
+            table.add_row(name, f"{result[name]:.4f}", *([""] * 2 if compared else []))
+        table.add_row("pairs", f"{result['pairs']:,}", *([""] * 2 if compared else []))
     if "generated" in result:
         table.add_row("generated", str(result["generated"]), *([""] * 2 if compared else []))
         for name, scale in (("exact_match", "0-1"), ("rouge_l", "0-1"), ("bleu", "0-100"), ("chrf", "0-100")):

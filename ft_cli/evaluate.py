@@ -35,8 +35,12 @@ SPLITS = ("eval", "train")
 
 # --fail-if thresholds ----------------------------------------------------------------------------------------------
 
+# Runs trained with objective dpo / orpo / simpo also report these (the loss and perplexity are the chosen replies').
+PREFERENCE_METRICS = ("pair_loss", "reward_accuracy", "reward_margin", "pairs")
+
+
 def available_metrics(compare_base: bool, generate: int) -> list[str]:
-    names = ["loss", "perplexity", "tokens", "examples"]
+    names = ["loss", "perplexity", "tokens", "examples"] + list(PREFERENCE_METRICS)
     if compare_base:
         names += ["base_loss", "base_perplexity", "delta_loss", "delta_perplexity"]
     if generate:
@@ -109,6 +113,8 @@ def evaluate_run(run_dir: Path | str, *, data: Path | None = None, split: str = 
         "split": None if data is not None else split, "format": recipe.data.format,
     }
     result.update(score(model, dataset, tokenizer, batch_size, device, label="eval"))
+    if recipe.objective != "sft":
+        result.update(preference_score(model, dataset, tokenizer, recipe, batch_size, device, base_path))
     if generate:
         result.update(generation_eval(model, tokenizer, recipe, data, split, generate, max_new_tokens, device,
                                       batch_size, scored_rows=dataset))
@@ -206,6 +212,28 @@ def _data_paths(recipe: Recipe, split: str) -> Any:
     sources = recipe.data.eval_sources if split == "eval" and recipe.data.eval is not None else recipe.data.sources
     paths = [s.path for s in sources]
     return paths[0] if len(paths) == 1 else paths
+
+
+def preference_score(model: Any, dataset: Any, tokenizer: Any, recipe: Recipe, batch_size: int, device: Any,
+                     base_path: str | None) -> dict[str, Any]:
+    """For a preference run: the objective's loss over the pairs, the fraction of pairs whose chosen reply gets the
+    higher reward, and the mean reward margin - what training logged as eval_*; DPO's reference is the base model
+    (the adapter disabled, or the base loaded anew for full/freeze)."""
+    from ft_cli.objectives import PreferenceObjective, add_reference_logps, preference_collator
+
+    if "rejected_input_ids" not in dataset.column_names:
+        raise UserError(f"objective {recipe.objective}: the evaluation data has no rejected replies; give pairs "
+                        "(data.format: preference)")
+    objective, collate = PreferenceObjective(recipe), preference_collator(tokenizer)
+    if objective.needs_reference:
+        if recipe.is_peft:  # add_reference_logps disables the adapter itself
+            dataset = add_reference_logps(dataset, model, collate, batch_size, device=device)
+        else:
+            with base_model(model, recipe, device, base_path) as base:
+                dataset = add_reference_logps(dataset, base, collate, batch_size, device=device)
+    record = objective.eval_record(objective.evaluate(model, dataset, collate, batch_size, device=device))
+    return {"pair_loss": record["eval_loss"], "reward_accuracy": record["eval_reward_accuracy"],
+            "reward_margin": record["eval_reward_margin"], "pairs": record["eval_pairs"]}
 
 
 @contextmanager

@@ -276,8 +276,11 @@ def estimate_memory(config: Any, recipe: Recipe, *, counts: ParamCounts | None =
     return _plan(recipe, shape, counts, micro_batch_size or recipe.train.micro_batch_size)
 
 
-def _plan(recipe: Recipe, shape: ModelShape, counts: ParamCounts, b: int) -> MemoryPlan:
+def _plan(recipe: Recipe, shape: ModelShape, counts: ParamCounts, pairs_or_rows: int) -> MemoryPlan:
     s = recipe.data.max_seq_len
+    # Preference objectives score a pair's chosen and rejected sequences in one forward: twice the rows.
+    per_row = 2 if recipe.objective != "sft" else 1
+    b = pairs_or_rows * per_row
     static = weight_rows(recipe, counts) + training_state_rows(recipe, counts)
     act_bytes = activation_dtype_bytes(recipe)
     stream = stream_dtype_bytes(recipe)
@@ -309,7 +312,8 @@ def _plan(recipe: Recipe, shape: ModelShape, counts: ParamCounts, b: int) -> Mem
     subtotal = sum(r.bytes for r in static) + (ckpt if on else full) + logits.bytes
     overhead = Row("CUDA context + allocator", _overhead(subtotal),
                    f"{CUDA_CONTEXT_BYTES / GIB:.1f} GiB context and workspaces + {FRAGMENTATION:.0%} fragmentation")
-    return MemoryPlan(recipe=recipe, shape=shape, counts=counts, micro_batch_size=b, seq_len=s, static=static,
+    return MemoryPlan(recipe=recipe, shape=shape, counts=counts, micro_batch_size=pairs_or_rows, seq_len=s,
+                      static=static,
                       activations=ckpt_row if on else full_row, activations_other=full_row if on else ckpt_row,
                       logits=logits, overhead=overhead)
 

@@ -142,8 +142,27 @@ class QuantizationSection(Section):
     compute_dtype: DType = Field("bfloat16", description="Dtype of the matmuls on the dequantized weights.")
 
 
-Format = Literal["alpaca", "chat", "sharegpt", "text", "labelled"]
+Format = Literal["alpaca", "chat", "sharegpt", "text", "labelled", "preference"]
 Task = Literal["causal_lm", "classification"]
+Objective = Literal["sft", "dpo", "orpo", "simpo"]
+PREFERENCE_OBJECTIVES = ("dpo", "orpo", "simpo")
+PREFERENCE_METHODS = ("lora", "qlora", "dora", "full", "freeze")
+# Defaults where the objectives' papers and TRL differ: DPO and ORPO (TRL's `beta`, the paper's lambda) 0.1; SimPO's
+# paper trains with beta 2.0-2.5 and gamma 0.5-1.6 (TRL's CPOConfig: simpo_gamma 0.5).
+DEFAULT_BETA = {"dpo": 0.1, "orpo": 0.1, "simpo": 2.0}
+
+
+class PreferenceSection(Section):
+    beta: float | None = Field(
+        None, gt=0, description="dpo: the KL strength (default 0.1); orpo: the weight of the odds-ratio term, the "
+        "paper's lambda (default 0.1); simpo: the reward scale (default 2.0).")
+    loss_type: Literal["sigmoid", "hinge", "ipo"] = Field(
+        "sigmoid", description="dpo only: sigmoid (DPO), hinge (SLiC) or ipo (IPO, on per-token average log-ratios, "
+        "as TRL).")
+    label_smoothing: float = Field(
+        0.0, ge=0, lt=0.5, description="dpo (sigmoid) and simpo: the probability that a pair's labels are flipped "
+        "(conservative DPO); 0: off.")
+    simpo_gamma: float = Field(0.5, ge=0, description="simpo only: the target reward margin gamma.")
 
 
 class DatasetSource(Section):
@@ -165,8 +184,9 @@ class DataSection(Section):
         description="Training data: one path (file, glob such as data/*.jsonl, directory, a dataset saved with "
         "save_to_disk, or hub id; ~ is expanded) or a list of sources with weights."
     )
-    format: Format = Field("alpaca", description="Record format: alpaca | chat | sharegpt | text, or labelled (text "
-                           "+ label, for task: classification; its default there).")
+    format: Format = Field("alpaca", description="Record format: alpaca | chat | sharegpt | text; labelled (text "
+                           "+ label, for task: classification; its default there); preference (prompt + chosen + "
+                           "rejected replies, for objective dpo / orpo / simpo).")
     columns: dict[str, str] | None = Field(
         None, description="Map the format's field names to yours, e.g. {instruction: question, output: answer}."
     )
@@ -323,6 +343,11 @@ class Recipe(Section):
         "predict a label per text (or text pair) with AutoModelForSequenceClassification (data.format labelled)."
     )
     method: Method = Field("lora", description="Fine-tuning method.")
+    objective: Objective = Field(
+        "sft", description="What the loop optimises: sft (next-token loss on the replies) or, on preference pairs "
+        "(data.format: preference), dpo | orpo | simpo.")
+    preference: PreferenceSection | None = Field(
+        None, description="Settings of objective dpo / orpo / simpo.")
     lora: LoraSection | None = Field(None, description="LoRA settings (methods lora, qlora, dora).")
     freeze: FreezeSection | None = Field(None, description="Which parts train (method freeze).")
     prompt: PromptSection | None = Field(None, description="Virtual tokens (methods prompt_tuning, prefix_tuning).")
@@ -396,6 +421,7 @@ class Recipe(Section):
                     f"false (the default true {spec.why_not['gradient_checkpointing'].split('; ')[0]})")
             self.train.gradient_checkpointing = False
         self._task_fits()
+        self._check_objective()
         if self.ia3 is not None and self.ia3.target_modules and self.ia3.feedforward_modules:
             extra = sorted(set(self.ia3.feedforward_modules) - set(self.ia3.target_modules))
             if extra:
@@ -458,6 +484,46 @@ class Recipe(Section):
             raise _FieldError("train.best_metric", f"{t.best_metric} is a classification metric; a causal_lm run "
                               "picks its best by eval_loss")
 
+    def _check_objective(self) -> None:
+        o, m = self.objective, self.method
+        formats = {self.data.format} | {src.format for src in self.data.sources + self.data.eval_sources
+                                         if src.format is not None}
+        if o == "sft":
+            if self.preference is not None:
+                raise _FieldError("preference", "is only used by objective dpo | orpo | simpo; remove it, or set "
+                                  "objective")
+            if "preference" in formats:
+                raise _FieldError("data.format", "preference pairs train with objective: dpo (or orpo, simpo); "
+                                  "set objective, or use a conversation format to train on the chosen replies only")
+            return
+        if self.task != "causal_lm":
+            raise _FieldError("objective", f"{o} applies to task causal_lm, not {self.task}")
+        if m not in PREFERENCE_METHODS:
+            raise _FieldError("objective", f"{o} trains with method {' | '.join(PREFERENCE_METHODS)}, not {m!r}")
+        if formats != {"preference"}:
+            raise _FieldError("data.format", f"objective {o} needs preference pairs: set data.format: preference "
+                              f"(records with a prompt or conversation, 'chosen' and 'rejected'); got "
+                              f"{', '.join(sorted(formats))}")
+        if self.data.packing:
+            raise _FieldError("data.packing", f"cannot be used with objective {o}: each chosen and rejected reply "
+                              "is scored as a whole sequence; set packing: false")
+        if self.data.train_on_inputs:
+            raise _FieldError("data.train_on_inputs", f"objective {o} scores only the replies; set it to false")
+        if self.preference is None:
+            self.preference = PreferenceSection()
+        p = self.preference
+        if p.beta is None:
+            p.beta = DEFAULT_BETA[o]
+        default = {k: f.default for k, f in PreferenceSection.model_fields.items()}
+        if o != "dpo" and p.loss_type != default["loss_type"]:
+            raise _FieldError("preference.loss_type", f"only applies to objective dpo, not {o}; remove it")
+        if o != "simpo" and p.simpo_gamma != default["simpo_gamma"]:
+            raise _FieldError("preference.simpo_gamma", f"only applies to objective simpo, not {o}; remove it")
+        if p.label_smoothing and not (
+                o == "simpo" or (o == "dpo" and p.loss_type == "sigmoid")):
+            raise _FieldError("preference.label_smoothing", "applies to objective dpo with loss_type sigmoid, and "
+                              "simpo")
+
     # Derived facts -------------------------------------------------------------------------------------------
     @property
     def quantized(self) -> bool:
@@ -493,6 +559,9 @@ class Recipe(Section):
         Harmless fields (max_steps, epochs, logging, eval/save cadence, output_dir) are left out.
         """
         d = self.model_dump(mode="json")
+        if d.get("objective") == "sft" and d.get("preference") is None:  # as recipes from before the key
+            d.pop("objective", None)
+            d.pop("preference", None)
         d.pop("output_dir", None)
         d.pop("logging", None)
         for key in ("max_steps", "epochs", "eval_every", "save_every", "keep_last", "log_every",

@@ -149,9 +149,14 @@ def plot_curves(metrics: Metrics, path: Path, title: str = "", resumed_at: list[
     from matplotlib.figure import Figure
     from matplotlib.ticker import MaxNLocator
 
-    fig = Figure(figsize=(9, 7), dpi=110, layout="constrained")
+    preference = any("reward_margin" in r for r in metrics.train)  # objective dpo / orpo / simpo
+    fig = Figure(figsize=(9, 9.5 if preference else 7), dpi=110, layout="constrained")
     FigureCanvasAgg(fig)
-    loss_ax, lr_ax = fig.subplots(2, 1, sharex=True, height_ratios=[3, 1.4])
+    if preference:
+        loss_ax, reward_ax, lr_ax = fig.subplots(3, 1, sharex=True, height_ratios=[3, 2, 1.4])
+        _plot_rewards(reward_ax, metrics)
+    else:
+        loss_ax, lr_ax = fig.subplots(2, 1, sharex=True, height_ratios=[3, 1.4])
 
     steps = [r["step"] for r in metrics.train if _finite(r.get("loss"))]
     losses = [r["loss"] for r in metrics.train if _finite(r.get("loss"))]
@@ -172,7 +177,7 @@ def plot_curves(metrics: Metrics, path: Path, title: str = "", resumed_at: list[
     for i, step in enumerate(resumed_at or []):
         for ax in (loss_ax, lr_ax):
             ax.axvline(step, color="tab:gray", ls="--", lw=1, label=None if ax is lr_ax or i else "resumed")
-    loss_ax.set_ylabel("loss (per trained token)")
+    loss_ax.set_ylabel("loss (per pair)" if preference else "loss (per trained token)")
     loss_ax.grid(alpha=0.3)
     loss_ax.legend(loc="best")
     if title:
@@ -295,6 +300,31 @@ _SECTION_DETAIL = {
 }
 
 
+def _plot_rewards(ax: Any, metrics: Metrics) -> None:
+    """Preference runs: the reward margin (chosen - rejected) in training and evaluation, and the fraction of pairs
+    whose chosen reply gets the higher reward (right axis)."""
+    for rows, key, prefix, color in ((metrics.train, "reward_margin", "", "tab:purple"),
+                                     (metrics.eval, "eval_reward_margin", "eval ", "tab:orange")):
+        points = [(r["step"], r[key]) for r in rows if _finite(r.get(key))]
+        if points:
+            ax.plot(*zip(*points, strict=True), color=color, lw=1.5, marker="o" if prefix else _marker(len(points)),
+                    ms=4, label=f"{prefix}reward margin")
+    ax.set_ylabel("reward margin")
+    ax.grid(alpha=0.3)
+    acc_ax = ax.twinx()
+    for rows, key, prefix, style in ((metrics.train, "reward_accuracy", "", ":"),
+                                     (metrics.eval, "eval_reward_accuracy", "eval ", "--")):
+        points = [(r["step"], r[key]) for r in rows if _finite(r.get(key))]
+        if points:
+            acc_ax.plot(*zip(*points, strict=True), color="tab:gray", ls=style, lw=1.2, label=f"{prefix}accuracy")
+    acc_ax.set_ylim(-0.02, 1.02)
+    acc_ax.set_ylabel("reward accuracy")
+    lines = ax.get_legend_handles_labels()[0] + acc_ax.get_legend_handles_labels()[0]
+    labels = ax.get_legend_handles_labels()[1] + acc_ax.get_legend_handles_labels()[1]
+    if lines:
+        ax.legend(lines, labels, loc="best")
+
+
 def _metric_rows(metrics: Metrics) -> list[list[str]]:
     rows: list[list[str]] = []
     finite = [r for r in metrics.train if _finite(r.get("loss"))]
@@ -306,11 +336,17 @@ def _metric_rows(metrics: Metrics) -> list[list[str]]:
         rows.append(["lowest train loss", f"{best['loss']:.4f}", str(best["step"])])
         if _finite(last.get("grad_norm")):
             rows.append(["final grad norm", f"{last['grad_norm']:.4g}", str(last["step"])])
+        for key in ("reward_margin", "reward_accuracy"):
+            if _finite(last.get(key)):
+                rows.append([f"final {key.replace('_', ' ')}", f"{last[key]:.4f}", str(last["step"])])
     if metrics.eval:
         last = metrics.eval[-1]
         rows.append(["final eval loss", _fmt(last.get("eval_loss")), str(last["step"])])
         if last.get("eval_perplexity") is not None:
             rows.append(["final eval perplexity", _fmt(last["eval_perplexity"]), str(last["step"])])
+        for key in ("eval_reward_margin", "eval_reward_accuracy"):
+            if _finite(last.get(key)):
+                rows.append([f"final {key.replace('_', ' ')}", f"{last[key]:.4f}", str(last["step"])])
         best = metrics.best_eval
         if best is not None:
             rows.append(["best eval loss", f"{best['eval_loss']:.4f}", str(best["step"])])

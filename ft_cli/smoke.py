@@ -113,7 +113,8 @@ def smoke_recipe(recipe: Recipe, *, echo: Any = None) -> Recipe:
     d, t = r.data, r.train
     substituted = use_samples_for_missing_data(r, changes)
     swap("data.limit", min(d.limit or SMOKE_ROWS, SMOKE_ROWS))
-    swap("data.max_seq_len", min(d.max_seq_len, SMOKE_MAX_SEQ_LEN))
+    # Preference pairs are a prompt plus a whole reply each: twice the room, or most of ft's sample would not fit.
+    swap("data.max_seq_len", min(d.max_seq_len, SMOKE_MAX_SEQ_LEN * (2 if d.format == "preference" else 1)))
     swap("train.max_steps", min(t.max_steps or SMOKE_STEPS, SMOKE_STEPS))
     swap("train.micro_batch_size", min(t.micro_batch_size, SMOKE_MICRO_BATCH))
     if t.eval_batch_size is not None:
@@ -165,8 +166,10 @@ def template_note(recipe: Recipe, chat: Any) -> str:
             "rendering and masking are NOT exercised by this run (set data.chat_template to try another template)")
 
 
+# labelled: the first 96 rows of GLUE SST-2 train (text, label 0/1); preference: the 64 pairs of LLaMA-Factory's
+# dpo_en_demo.json (sharegpt turns + chosen/rejected) with the shortest prompt + longer reply.
 SAMPLE_FILES = {"alpaca": "alpaca.json", "chat": "chat.jsonl", "sharegpt": "sharegpt.jsonl", "text": "text.jsonl",
-                "labelled": "labelled.tsv"}  # labelled: the first 96 rows of GLUE SST-2 train (text, label 0/1)
+                "labelled": "labelled.tsv", "preference": "preference.json"}
 
 
 def sample_data(fmt: str) -> Path:

@@ -162,8 +162,10 @@ def _setup_locked(recipe: Recipe, recipe_path: Path, run: RunDir, accelerator: A
     optimizer = build_optimizer(model, recipe)
     scheduler = build_scheduler(optimizer, recipe, total_steps)
     # The scheduler is stepped by hand once per optimizer step; accelerate's wrapper would step it per process.
-    model, optimizer = accelerator.prepare(model, optimizer)
     collate = task.collator(tokenizer, data)
+    # Before a resume loads the checkpoint: what the task computes from the model as loaded (DPO's reference).
+    task.prepare(model, data, collate, accelerator)
+    model, optimizer = accelerator.prepare(model, optimizer)
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         prepare_run_dir(run, resume=resume)
@@ -236,6 +238,7 @@ def fit(s: Session) -> Path:
             # DDP averages gradients over processes, so each process divides its loss sum by (global tokens / world).
             n_global = _reduce_sum(acc, sum(s.task.count(b) for b in micro))
             denom = torch.tensor(max(n_global, 1) / world, device=acc.device)
+            s.task.begin_step(micro, acc, _reduce_sum)
             loss_sum = torch.zeros((), device=acc.device)
             for i, batch in enumerate(micro):
                 window_tokens += real_tokens(batch)
@@ -271,6 +274,7 @@ def fit(s: Session) -> Path:
                           "tokens_per_s": round(tps, 1), "step_time_s": round(elapsed / max(window_steps, 1), 4)}
                 if cuda:  # the most GPU memory this process's tensors have held so far
                     record["peak_mem_gib"] = round(torch.cuda.max_memory_allocated(acc.device) / 2**30, 3)
+                record.update(s.task.train_metrics(acc, _reduce_sum))
                 if metrics:
                     metrics.write(record)
                 acc.log(record, step=step)

@@ -42,6 +42,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "scripts"))
 from bench_classify import add_parser as add_classify_parser  # noqa: E402
+from bench_dpo import add_parser as add_dpo_parser  # noqa: E402
 from bench_gpu import add_parser as add_gpu_parser  # noqa: E402
 from bench_serve import add_parser as add_serve_parser  # noqa: E402
 
@@ -548,6 +549,7 @@ def main(argv: list[str] | None = None) -> None:
     add_gpu_parser(sub)  # scripts/bench_gpu.py
     add_serve_parser(sub)  # scripts/bench_serve.py
     add_classify_parser(sub)  # scripts/bench_classify.py
+    add_dpo_parser(sub)  # scripts/bench_dpo.py
     p = sub.add_parser("_train_one")  # internal: one run in its own process
     p.add_argument("variant", choices=TRAIN_VARIANTS)
     _train_args(p)

@@ -73,3 +73,22 @@ def test_bench_classify_prints_ratios_against_the_trainer_script(shared_data: Pa
     for line in ("train examples/s", "predict examples/s (200)", "held-out accuracy", "ft / trainer: training",
                  "ft / trainer-dynamic: training"):
         assert line in out, out
+
+
+@pytest.mark.skipif(importlib.util.find_spec("trl") is None, reason="trl not installed")
+def test_bench_dpo_matches_trls_loss_curve(tmp_path: Path, shared_data: Path) -> None:
+    """ft's DPO loop and TRL's DPOTrainer on the same pairs, order and LoRA: the same losses step by step."""
+    out = tmp_path / "bench.json"
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "2"}
+    proc = subprocess.run([sys.executable, str(ROOT / "scripts" / "bench.py"), "dpo", "--model", "builtin:tiny-llama",
+                           "--steps", "3", "--micro", "1", "--max-seq-len", "256", "--lr", "5e-3", "--repeat", "1",
+                           "--data-dir", str(shared_data), "--json", str(out)],
+                          env=env, capture_output=True, text=True, timeout=900, cwd=ROOT)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
+    assert "ft / TRL pairs/s" in proc.stdout and "largest relative loss difference" in proc.stdout, proc.stdout
+    result = json.loads(out.read_text())
+    ft_losses, trl_losses = result["runs"]["ft"][0]["losses"], result["runs"]["trl"][0]["losses"]
+    assert len(ft_losses) == len(trl_losses) == 3
+    assert ft_losses[0] == pytest.approx(0.693147, abs=1e-5)
+    assert ft_losses == pytest.approx(trl_losses, rel=1e-3), (ft_losses, trl_losses)
+    assert ft_losses[-1] != pytest.approx(ft_losses[0], abs=1e-3)  # the curve moved: the comparison means something

@@ -61,6 +61,9 @@ def data_notes(bundle: DataBundle) -> list[str]:
     lines = []
     splits = [("training", bundle.train_stats)] + ([("eval", bundle.eval_stats)] if bundle.eval_stats else [])
     for name, s in splits:
+        if s.unit == "pairs":
+            lines += _pair_notes(name, s)
+            continue
         if s.dropped_empty:
             lines.append(f"data: {s.dropped_empty:,} of {s.rows_in:,} {name} records dropped: nothing to train on "
                          "(no assistant reply with content, or blank text)")
@@ -77,6 +80,16 @@ def data_notes(bundle: DataBundle) -> list[str]:
 def _label_counts(counts: dict[str, int]) -> str:
     total = sum(counts.values())
     return "\n".join(f"{name}: {_pct(n, total)}" for name, n in counts.items())
+
+
+def _pair_notes(name: str, s: Any) -> list[str]:
+    lines = []
+    if s.dropped_empty:
+        lines.append(f"data: {s.dropped_empty:,} of {s.rows_in:,} {name} pairs dropped: a blank chosen or rejected reply")
+    if s.dropped_too_long:
+        lines.append(f"data: {s.dropped_too_long:,} of {s.rows_in:,} {name} pairs dropped: a reply does not fit "
+                     f"data.max_seq_len={s.max_seq_len} after its prompt (or data.truncation: drop)")
+    return lines
 
 
 def _pct(part: int, whole: int) -> str:

@@ -46,6 +46,8 @@ class Encoded:
     dropped_empty: int = 0
     dropped_too_long: int = 0
     truncated: int = 0
+    cut: np.ndarray | None = None  # per kept row, whether it was truncated to max_seq_len
+    kept: np.ndarray | None = None  # per kept row, the index of its text among the examples' samples (in order)
     split_documents: int = 0  # text documents longer than max_seq_len cut into chunks (text_chunking: split)
     text_chunks: int = 0  # the examples those documents became
     split_rows: int = 0  # conversations with assistant turns trained in samples of their own (render, case 3)
@@ -181,19 +183,27 @@ class _Labeler:
         self.id_chunks: list[np.ndarray] = []
         self.label_chunks: list[np.ndarray] = []
         self.lengths: list[int] = []
+        self.kept: list[int] = []
+        self.cut: list[bool] = []
+        self.seen = 0  # texts labelled so far
 
     def add(self, enc: Any, texts: list[str], spans: list[Any]) -> None:
         out, bos_id, L = self.out, self.bos_id, self.settings.max_seq_len
         drop, train_all = self.settings.truncation == "drop", self.settings.train_on_inputs
         chunk_ids: list[int] = []
         chunk_labels: list[int] = []
+        base = self.seen
+        self.seen += len(texts)
         for i, (ids, ranges) in enumerate(_token_ranges(self.tokenizer, enc, texts, spans)):
             if ranges is None:  # text: every token, then EOS so the model learns to stop
                 ids = ids + [self.eos_id]
                 if bos_id is not None:
                     ids = [bos_id] + ids
                 if self.settings.text_chunking == "split" and len(ids) > L:
+                    before = len(self.lengths)
                     self._add_chunks(ids, chunk_ids, chunk_labels)
+                    self.kept += [base + i] * (len(self.lengths) - before)
+                    self.cut += [False] * (len(self.lengths) - before)
                     continue
                 labels = list(ids)
             else:
@@ -223,6 +233,8 @@ class _Labeler:
             chunk_ids += ids
             chunk_labels += labels
             self.lengths.append(len(ids))
+            self.kept.append(base + i)
+            self.cut.append(truncated)
         self.id_chunks.append(np.array(chunk_ids, dtype=np.int32))
         self.label_chunks.append(np.array(chunk_labels, dtype=np.int32))
 
@@ -255,6 +267,8 @@ class _Labeler:
         if self.id_chunks:
             out.ids, out.labels = np.concatenate(self.id_chunks), np.concatenate(self.label_chunks)
         out.lengths = np.array(self.lengths, dtype=np.int64)
+        out.kept = np.array(self.kept, dtype=np.int64)
+        out.cut = np.array(self.cut, dtype=bool)
         return out
 
 

@@ -21,6 +21,11 @@ FIELDS: dict[str, tuple[str, ...]] = {
     "sharegpt": ("conversations", "from", "value", "tools", "system"),
     "text": ("text",),
     "labelled": ("text", "text_pair", "label"),  # task: classification (ft_cli.tasks.classification reads it)
+    # Preference pairs: the prompt as a conversation (`conversations`, sharegpt turns; `messages`, chat messages), an
+    # alpaca instruction (+ input) or a plain `prompt` string (or list of chat messages, as TRL's datasets); chosen
+    # and rejected as a reply string, a turn/message object, or a list of them.
+    "preference": ("prompt", "chosen", "rejected", "conversations", "messages", "instruction", "input", "system",
+                   "tools"),
 }
 CHAT_ROLES = ("system", "user", "assistant", "tool")
 _REASONING = ("reasoning_content", "thinking", "reasoning")
@@ -51,6 +56,7 @@ class Example:
     tools: list[dict[str, Any]] | None
     text: str | None  # text format
     origin: Origin
+    rejected: list[dict[str, Any]] | None = None  # preference: the prompt + the rejected reply (messages: + chosen)
 
 
 Converter = Callable[[dict[str, Any], Origin], "Example | None"]
@@ -69,7 +75,9 @@ def check_columns(fmt: str, columns: dict[str, str] | None, where: str = "data.c
 
 def format_of_record(record: dict[str, Any]) -> str | None:
     """The format whose fields a record has (messages: chat, conversations: sharegpt, instruction + output: alpaca,
-    text: text, text + label: labelled); None when none or several match."""
+    text: text, text + label: labelled; chosen + rejected: preference); None when none or several match."""
+    if "chosen" in record and "rejected" in record:
+        return "preference"
     if "text" in record and "label" in record:
         return "labelled"
     found = [fmt for fmt, needs in (("chat", ("messages",)), ("sharegpt", ("conversations",)),
@@ -80,7 +88,8 @@ def format_of_record(record: dict[str, Any]) -> str | None:
 
 def make_converter(fmt: str, columns: dict[str, str] | None) -> Converter:
     col = check_columns(fmt, columns)
-    return {"alpaca": _alpaca, "chat": _chat, "sharegpt": _sharegpt, "text": _text}[fmt](col)
+    return {"alpaca": _alpaca, "chat": _chat, "sharegpt": _sharegpt, "text": _text,
+            "preference": _preference}[fmt](col)
 
 
 class _Bad:
@@ -242,6 +251,64 @@ def _text(col: dict[str, str]) -> Converter:
     def convert(record: dict, origin: Origin) -> Example | None:
         text = _str(bad, record, "text", origin, required=True)
         return Example(None, None, text, origin) if text.strip() else None
+
+    return convert
+
+
+def _preference(col: dict[str, str]) -> Converter:
+    """A pair: the prompt through the conversation format it is written in (so roles, tools and system messages
+    mean what they mean there), then the chosen and the rejected reply as its last assistant message."""
+    bad = _Bad("preference", col)
+    sharegpt = _sharegpt({"conversations": col["conversations"], "from": "from", "value": "value",
+                          "tools": col["tools"], "system": col["system"]})
+    chat = _chat({"messages": "messages", "role": "role", "content": "content", "tools": col["tools"],
+                  "system": col["system"]})
+
+    def reply(record: dict, field: str, origin: Origin, turn_key: tuple[str, str]) -> list[dict[str, Any]]:
+        name = col[field]
+        value = record.get(name)
+        if value is None:
+            raise bad.missing(origin, field)
+        if isinstance(value, str):
+            value = [{turn_key[0]: "gpt" if turn_key[0] == "from" else "assistant", turn_key[1]: value}]
+        elif isinstance(value, dict):
+            value = [value]
+        if not isinstance(value, list) or not value or not all(isinstance(v, dict) for v in value):
+            raise bad.type(origin, name, value, "a reply string, a message object or a list of them")
+        return value
+
+    def convert(record: dict, origin: Origin) -> Example | None:
+        if col["conversations"] in record:  # sharegpt turns (LLaMA-Factory's dpo_en_demo.json)
+            conv = record[col["conversations"]]
+            if not isinstance(conv, list):
+                raise bad.type(origin, col["conversations"], conv, "a list of {from, value} turns")
+            key, convert_with, prompt_field = ("from", "value"), sharegpt, col["conversations"]
+        else:
+            if col["messages"] in record or isinstance(record.get(col["prompt"]), list):
+                field = col["messages"] if col["messages"] in record else col["prompt"]
+                conv = record[field]
+                if not isinstance(conv, list):
+                    raise bad.type(origin, field, conv, "a list of {role, content} messages")
+            elif col["instruction"] in record:  # alpaca: instruction and input joined by a newline
+                instruction = _str(bad, record, "instruction", origin, required=True)
+                extra = _str(bad, record, "input", origin, required=False)
+                conv = [{"role": "user", "content": f"{instruction}\n{extra}" if extra else instruction}]
+            elif col["prompt"] in record:
+                conv = [{"role": "user", "content": _str(bad, record, "prompt", origin, required=True)}]
+            else:
+                raise bad.other(origin, f"no prompt: a pair needs {col['conversations']!r} (sharegpt turns), "
+                                f"{col['messages']!r} (chat messages), {col['instruction']!r} (alpaca) or "
+                                f"{col['prompt']!r}")
+            key, convert_with, prompt_field = ("role", "content"), chat, "messages"
+        sides = []
+        for field in ("chosen", "rejected"):
+            record_side = {k: v for k, v in record.items() if k in (col["tools"], col["system"])}
+            record_side[prompt_field] = list(conv) + reply(record, field, origin, key)
+            ex = convert_with(record_side, origin)
+            if ex is None:
+                return None  # a blank reply: nothing to compare (counted as dropped_empty)
+            sides.append(ex)
+        return Example(sides[0].messages, sides[0].tools, None, origin, rejected=sides[1].messages)
 
     return convert
 

@@ -109,7 +109,7 @@ def _load(sources: list[DatasetSource], recipe: Recipe, field_name: str,
             return convert(record, origin)
 
         loaded = load_source(src.path, src.split, convert_and_count, where)
-        if preference[0] and warnings is not None:
+        if preference[0] and warnings is not None and fmt != "preference":
             warnings.append(_preference_warning(where, fmt, preference[0], loaded.examples))
         loaded.weight = src.weight
         if d.limit is not None:  # data.limit: the first N records of each source (ft train --smoke)
@@ -128,8 +128,9 @@ def _preference_warning(where: str, fmt: str, count: int, examples: list[Example
     dropped = sum(ex is None for ex in examples)
     lost = f"; {dropped} of them have no assistant reply left and are dropped" if dropped else ""
     return (f"{where}: {count} of {len(examples)} records have 'chosen' and 'rejected' fields (preference data, "
-            f"as for DPO), which format {fmt} does not read: their chosen replies are not trained{lost}. ft trains "
-            "on conversations: put the chosen reply in as the last assistant turn to train on it")
+            f"as for DPO), which format {fmt} does not read: their chosen replies are not trained{lost}. To train on "
+            "the pairs: data.format: preference with objective: dpo (or orpo, simpo); to train on the chosen replies "
+            "only, put each in as the last assistant turn")
 
 
 def _where(recipe: Recipe, field_name: str, i: int) -> str:
@@ -176,6 +177,12 @@ def _build(recipe: Recipe, tokenizer: Any, key: str) -> DataBundle:
     conversations = any(ex is not None and ex.text is None for ex in train_examples)
     renderer = ChatRenderer(tokenizer, d.system_message) if conversations else None
     warnings += notes + _check_template(tokenizer, renderer, train_examples)
+    if d.format == "preference":  # chosen/rejected pairs (objective dpo, orpo, simpo)
+        from ft_cli.data.preference import pair_bundle
+
+        assert renderer is not None
+        return pair_bundle(recipe, tokenizer, key, settings, renderer, train_examples, eval_examples, train_mix,
+                           eval_sources, warnings)
     train_enc = _encode(train_examples, tokenizer, settings, renderer, "data.train")
     _require_rows(train_enc, "data.train", d.max_seq_len, d.truncation)
     warnings += _lost_text_warnings(train_enc)
@@ -354,6 +361,13 @@ def load_eval_data(path: str | os.PathLike, recipe: Recipe, tokenizer: Any) -> d
         return unpack_rows(ds)
     convert = make_converter(d.format, d.columns)
     src = load_source(str(path), None, convert, "--data")
+    if d.format == "preference":  # pairs: the chosen side scores as `labels`, the rejected one beside it
+        from ft_cli.data.preference import encode_pairs, pair_dataset
+
+        pairs = encode_pairs(src.examples, tokenizer, _settings(recipe), ChatRenderer(tokenizer, d.system_message))
+        if not pairs.chosen_ids:
+            raise UserError(f"--data {path}: no preference pair fits data.max_seq_len={d.max_seq_len}")
+        return pair_dataset(pairs)
     enc = encode_examples(src.examples, tokenizer, _settings(recipe))
     _require_rows(enc, f"--data {path}", d.max_seq_len, d.truncation)
     return to_dataset(enc.ids, enc.labels, enc.lengths)

@@ -41,6 +41,7 @@ class DataStats:
     extra_samples: int = 0  # samples those turns added
     lost_rows: int = 0  # conversations whose assistant text the chat template partly leaves out
     label_counts: dict[str, int] | None = None  # task: classification: examples per label, in class-id order
+    unit: str = "records"  # what rows count: "pairs" for preference data (data.format: preference)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)

@@ -4,6 +4,8 @@ The training loop (ft_cli.train) asks `task_for(recipe)` at these seams and is o
 
     causal_lm       token rows, token-weighted LM loss, eval_loss / perplexity   (ft_cli.data, ft_cli.scoring)
     classification  labelled text, cross-entropy over labels, accuracy / F1       (ft_cli.tasks.classification)
+    causal_lm with objective dpo / orpo / simpo: preference pairs, the pair loss, reward accuracy / margin
+                                                                                  (ft_cli.objectives)
 """
 
 from __future__ import annotations
@@ -33,6 +35,16 @@ class CausalLM:
 
     def head(self, tokenizer: Any, data: Any) -> Any:
         return None
+
+    def prepare(self, model: Any, data: Any, collate: Callable, accelerator: Any) -> None:
+        """After the model is built, before a resume loads its checkpoint (DPO's reference log-probabilities)."""
+
+    def begin_step(self, micro: list[dict[str, Any]], acc: Any, reduce_sum: Callable) -> None:
+        """Before the micro-batches of an optimizer step run (a second normaliser: ORPO's chosen tokens)."""
+
+    def train_metrics(self, acc: Any, reduce_sum: Callable) -> dict[str, float]:
+        """More keys for a metrics.jsonl train line, over the steps since the last one."""
+        return {}
 
     def count(self, batch: dict[str, Any]) -> int:
         """What the step's loss is normalised by: trained tokens."""
@@ -111,5 +123,70 @@ class Classification(CausalLM):
         save_extras(model, out, self.recipe, list(data.labels))
 
 
+class Preference(CausalLM):
+    """objective dpo / orpo / simpo on preference pairs (data.format: preference): ft_cli.objectives."""
+
+    name = "preference"
+
+    def collator(self, tokenizer: Any, data: Any) -> Callable:
+        from ft_cli.objectives import PreferenceObjective, preference_collator
+
+        self.objective = PreferenceObjective(self.recipe)
+        self.window: dict[str, float] = {}
+        self.token_denom = 1.0
+        return preference_collator(tokenizer)
+
+    def prepare(self, model: Any, data: Any, collate: Callable, accelerator: Any) -> None:
+        import sys
+        import time
+
+        from ft_cli.objectives import add_reference_logps
+
+        if not self.objective.needs_reference:
+            return
+        t = self.recipe.train
+        size, t0 = t.eval_batch_size or t.micro_batch_size, time.perf_counter()
+        data.train = add_reference_logps(data.train, model, collate, size, device=accelerator.device)
+        if data.eval is not None:
+            data.eval = add_reference_logps(data.eval, model, collate, size, device=accelerator.device)
+        if accelerator.is_main_process:
+            pairs = len(data.train) + (len(data.eval) if data.eval is not None else 0)
+            print(f"dpo: reference log-probabilities of {pairs:,} pairs computed in {time.perf_counter() - t0:.1f} s "
+                  "(the model before training" + (", adapter disabled" if self.recipe.is_peft else "") + ")",
+                  file=sys.stderr)
+
+    def count(self, batch: dict[str, Any]) -> int:
+        return int(batch["pairs"])
+
+    def begin_step(self, micro: list[dict[str, Any]], acc: Any, reduce_sum: Callable) -> None:
+        tokens = reduce_sum(acc, sum(self.objective.units(b)[1] for b in micro))
+        self.token_denom = max(tokens, 1) / acc.num_processes
+
+    def loss(self, model: Any, batch: dict[str, Any], device: Any, denom: Any) -> Any:
+        loss, stats = self.objective.loss(model, batch, device, denom, self.token_denom)
+        for k, v in stats.items():
+            self.window[k] = self.window.get(k, 0.0) + v
+        return loss
+
+    def train_metrics(self, acc: Any, reduce_sum: Callable) -> dict[str, float]:
+        from ft_cli.objectives import step_metrics
+
+        sums = {k: reduce_sum(acc, v) for k, v in sorted(self.window.items())}
+        self.window = {}
+        return step_metrics(sums) if sums else {}
+
+    def evaluate(self, model: Any, dataset: Any, collate: Callable, batch_size: int, acc: Any,
+                 reduce_sum: Callable) -> dict[str, Any]:
+        sums = self.objective.evaluate(model, dataset, collate, batch_size, device=acc.device,
+                                       rank=acc.process_index, world_size=acc.num_processes)
+        return self.objective.eval_record({k: reduce_sum(acc, v) for k, v in sorted(sums.items())})
+
+    def sanity_loss(self, model: Any, rows: Any, collate: Callable, batch_size: int, device: Any) -> float:
+        return self.objective.eval_record(self.objective.evaluate(model, rows, collate, batch_size,
+                                                                  device=device))["eval_loss"]
+
+
 def task_for(recipe: Recipe) -> CausalLM:
-    return Classification(recipe) if recipe.task == "classification" else CausalLM(recipe)
+    if recipe.task == "classification":
+        return Classification(recipe)
+    return Preference(recipe) if recipe.objective != "sft" else CausalLM(recipe)
