@@ -89,7 +89,8 @@ def _pairs(args: argparse.Namespace, work: Path) -> Path:
     for rec in records:
         prompt = [{"role": role[t["from"]], "content": t["value"]} for t in rec["conversations"]]
         sides = [[{"role": "assistant", "content": rec[k]["value"]}] for k in ("chosen", "rejected")]
-        if max(len(tok.apply_chat_template(prompt + s, tokenize=True)) for s in sides) + 2 > args.max_seq_len:
+        lengths = [len(tok.apply_chat_template(prompt + s, tokenize=True, return_dict=True)["input_ids"]) for s in sides]
+        if max(lengths) + 2 > args.max_seq_len:  # (transformers 5 returns a dict: count its input_ids)
             continue
         rows.append({"prompt": prompt, "chosen": sides[0], "rejected": sides[1]})
         if len(rows) == args.steps * args.micro:
