@@ -30,6 +30,8 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from ft_cli.batches import rows_at
+
 IGNORE = -100
 STAT_KEYS = ("pairs", "loss_sum", "rewards_chosen", "rewards_rejected", "correct", "logps_chosen", "logps_rejected")
 
@@ -71,7 +73,7 @@ def sequence_logps(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Te
     return (picked * mask).sum(-1), mask.sum(-1)
 
 
-def reply_logps(model: Any, batch: dict[str, Any], device: Any) -> tuple[torch.Tensor, torch.Tensor, Any]:
+def reply_logps(model: Any, batch: dict[str, Any], device: Any) -> tuple[torch.Tensor, torch.Tensor]:
     """Summed reply log-probabilities and reply token counts of every row of a collated pair batch. The logits of
     prompt positions that no row scores are never computed (transformers' `logits_to_keep`: the last k positions),
     which saves the lm_head and the log-softmax over the vocabulary for the shared prompt length."""
@@ -84,8 +86,7 @@ def reply_logps(model: Any, batch: dict[str, Any], device: Any) -> tuple[torch.T
     logits = out.logits
     if logits.shape[1] != keep:  # a model without logits_to_keep returned every position
         logits = logits[:, -keep:]
-    logps, counts = sequence_logps(logits, labels[:, first:])
-    return logps, counts, out
+    return sequence_logps(logits, labels[:, first:])
 
 
 def _log1mexp(x: torch.Tensor) -> torch.Tensor:
@@ -143,18 +144,14 @@ class PreferenceObjective:
     def loss(self, model: Any, batch: dict[str, Any], device: Any, pairs_denom: float,
              tokens_denom: float) -> tuple[torch.Tensor, dict[str, float]]:
         """This micro-batch's share of the step loss (sum of its pair losses / pairs_denom, ...) and its stats."""
-        logps, counts, logits_out = self._score(model, batch, device)
+        logps, counts = reply_logps(model, batch, device)
         ref = batch["ref_logps"].to(device) if self.needs_reference else None
         losses, chosen_rewards, rejected_rewards = pair_losses(self.name, self.cfg, logps, counts, ref)
         loss = losses.sum() / pairs_denom
         if self.name == "orpo":  # + the chosen replies' NLL, token-normalised over the step
             pairs = int(batch["pairs"])
             loss = loss - logps[:pairs].sum() / tokens_denom
-        del logits_out
         return loss, _stats(losses, chosen_rewards, rejected_rewards, logps, counts)
-
-    def _score(self, model: Any, batch: dict[str, Any], device: Any) -> tuple[torch.Tensor, torch.Tensor, Any]:
-        return reply_logps(model, batch, device)
 
     def evaluate(self, model: Any, dataset: Any, collate: Callable, batch_size: int, *, device: Any,
                  rank: int = 0, world_size: int = 1) -> dict[str, float]:
@@ -165,8 +162,8 @@ class PreferenceObjective:
         indices = list(range(rank, len(dataset), world_size))
         with torch.no_grad():
             for start in range(0, len(indices), batch_size):
-                batch = collate(_rows(dataset, indices[start:start + batch_size]))
-                logps, counts, _ = self._score(model, batch, device)
+                batch = collate(rows_at(dataset, indices[start:start + batch_size]))
+                logps, counts = reply_logps(model, batch, device)
                 ref = batch["ref_logps"].to(device) if self.needs_reference else None
                 losses, cr, rr = pair_losses(self.name, self.cfg, logps, counts, ref)
                 for k, v in _stats(losses, cr, rr, logps, counts).items():
@@ -208,8 +205,8 @@ def reference_logps(model: Any, dataset: Any, collate: Callable, batch_size: int
     rejected: list[float] = []
     with torch.no_grad(), (disable() if disable is not None else contextlib.nullcontext()):
         for start in range(0, len(dataset), batch_size):
-            batch = collate(_rows(dataset, list(range(start, min(start + batch_size, len(dataset))))))
-            logps, _, _ = reply_logps(model, batch, device)
+            batch = collate(rows_at(dataset, list(range(start, min(start + batch_size, len(dataset))))))
+            logps, _ = reply_logps(model, batch, device)
             c, r = logps.double().cpu().chunk(2)
             chosen += c.tolist()
             rejected += r.tolist()
@@ -233,7 +230,3 @@ def _stats(losses: torch.Tensor, chosen_rewards: torch.Tensor, rejected_rewards:
             "correct": float((chosen_rewards > rejected_rewards).sum()),
             "logps_chosen": float(pc.sum()), "logps_rejected": float(pr.sum())}
 
-
-def _rows(dataset: Any, indices: list[int]) -> list[dict[str, Any]]:
-    cols = dataset[indices]
-    return [dict(zip(cols, vals, strict=True)) for vals in zip(*cols.values(), strict=True)]

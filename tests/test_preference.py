@@ -77,7 +77,7 @@ def test_dpo_loss_and_gradients_equal_trls(trl_dpo, loss_type: str) -> None:
     with torch.no_grad(), model.disable_adapter():
         ref, _ = sequence_logps(model(**inputs).logits, labels)
     with torch.no_grad():  # ft's scoring keeps only the logits of scored positions: the same numbers
-        kept, kept_counts, _ = reply_logps(model, {**batch, "labels": labels}, "cpu")
+        kept, kept_counts = reply_logps(model, {**batch, "labels": labels}, "cpu")
     assert torch.allclose(kept, logps.detach(), rtol=1e-6, atol=1e-5) and torch.equal(kept_counts, counts)
     cfg = SimpleNamespace(beta=0.1, label_smoothing=0.0, loss_type=loss_type)
     losses, chosen_rewards, rejected_rewards = pair_losses("dpo", cfg, logps, counts, ref)
