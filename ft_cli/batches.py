@@ -69,3 +69,50 @@ def rows_at(dataset: Any, indices: list[int]) -> list[dict[str, Any]]:
     """The rows of a datasets.Dataset at `indices` (one micro-batch), as dicts for the collator."""
     cols = dataset[indices]
     return [dict(zip(cols, vals, strict=True)) for vals in zip(*cols.values(), strict=True)]
+
+
+class _Rows:
+    """The training rows as a map-style dataset whose batched fetch (`__getitems__`, which torch's DataLoader uses
+    when present) takes a whole micro-batch at once, as one Arrow read."""
+
+    def __init__(self, dataset: Any, fetch: Any) -> None:
+        self.dataset, self.fetch = dataset, fetch
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitems__(self, indices: list[int]) -> list[dict[str, Any]]:
+        return self.fetch(self.dataset, indices)
+
+
+class _Sampler:
+    """MicroBatches as a batch sampler: this rank's micro-batches `start` .. `stop - 1` of the whole run, in order.
+    Starting from any micro-batch is what an exact resume needs."""
+
+    def __init__(self, batches: MicroBatches, start: int, stop: int) -> None:
+        self.batches, self.start, self.stop = batches, start, stop
+
+    def __len__(self) -> int:
+        return max(0, self.stop - self.start)
+
+    def __iter__(self):
+        return (self.batches.indices(m) for m in range(self.start, self.stop))
+
+
+def train_loader(dataset: Any, batches: MicroBatches, collate: Any, *, start: int, stop: int, workers: int,
+                 pin_memory: bool, fetch: Any = rows_at, worker_init: Any = None) -> Any:
+    """A torch DataLoader over ft's own micro-batch order: the rows of micro-batches start..stop-1, collated.
+
+    With `workers` > 0 the next batches are read and collated in a worker process while the model trains on the
+    current one (and, with `pin_memory`, copied to page-locked memory for a faster host-to-GPU transfer). The order
+    is MicroBatches' whatever the workers: the loader only moves the work, so exact resume and multi-process
+    equivalence hold as without it."""
+    import torch
+    from torch.utils.data import DataLoader
+
+    extra = {"prefetch_factor": 2, "persistent_workers": False} if workers else {}
+    # A generator of its own: each iter() draws a base seed for its workers, which from the global generator would
+    # shift the model's random stream (dropout) by one draw, so a resumed run would not repeat the original.
+    return DataLoader(_Rows(dataset, fetch), batch_sampler=_Sampler(batches, start, stop), collate_fn=collate,
+                      num_workers=workers, pin_memory=pin_memory, generator=torch.Generator().manual_seed(0),
+                      worker_init_fn=worker_init, **extra)

@@ -309,6 +309,11 @@ class TrainSection(Section):
         None, description="task: classification: weigh the cross-entropy per class; 'auto' = inverse class "
         "frequency in the training data (n / (classes x n_class)), or one weight per label; null: unweighted."
     )
+    dataloader_workers: int | None = Field(
+        None, ge=0, description="Processes that read and collate the next micro-batches while the current one trains "
+        "(a torch DataLoader over ft's batch order; pinned memory on CUDA). null: 1 on CUDA, 0 on a CPU device (a "
+        "worker would take cores from the model's math). Changes speed only: batches, order and resume are the same."
+    )
     compile: bool = Field(
         False, description="torch.compile each transformer block in place (inductor: triton on CUDA, a C++ compiler "
         "on the CPU; refused where missing). Shapes are dynamic, so padding and packing do not recompile; the first "
@@ -565,7 +570,7 @@ class Recipe(Section):
         d.pop("output_dir", None)
         d.pop("logging", None)
         for key in ("max_steps", "epochs", "eval_every", "save_every", "keep_last", "log_every",
-                    "early_stopping_patience", "eval_batch_size", "compile", "best_metric"):
+                    "early_stopping_patience", "eval_batch_size", "compile", "best_metric", "dataloader_workers"):
             d["train"].pop(key, None)
         for key, default in (("task", "causal_lm"), ("data.labels", None), ("train.class_weights", None),
                              ("data.group_by_length", False)):

@@ -49,6 +49,14 @@ class RunLock:
             os.close(self._fd)  # closing the last descriptor releases the flock
             self._fd = None
 
+    def close_in_child(self) -> None:
+        """In a process forked from the holder (a DataLoader worker): close this process's copy of the descriptor.
+        The flock belongs to the open file, shared across fork, so a child that kept it would hold the run directory
+        after the holder was killed (kill -9 then resume would be turned away until the child noticed)."""
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None
+
     def abandon(self) -> None:
         if self._fd is None:
             return

@@ -232,26 +232,21 @@ def _one_ft(args: argparse.Namespace, out: Path, *, packed: bool, bare: bool) ->
     recipe = recipe_from_dict(_train_recipe(args, out, packed=packed))
     session = setup(recipe, out / "recipe.yaml", resume=False, overwrite=True)
     meter, losses = _Meter(), []
-    collate = session.collate
-    session.collate = lambda rows: meter.batch(collate(rows))
-    if not bare:  # ft's own loop: stamp each optimizer step
-        step = session.optimizer.step
-
-        def timed_step(*a, **k):
-            result = step(*a, **k)
-            meter.step()
-            return result
-
-        session.optimizer.step = timed_step
+    if not bare:  # ft's own loop, as users run it: its metrics.jsonl has a line per step (log_every: 1)
         fit(session)
-        losses = [json.loads(ln)["loss"] for ln in session.run.metrics.read_text().splitlines() if '"loss"' in ln]
+        lines = [json.loads(ln) for ln in session.run.metrics.read_text().splitlines() if '"loss"' in ln]
+        for ln in lines:  # the step's end, and the tokens the loop counted
+            meter.real, meter.slots, meter.trained = (meter.real + ln["tokens"], meter.slots + ln["padded_tokens"],
+                                                      meter.trained + ln["targets"])
+            meter.steps.append((ln["wall_time"], meter.real, meter.slots, meter.trained))
+        losses = [ln["loss"] for ln in lines]
     else:  # the same model, optimizer, schedule and batches, in the plainest PyTorch loop
         model, optimizer, scheduler = session.model, session.optimizer.optimizer, session.scheduler
         params = [p for p in model.parameters() if p.requires_grad]
         model.train()
         for step in range(session.total_steps):
             first = step * recipe.train.grad_accum
-            micro = [session.collate(rows_at(session.data.train, session.batches.indices(m)))
+            micro = [meter.batch(session.collate(rows_at(session.data.train, session.batches.indices(m))))
                      for m in range(first, first + recipe.train.grad_accum)]
             n = torch.tensor(float(sum(count_targets(b) for b in micro)))
             total = 0.0

@@ -391,45 +391,24 @@ def _dtype(args: argparse.Namespace) -> str:
     return "bfloat16" if args.device == "cuda" else "float32"
 
 
-class _StepTimer:
-    """Wraps the session's collate, which fit() calls grad_accum times at the start of every optimizer step before
-    any of that step's work: the clock starts at the first timed step and stops at the start of the step after the
-    last timed one, CUDA synchronised both times (so the last timed step's kernels and optimizer update are in)."""
+def _timed(lines: list[dict[str, Any]], warmup: int, steps: int) -> tuple[float, int]:
+    """Seconds and real tokens of the timed steps, from ft's own metrics.jsonl (a line per step: log_every 1). The loop
+    ends each line's window after a CUDA synchronise, so the seconds hold the step's kernels and optimizer update."""
+    timed = [ln for ln in lines if "step_time_s" in ln and warmup < ln["step"] <= warmup + steps]
+    assert len(timed) == steps, f"the timed steps did not all run ({len(timed)} of {steps} logged)"
+    return sum(ln["step_time_s"] for ln in timed), sum(ln["tokens"] for ln in timed)
 
-    def __init__(self, collate: Any, *, grad_accum: int, warmup: int, steps: int, pad_id: int, cuda: bool):
-        self.collate, self.grad_accum, self.warmup, self.steps = collate, grad_accum, warmup, steps
-        self.pad_id, self.cuda = pad_id, cuda
-        self.calls = 0
-        self.t0 = self.t1 = None
-        self.tokens = 0
-        self.batches: list[tuple[Any, Any]] = []  # (input_ids, position_ids) of the timed steps, on the CPU
 
-    def _sync_time(self) -> float:
-        if self.cuda:
-            import torch
+def _timed_segments(session: Any, warmup: int, steps: int, pad_id: int) -> list[int]:
+    """Lengths of the packed examples in the timed steps: their micro-batches again, collated after the run (the
+    order is a pure function of the step), off the clock."""
+    from ft_cli.batches import rows_at
 
-            torch.cuda.synchronize()
-        return time.perf_counter()
-
-    def __call__(self, rows: list[dict[str, Any]]) -> dict[str, Any]:
-        step, micro = divmod(self.calls, self.grad_accum)
-        self.calls += 1
-        if micro == 0 and step == self.warmup:
-            self.t0 = self._sync_time()
-        elif micro == 0 and step == self.warmup + self.steps:
-            self.t1 = self._sync_time()
-        batch = self.collate(rows)
-        if self.warmup <= step < self.warmup + self.steps:
-            from ft_cli.scoring import real_tokens
-
-            self.tokens += real_tokens(batch)
-            self.batches.append((batch["input_ids"], batch["position_ids"]))
-        return batch
-
-    def segments(self) -> list[int]:
-        """Lengths of the packed examples in the timed steps (computed after the run, not on the clock)."""
-        return [n for ids, pos in self.batches for n in _segments({"input_ids": ids, "position_ids": pos},
-                                                                   self.pad_id)]
+    ga = session.recipe.train.grad_accum
+    out: list[int] = []
+    for m in range(warmup * ga, (warmup + steps) * ga):
+        out += _segments(session.collate(rows_at(session.data.train, session.batches.indices(m))), pad_id)
+    return out
 
 
 def _segments(batch: dict[str, Any], pad_id: int) -> list[int]:
@@ -467,30 +446,26 @@ def _run_one(args: argparse.Namespace) -> None:
     pad_id = session.tokenizer.pad_token_id
     config = getattr(session.accelerator.unwrap_model(session.model), "config", None)
     attn_used = getattr(config, "_attn_implementation", None)
-    timer = _StepTimer(session.collate, grad_accum=recipe.train.grad_accum, warmup=args.warmup, steps=args.steps,
-                       pad_id=-1 if pad_id is None else pad_id, cuda=cuda)
-    session.collate = timer
     fit(session)
     if cuda:
         torch.cuda.synchronize()
-    assert timer.t0 is not None and timer.t1 is not None, "the timed steps did not all run"
-    elapsed = timer.t1 - timer.t0
-    segments = timer.segments()
     lines = [json.loads(ln) for ln in (run / "metrics.jsonl").read_text().splitlines() if ln.strip()]
+    elapsed, tokens = _timed(lines, args.warmup, args.steps)
+    segments = _timed_segments(session, args.warmup, args.steps, -1 if pad_id is None else pad_id)
     logged = [ln["tokens_per_s"] for ln in lines if "tokens_per_s" in ln
               and args.warmup < ln["step"] <= args.warmup + args.steps]
     losses = [ln["loss"] for ln in lines if "loss" in ln]
     manifest = json.loads((run / "run.json").read_text())
     data_stats = (manifest.get("data") or {}).get("train") or {}
     result: dict[str, Any] = {
-        "method": args._one, "timed_steps": args.steps, "timed_tokens": timer.tokens, "timed_s": elapsed,
-        "tokens_per_s": timer.tokens / elapsed, "step_s": elapsed / args.steps,
+        "method": args._one, "timed_steps": args.steps, "timed_tokens": tokens, "timed_s": elapsed,
+        "tokens_per_s": tokens / elapsed, "step_s": elapsed / args.steps,
         "ft_logged_tokens_per_s_median": statistics.median(logged) if logged else None,
         "segments": len(segments), "sum_l_l1": sum(n * (n + 1) for n in segments),
         "setup_s": setup_s, "first_loss": losses[0] if losses else None, "last_loss": losses[-1] if losses else None,
         "trainable_params": manifest.get("trainable_params"), "device": str(session.accelerator.device),
         "packing_efficiency": data_stats.get("packing_efficiency"), "attn_implementation": attn_used,
-        "timed_fill": timer.tokens / (args.steps * args.micro_batch * args.seq),
+        "timed_fill": tokens / (args.steps * args.micro_batch * args.seq),
         "plan_bytes": plan_estimate(recipe),
     }
     if cuda:

@@ -90,7 +90,8 @@ def recipe(tmp_path_factory: pytest.TempPathFactory, alpaca_file: Path, tiny_lla
 def two_proc(recipe: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, str, Path]:
     """2 processes, micro_batch_size 2, fresh data cache (built-in models shared): started with torchrun, every
     rank killed with SIGKILL right after the step-4 checkpoint, then resumed with `accelerate launch --config_file
-    recipes/accelerate/ddp.yaml -m ft_cli.cli train RECIPE --resume` (accelerate runs torchrun's launcher)."""
+    recipes/accelerate/ddp.yaml -m ft_cli.cli train RECIPE --resume` (accelerate runs torchrun's launcher), each
+    rank then reading its batches through a DataLoader worker (train.dataloader_workers: 1)."""
     tmp = tmp_path_factory.mktemp("two")
     cache = tmp / "cache"
     cache.mkdir()
@@ -106,7 +107,8 @@ def two_proc(recipe: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[Pa
     assert not (out_dir / "adapter").exists() and not (out_dir / "checkpoints" / "step-6").exists()
     out = run([sys.executable, "-m", "accelerate.commands.launch", "--config_file",
                str(ROOT / "recipes" / "accelerate" / "ddp.yaml"), "--num_processes", "2", "--main_process_port",
-               str(free_port()), "-m", "ft_cli.cli", "train", str(recipe), "--output-dir", str(out_dir), "--resume"],
+               str(free_port()), "-m", "ft_cli.cli", "train", str(recipe), "--output-dir", str(out_dir), "--resume",
+               "--set", "train.dataloader_workers=1"],
               env)
     return out_dir, out.stdout + out.stderr, log
 
@@ -156,6 +158,8 @@ def test_two_processes_equal_one_with_twice_the_micro_batch(two_proc: tuple[Path
     assert [x["grad_norm"] for x in train2] == pytest.approx([x["grad_norm"] for x in train1], rel=1e-3)
     assert [x["eval_loss"] for x in eval2] == pytest.approx([x["eval_loss"] for x in eval1], rel=1e-4)
     assert [x["epoch"] for x in train2] == [x["epoch"] for x in train1]
+    # the throughput fields count every process: the same tokens and trained targets as the one process
+    assert [(x["tokens"], x["targets"]) for x in train2] == [(x["tokens"], x["targets"]) for x in train1]
     a, b = adapter(two_proc[0]), adapter(one_proc)
     assert a.keys() == b.keys()
     scale = max(v.abs().max().item() for v in b.values())

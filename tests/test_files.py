@@ -573,9 +573,11 @@ def test_resume_with_only_damaged_checkpoints_is_a_clear_error(finished_run: tup
 
 def test_second_ctrl_c_exits_at_once_and_names_the_last_whole_checkpoint(tmp_path: Path, alpaca_file: Path,
                                                                         monkeypatch: pytest.MonkeyPatch,
-                                                                        capfd: pytest.CaptureFixture) -> None:
+                                                                        capfd: pytest.CaptureFixture,
+                                                                        tiny_llama_dir: Path) -> None:
     """The first Ctrl-C comes during step 3: ft finishes the step and starts writing a checkpoint; the second comes
-    while that checkpoint is half written."""
+    while that checkpoint is half written. (tiny_llama_dir: the built-in model is built, and its weights saved,
+    before the count of saved files starts.)"""
     import safetensors.torch
 
     import ft_cli.train

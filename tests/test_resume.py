@@ -90,6 +90,21 @@ def test_kill_9_then_resume_equals_uninterrupted(tmp_path: Path, alpaca_file: Pa
     assert json.loads((run / "run.json").read_text())["status"] == "completed"
 
 
+def test_kill_9_of_a_run_with_a_dataloader_worker_resumes_exactly(tmp_path: Path, alpaca_file: Path,
+                                                                   reference: Path) -> None:
+    """train.dataloader_workers moves batch reading to a worker process and changes nothing else: killed with its
+    worker after step 6 and resumed in-process, the run equals the reference, which never had a worker."""
+    recipe = write_recipe(tmp_path, alpaca_file, train={**TRAIN, "dataloader_workers": 1}, **QLORA)
+    proc = ft("train", str(recipe), wait=False)
+    assert isinstance(proc, subprocess.Popen)
+    wait_for(tmp_path / "run" / "checkpoints" / "step-6" / "state.json", proc)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    out = ft("train", str(recipe), "--resume", "--set", "train.dataloader_workers=0")
+    assert out.returncode == 0, out.stdout + out.stderr
+    assert_same_run(tmp_path / "run", reference)
+
+
 def test_sigterm_checkpoints_and_resumes_exactly(tmp_path: Path, alpaca_file: Path, reference: Path) -> None:
     recipe = write_recipe(tmp_path, alpaca_file, train=TRAIN, **QLORA)
     proc = ft("train", str(recipe), wait=False)

@@ -121,6 +121,35 @@ def test_only_lora_parameters_change(tmp_path: Path, alpaca_file: Path) -> None:
     assert {k for k in before if "lora_B" in k} <= changed  # B starts at zero and must move
 
 
+def test_metrics_count_each_steps_tokens_and_a_dataloader_worker_changes_nothing(tmp_path: Path,
+                                                                                  alpaca_file: Path) -> None:
+    """Each train line's `tokens` / `padded_tokens` / `targets` are the step's real input tokens, input positions
+    with padding, and trained tokens, counted here from the step's rows; a run whose batches come from a
+    DataLoader worker (train.dataloader_workers: 1) trains exactly the same steps."""
+    from ft_cli.batches import rows_at
+    from ft_cli.train import fit, setup
+
+    runs = {}
+    for workers in (0, 1):
+        recipe_path = write_recipe(tmp_path / str(workers), alpaca_file, train={
+            "max_steps": 3, "micro_batch_size": 3, "grad_accum": 2, "eval_every": None, "save_every": None,
+            "log_every": 1, "dataloader_workers": workers})
+        session = setup(load_recipe(recipe_path), recipe_path, resume=False, overwrite=False)
+        fit(session)
+        runs[workers] = metrics(Path(session.run.root))[0]
+    lines = runs[0]
+    for step, line in enumerate(lines):
+        rows = [rows_at(session.data.train, session.batches.indices(m)) for m in (2 * step, 2 * step + 1)]
+        lengths = [[len(r["input_ids"]) for r in micro] for micro in rows]
+        assert line["tokens"] == sum(map(sum, lengths))
+        assert line["padded_tokens"] == sum(max(n) * len(n) for n in lengths) > line["tokens"]
+        assert line["targets"] == sum(sum(t != -100 for t in r["labels"][1:]) for micro in rows for r in micro)
+        assert line["step_time_s"] > 0 and line["wall_time"] > 0
+    assert [x["loss"] for x in runs[1]] == [x["loss"] for x in lines]
+    assert [x["grad_norm"] for x in runs[1]] == [x["grad_norm"] for x in lines]
+    assert [(x["tokens"], x["padded_tokens"]) for x in runs[1]] == [(x["tokens"], x["padded_tokens"]) for x in lines]
+
+
 def test_grad_accum_equals_bigger_micro_batch(tmp_path: Path, alpaca_file: Path) -> None:
     """Loss is normalised by the trained tokens of the whole optimizer step: 4x2 == 8x1 exactly."""
     a = train(write_recipe(tmp_path / "a", alpaca_file, train={"micro_batch_size": 8, "grad_accum": 1, "max_steps": 4}))
