@@ -109,21 +109,13 @@ def _run_ft(cfg: dict[str, Any], _: str) -> dict[str, Any]:
     path = tmp / "recipe.yaml"
     path.write_text(yaml.safe_dump(recipe))
     session = setup(load_recipe(path), path, resume=False, overwrite=True)
-    # Writing the trained model at the end is not training (the Trainer baseline saves nothing): timed apart.
-    import ft_cli.train as train_module
-
-    saving = [0.0]
-    save = train_module._save_trained
-
-    def timed_save(*a: Any, **k: Any) -> None:
-        t0 = time.perf_counter()
-        save(*a, **k)
-        saving[0] += time.perf_counter() - t0
-
-    train_module._save_trained = timed_save
-    start = time.perf_counter()
     run = fit(session)
-    train_s = time.perf_counter() - start - saving[0]
+    # Training time from ft's own metrics.jsonl (seconds per step over each logged window): writing the trained model
+    # at the end is not training, and the Trainer baseline saves nothing.
+    lines = [json.loads(ln) for ln in (run / "metrics.jsonl").read_text().splitlines() if '"step_time_s"' in ln]
+    train_s, last = 0.0, 0
+    for ln in lines:
+        train_s, last = train_s + ln["step_time_s"] * (ln["step"] - last), ln["step"]
     target = classification_target(run, "final")
     model, tokenizer, labels = load_classifier(target)
     from ft_cli.tasks.classification import load_labelled_file

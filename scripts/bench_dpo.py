@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import subprocess
 import sys
 import tempfile
@@ -111,7 +112,6 @@ def _dpo_one(args: argparse.Namespace) -> None:
 def _run_ft(cfg: dict) -> dict:
     import yaml
 
-    from ft_cli import train as ft_train
     from ft_cli.recipe import load_recipe
 
     work = Path(cfg["work"])
@@ -127,29 +127,23 @@ def _run_ft(cfg: dict) -> dict:
                   "log_every": 1, "save_every": None, "eval_every": None, "seed": 1},
         "output_dir": str(work / f"ft-run-{time.time_ns()}"),
     }))
-    recipe = load_recipe(recipe_path, [])
+    # As a user runs it: `ft train` in its own process. Training time is what ft reports: the seconds of its steps
+    # (metrics.jsonl step_time_s) plus its one-time reference pass (the "dpo: reference log-probabilities" line).
     t0 = time.perf_counter()
-    reference = {}
-    from ft_cli.tasks import Preference
-
-    original = Preference.prepare
-
-    def timed(self: Any, *a: Any, **k: Any) -> Any:  # the reference log-probabilities are training work too
-        t = time.perf_counter()
-        out = original(self, *a, **k)
-        reference["s"] = time.perf_counter() - t
-        return out
-
-    Preference.prepare = timed  # type: ignore[method-assign]
-    session = ft_train.setup(recipe, recipe_path, resume=False, overwrite=False)
-    setup_s = time.perf_counter() - t0
-    t1 = time.perf_counter()
-    ft_train.fit(session)
-    fit_s = time.perf_counter() - t1
-    lines = [json.loads(x) for x in (Path(recipe.output_dir) / "metrics.jsonl").read_text().splitlines()]
-    train_s = fit_s + reference["s"]
-    return {"pairs_per_s": cfg["steps"] * cfg["micro"] / train_s, "train_s": train_s, "reference_s": reference["s"],
-            "setup_s": setup_s, "losses": [x["loss"] for x in lines if "loss" in x]}
+    done = subprocess.run([sys.executable, "-m", "ft_cli.cli", "train", str(recipe_path)], capture_output=True,
+                          text=True, cwd=ROOT)
+    wall_s = time.perf_counter() - t0
+    if done.returncode:
+        raise SystemExit(f"ft train failed:\n{done.stderr[-4000:]}")
+    found = re.search(r"dpo: reference log-probabilities of [\d,]+ pairs computed in ([\d.]+) s", done.stderr)
+    if found is None:
+        raise SystemExit(f"ft train did not report its reference pass:\n{done.stderr[-2000:]}")
+    reference_s = float(found.group(1))
+    lines = [json.loads(x) for x in (Path(load_recipe(recipe_path, []).output_dir) / "metrics.jsonl").read_text()
+             .splitlines() if '"step_time_s"' in x]
+    train_s = sum(x["step_time_s"] for x in lines) + reference_s  # log_every 1: a line per step
+    return {"pairs_per_s": cfg["steps"] * cfg["micro"] / train_s, "train_s": train_s, "reference_s": reference_s,
+            "wall_s": wall_s, "losses": [x["loss"] for x in lines]}
 
 
 def _run_trl(cfg: dict) -> dict:
