@@ -57,7 +57,7 @@ def write_report(run_dir: str | Path) -> Path:
     plot_curves(metrics, out / LOSS_PNG, title=title, resumed_at=resume_steps(manifest))
     summary = render_summary(run, metrics, recipe, manifest, eval_result)
     if recipe.get("task") == "classification":  # accuracy/F1 curves and the confusion matrix (ft_cli.tasks)
-        from ft_cli.tasks.classification import LABELS_FILE
+        from ft_cli.tasks.classify_head import LABELS_FILE
         from ft_cli.tasks.classify_run import classification_report
 
         saved = [run.root / d / LABELS_FILE for d in ("best", "adapter", "model")]

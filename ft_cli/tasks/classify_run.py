@@ -20,15 +20,9 @@ from typing import Any
 import numpy as np
 
 from ft_cli.errors import UserError
-from ft_cli.tasks.classification import (
-    Head,
-    load_labelled_file,
-    log_softmax,
-    make_collator,
-    predict_batches,
-    probabilities,
-    run_labels,
-)
+from ft_cli.tasks.classification import load_labelled_file
+from ft_cli.tasks.classify_head import Head, run_labels
+from ft_cli.tasks.classify_loss import log_softmax, make_collator, predict_batches, probabilities
 from ft_cli.tasks.metrics import SCALAR_METRICS, classification_metrics, confusion_matrix
 
 EVAL_METRICS = ("loss", "examples", *SCALAR_METRICS)
@@ -255,7 +249,8 @@ def merge_classifier(target: Any, out_dir: Any, out_dtype: str, *, force: bool =
     from ft_cli.loading import load_run_tokenizer, run_base_path
     from ft_cli.merge_parity import TOLERANCE, Parity, check_plain_model, compare, merge_adapter
     from ft_cli.model import load_base_model, torch_dtype
-    from ft_cli.tasks.classification import LABELS_FILE, build_datasets
+    from ft_cli.tasks.classification import build_datasets
+    from ft_cli.tasks.classify_head import LABELS_FILE
 
     recipe = target.recipe
     labels = run_labels(target.output)
