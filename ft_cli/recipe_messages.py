@@ -157,17 +157,18 @@ def _fields_at(loc: tuple, schema: type[BaseModel]) -> list[str]:
         field = model.model_fields.get(part) if hasattr(model, "model_fields") else None
         if field is None:
             return []
-        model = _model_in(field.annotation)
+        model = nested_model(field.annotation)
         if model is None:
             return []
     return list(model.model_fields) if hasattr(model, "model_fields") else []
 
 
-def _model_in(annotation: Any) -> Any:
+def nested_model(annotation: Any) -> type[BaseModel] | None:
+    """The pydantic model a field holds (`X`, `X | None`, `list[X]`, ...), or None."""
     if isinstance(annotation, type) and issubclass(annotation, BaseModel):
         return annotation
     for arg in getattr(annotation, "__args__", ()) or ():
-        found = _model_in(arg)
+        found = nested_model(arg)
         if found is not None:
             return found
     return None
