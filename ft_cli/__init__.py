@@ -60,7 +60,7 @@ def load_adapter(base_model: Any, adapter_dir: str | Path) -> Any:
 
     if (path / CONFIG_FILE).is_file():
         model = load_bottleneck_adapter(base_model, path)
-        from ft_cli.tasks.classification import HEAD_FILE, load_head
+        from ft_cli.tasks.classify_head import HEAD_FILE, load_head
 
         if (path / HEAD_FILE).is_file():  # a classification run: its trained head too
             load_head(model, path)

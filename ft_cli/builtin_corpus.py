@@ -1,4 +1,4 @@
-"""The text the built-in tokenizer is trained on (see builtin_models.py).
+"""The text the built-in tokenizer is trained on (see builtin_tokenizers.py).
 
 Written for this project, not taken from any data set: everyday English, a little dialogue, numbers, dates,
 punctuation, JSON, shell and Python, so the byte-level BPE learns merges for what fine-tuning data looks like.

@@ -162,6 +162,9 @@ def clean_cache(*, kinds: list[str] | None = None, older_than_days: float | None
                 console: Any = None) -> list[Entry]:
     """Delete ft's entries of `kinds` (default: all) not used for `older_than_days`; returns what was (or, with
     `dry_run`, would be) deleted."""
+    bad = [k for k in kinds or [] if k not in KINDS]
+    if bad:
+        raise UserError(f"--kind: must be one of {', '.join(KINDS)}, got {', '.join(map(repr, bad))}")
     console = console or _console()
     if older_than_days is not None and older_than_days < 0:
         raise UserError(f"--older-than: must be at least 0 days, got {older_than_days:g}")

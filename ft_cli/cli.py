@@ -12,7 +12,7 @@ from typing import Annotated, Any
 
 import typer
 
-from ft_cli.errors import FtExit, UserError
+from ft_cli.errors import FtExit
 
 app = typer.Typer(
     name="ft",
@@ -174,28 +174,10 @@ def merge(
     """Merge the adapter into a copy of the base model in the recipe's dtype (16-bit for bfloat16/float16 runs;
     --dtype to choose) and check merged vs adapter logits; or, with --combine, combine several runs' LoRA
     adapters into one adapter."""
-    if combine is not None:
-        from ft_cli.compose import combine_runs
+    from ft_cli.merge import merge_cli
 
-        def run() -> None:
-            if force or dtype is not None:
-                raise FtExit("--force and --dtype apply to merging into the base, not to --combine", exit_code=2)
-            combine_runs(run_dirs, out, combine=combine, weights=weights, density=density, seed=seed,
-                         overwrite=overwrite)
-
-        _guard(run)
-        return
-    from ft_cli.merge import merge_run
-
-    def run_merge() -> None:
-        if len(run_dirs) > 1:
-            raise FtExit(f"{len(run_dirs)} run directories: merging into the base takes one; to combine several "
-                         "adapters into one, add --combine linear|cat|ties|dare_ties", exit_code=2)
-        if weights is not None or density is not None:
-            raise FtExit("--weights and --density apply with --combine", exit_code=2)
-        merge_run(run_dirs[0], out, force=force, dtype=dtype, overwrite=overwrite)
-
-    _guard(run_merge)
+    _guard(lambda: merge_cli(run_dirs, out, force=force, dtype=dtype, combine=combine, weights=weights,
+                             density=density, seed=seed, overwrite=overwrite))
 
 
 def _top_p_in_range(value: float) -> float:
@@ -356,15 +338,9 @@ def cache_clean(
     dry_run: Annotated[bool, typer.Option("--dry-run", help="Say what would be deleted; delete nothing.")] = False,
 ) -> None:
     """Delete cache entries ft wrote (never anything else); they are rebuilt when needed."""
-    from ft_cli.caches import KINDS, clean_cache
+    from ft_cli.caches import clean_cache
 
-    def run() -> None:
-        bad = [k for k in kind or [] if k not in KINDS]
-        if bad:
-            raise UserError(f"--kind: must be one of {', '.join(KINDS)}, got {', '.join(map(repr, bad))}")
-        clean_cache(kinds=kind or None, older_than_days=older_than, dry_run=dry_run)
-
-    _guard(run)
+    _guard(lambda: clean_cache(kinds=kind or None, older_than_days=older_than, dry_run=dry_run))
 
 
 @app.command()

@@ -57,31 +57,17 @@ def evaluate_run(run_dir: Path | str, *, data: Path | None = None, split: str = 
     """Evaluate a run (or a model directory / hub model on --data), write the result (see `result_path`), print
     a table; raise CheckFailed (exit 3) when a --fail-if threshold is crossed."""
     from ft_cli.compose import combined_inputs
-    from ft_cli.loading import (
-        default_device,
-        load_run_model,
-        load_run_tokenizer,
-        resolve_target,
-        run_base_path,
-    )
+    from ft_cli.loading import resolve_target, run_base_path
     from ft_cli.tasks.classify_run import classification_target, evaluate_classification
 
     if (classifier := classification_target(run_dir, which)) is not None:  # task: classification (its metrics)
         if generate or data_format not in (None, "labelled"):
             raise UserError("--generate and --format apply to language-model runs; this run classifies text")
-        if split not in SPLITS:
-            raise UserError(f"--split: must be one of {', '.join(SPLITS)}, got {split!r}")
-        if data is not None and not Path(data).expanduser().exists():
-            raise UserError(f"--data: {data} not found")
+        _check_arguments(split, data)
         return evaluate_classification(classifier, data=data, split=split, which=which, compare_base=compare_base,
                                        fail_if=fail_if, batch_size=batch_size, name=name, output=output)
     thresholds = parse_thresholds(fail_if, available_metrics(compare_base, generate))
-    if split not in SPLITS:
-        raise UserError(f"--split: must be one of {', '.join(SPLITS)}, got {split!r}")
-    if batch_size < 1 or generate < 0 or max_new_tokens < 1:
-        raise UserError("--batch-size and --max-new-tokens must be at least 1, --generate at least 0")
-    if data is not None and not Path(data).expanduser().exists():
-        raise UserError(f"--data: {data} not found")
+    _check_arguments(split, data, batch_size=batch_size, generate=generate, max_new_tokens=max_new_tokens)
     if data_format is not None and data is None:
         raise UserError("--format describes the file given with --data; the run's own splits use its recipe")
     target = resolve_target(run_dir, which)  # type: ignore[arg-type]
@@ -98,15 +84,7 @@ def evaluate_run(run_dir: Path | str, *, data: Path | None = None, split: str = 
                                      compare_base=compare_base, generate=generate, path=output or result_path(
                                          RunDir(target.path), data=None, split=split, which=which, name=name))
 
-    # Data first: a data problem should not wait for the model to load.
-    tokenizer = load_run_tokenizer(recipe, target.output)
-    dataset, source = eval_dataset(recipe, tokenizer, data, split)
-    if len(dataset) == 0:
-        raise UserError(f"{source}: no example with a trained token to evaluate")
-    device = default_device()
-    base_path = None if method_spec(recipe.method).whole_model else run_base_path(target)
-    model = load_run_model(recipe, target.output, device=device, base_path=base_path)
-
+    tokenizer, dataset, model, device, base_path = _load_run(target, recipe, data, split)
     result: dict[str, Any] = {
         "run_dir": str(target.path), "model": str(target.output), "which": which, "method": recipe.method,
         "data": str(data) if data is not None else _data_paths(recipe, split),
@@ -126,6 +104,31 @@ def evaluate_run(run_dir: Path | str, *, data: Path | None = None, split: str = 
         add_base(result, scored, base_gen)
     path = output or result_path(RunDir(target.path), data=data, split=split, which=which, name=name)
     return finish(result, thresholds, path)
+
+
+def _load_run(target: Any, recipe: Recipe, data: Path | None, split: str) -> tuple[Any, Any, Any, Any, str | None]:
+    """(tokenizer, the split to score, model, device, base path of an adapter run). Data first: a data problem
+    should not wait for the model to load."""
+    from ft_cli.loading import default_device, load_run_model, load_run_tokenizer, run_base_path
+
+    tokenizer = load_run_tokenizer(recipe, target.output)
+    dataset, source = eval_dataset(recipe, tokenizer, data, split)
+    if len(dataset) == 0:
+        raise UserError(f"{source}: no example with a trained token to evaluate")
+    device = default_device()
+    base_path = None if method_spec(recipe.method).whole_model else run_base_path(target)
+    model = load_run_model(recipe, target.output, device=device, base_path=base_path)
+    return tokenizer, dataset, model, device, base_path
+
+
+def _check_arguments(split: str, data: Path | None, *, batch_size: int = 1, generate: int = 0,
+                     max_new_tokens: int = 1) -> None:
+    if split not in SPLITS:
+        raise UserError(f"--split: must be one of {', '.join(SPLITS)}, got {split!r}")
+    if batch_size < 1 or generate < 0 or max_new_tokens < 1:
+        raise UserError("--batch-size and --max-new-tokens must be at least 1, --generate at least 0")
+    if data is not None and not Path(data).expanduser().exists():
+        raise UserError(f"--data: {data} not found")
 
 
 def _evaluate_model(target: Any, *, data: Path | None, data_format: str | None, split: str, compare_base: bool,

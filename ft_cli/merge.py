@@ -23,7 +23,7 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
-from ft_cli.errors import CheckFailed, UserError
+from ft_cli.errors import CheckFailed, FtExit, UserError
 from ft_cli.merge_parity import TOLERANCE, Parity, check_plain_model, compare, merge_adapter
 from ft_cli.methods.registry import method_spec
 from ft_cli.recipe import Recipe
@@ -31,6 +31,25 @@ from ft_cli.recipe import Recipe
 DTYPES = ("bfloat16", "float16", "float32")
 PARITY_ROWS = 4
 PARITY_TOKENS = 128
+
+
+def merge_cli(run_dirs: list[Path], out: Path, *, force: bool, dtype: str | None, combine: str | None,
+              weights: str | None, density: float | None, seed: int, overwrite: bool) -> None:
+    """`ft merge`: fold one run's adapter into its base (merge_run) or, with --combine, combine several runs' LoRA
+    adapters into one (ft_cli.compose); the options of the other mode are refused."""
+    if combine is not None:
+        from ft_cli.compose import combine_runs
+
+        if force or dtype is not None:
+            raise FtExit("--force and --dtype apply to merging into the base, not to --combine", exit_code=2)
+        combine_runs(run_dirs, out, combine=combine, weights=weights, density=density, seed=seed, overwrite=overwrite)
+        return
+    if len(run_dirs) > 1:
+        raise FtExit(f"{len(run_dirs)} run directories: merging into the base takes one; to combine several "
+                     "adapters into one, add --combine linear|cat|ties|dare_ties", exit_code=2)
+    if weights is not None or density is not None:
+        raise FtExit("--weights and --density apply with --combine", exit_code=2)
+    merge_run(run_dirs[0], out, force=force, dtype=dtype, overwrite=overwrite)
 
 
 def merge_run(run_dir: Path, out: Path, *, force: bool = False, dtype: str | None = None,

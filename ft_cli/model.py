@@ -92,7 +92,7 @@ def load_base_model(recipe: Recipe, path: str, device: Any = None, quantize: boo
                     head: Any = None):
     """The pretrained base model in the recipe's dtype (or `dtype`), quantized with bitsandbytes when the recipe
     says so. task: classification loads AutoModelForSequenceClassification with `head`'s labels
-    (ft_cli.tasks.classification.Head)."""
+    (ft_cli.tasks.classify_head.Head)."""
     from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
 
     kwargs: dict[str, Any] = {
@@ -109,7 +109,7 @@ def load_base_model(recipe: Recipe, path: str, device: Any = None, quantize: boo
         kwargs["device_map"] = {"": device if device is not None else "cpu"}
     auto: Any = AutoModelForCausalLM
     if recipe.task == "classification":
-        from ft_cli.tasks.classification import model_kwargs
+        from ft_cli.tasks.classify_head import model_kwargs
 
         auto = AutoModelForSequenceClassification
         kwargs.update(model_kwargs(head))
@@ -184,7 +184,7 @@ def bnb_config(recipe: Recipe):
 
 def build_model(recipe: Recipe, device: Any = None, head: Any = None) -> BuiltModel:
     """Base model + the recipe's method (adapter, freezing, ...), ready to train. `head`: task classification's
-    labels and pad token (ft_cli.tasks.classification.Head)."""
+    labels and pad token (ft_cli.tasks.classify_head.Head)."""
     from ft_cli.methods.apply import apply_method
 
     path = resolve_model_path(recipe.model)
@@ -197,7 +197,7 @@ def build_model(recipe: Recipe, device: Any = None, head: Any = None) -> BuiltMo
         model.config.use_cache = False
     model = apply_method(model, recipe)
     if recipe.task == "classification":
-        from ft_cli.tasks.classification import train_head
+        from ft_cli.tasks.classify_head import train_head
 
         train_head(model, recipe)
     trainable, total = count_parameters(model)

@@ -39,7 +39,8 @@ from pathlib import Path
 from typing import Any
 
 from ft_cli.errors import UserError
-from ft_cli.progress import format_bytes  # noqa: F401  (ft_cli.plan.format_bytes, as before)
+from ft_cli.plan_table import print_plan
+from ft_cli.progress import format_bytes
 from ft_cli.recipe import Recipe, load_recipe, recipe_errors
 
 GIB = 2**30
@@ -431,13 +432,6 @@ def fused_loss_bytes(shape: ModelShape, b: int, s: int, act_bytes: int) -> int:
     return b * s * shape.hidden * (2 * 8 + act_bytes)
 
 
-def _count(n: int) -> str:
-    for unit, size in (("B", 1e9), ("M", 1e6), ("K", 1e3)):
-        if n >= size:
-            return f"{n / size:.2f}{unit}"
-    return str(n)
-
-
 def _overhead(subtotal: int) -> int:
     return CUDA_CONTEXT_BYTES + int(FRAGMENTATION * subtotal)
 
@@ -478,38 +472,6 @@ def suggest_micro_batch(plan: MemoryPlan, budget_bytes: float) -> Suggestion:
         note += f"; the recipe's micro_batch_size {t.micro_batch_size} needs {plan.total / GIB:.1f} GiB"
     note += f"\n  --set train.micro_batch_size={b} --set train.grad_accum={accum}"
     return Suggestion(b, accum, best.total, b * accum, note)
-
-
-# Output ----------------------------------------------------------------------------------------------------------
-
-def print_plan(plan: MemoryPlan, console: Any, where: str = "") -> None:
-    from rich.table import Table
-
-    r, sh, c = plan.recipe, plan.shape, plan.counts
-    quant = ""
-    if r.quantized and r.quantization is not None:
-        quant = f", {r.quantization.bits}-bit {r.quantization.quant_type if r.quantization.bits == 4 else 'int8'}"
-    console.print(f"[bold]ft plan[/]: {r.model.name_or_path} ({sh.model_type}, {_count(c.total)} params, "
-                  f"{sh.layers} layers, hidden {sh.hidden}, vocab {sh.vocab:,}) - {r.method}{quant}, {r.model.dtype}")
-    if where:
-        console.print(f"config from {where}", style="dim")
-    n = c.trainable_count
-    console.print(f"trainable parameters: {n:,} of {c.total + c.added:,} ({100 * n / max(c.total + c.added, 1):.3f}%)")
-    table = Table(title=f"estimated peak memory per GPU: micro_batch_size {plan.micro_batch_size} x max_seq_len "
-                        f"{plan.seq_len}, {r.train.optimizer}")
-    table.add_column("component")
-    table.add_column("memory", justify="right")
-    table.add_column("how it is counted")
-    for row in plan.rows:
-        table.add_row(row.name, format_bytes(row.bytes), row.detail)
-    table.add_section()
-    table.add_row("[bold]total (estimate)[/]", f"[bold]{format_bytes(plan.total)}[/]", "")
-    console.print(table)
-    other = "off" if r.train.gradient_checkpointing else "on"
-    console.print(f"with gradient_checkpointing {other}: {format_bytes(plan.total_other_checkpointing)} "
-                  f"({format_bytes(plan.activations_other.bytes)} of activations)")
-    console.print("These are estimates from the config (worst case: every row max_seq_len tokens); measured peaks "
-                  "vary with kernels, real sequence lengths and the allocator, typically within 10-20%.", style="dim")
 
 
 # Disk ------------------------------------------------------------------------------------------------------------

@@ -1,4 +1,5 @@
-"""The recipe: pydantic schema, YAML loading, `--set` overrides and friendly errors.
+"""The recipe: pydantic schema, YAML loading, `--set` overrides and friendly errors (reading the file and its
+`--set` items: recipe_yaml.py; turning pydantic's errors into `recipe.yaml:LINE: field: message`: recipe_messages.py).
 
 Every section forbids unknown keys. Each field's help lives once, in `Field(description=...)`, and feeds
 `ft schema`, `ft validate` and the docs. This module imports no torch.
@@ -7,8 +8,6 @@ Every section forbids unknown keys. Each field's help lives once, in `Field(desc
 from __future__ import annotations
 
 import contextlib
-import difflib
-import glob
 import hashlib
 import json
 import os
@@ -29,6 +28,8 @@ from pydantic import (
 
 from ft_cli.errors import UserError
 from ft_cli.methods.registry import METHODS, method_spec, methods_where
+from ft_cli.recipe_messages import FieldError, FieldErrors, field_location, format_errors
+from ft_cli.recipe_yaml import apply_override, parse_yaml, read_utf8, resolve_paths
 
 Method = Literal[tuple(METHODS)]  # type: ignore[valid-type]  # the registry's names, in its order
 DType = Literal["bfloat16", "float16", "float32"]
@@ -243,12 +244,12 @@ class DataSection(Section):
     @model_validator(mode="after")
     def _overlap_fits(self) -> DataSection:
         if self.group_by_length and self.packing:
-            raise _FieldError("group_by_length", "does nothing with packing: true (packed rows are all max_seq_len "
+            raise FieldError("group_by_length", "does nothing with packing: true (packed rows are all max_seq_len "
                               "long); remove one of them")
         if self.text_overlap and self.text_chunking != "split":
-            raise _FieldError("text_overlap", "only applies to text_chunking: split")
+            raise FieldError("text_overlap", "only applies to text_chunking: split")
         if self.text_overlap >= self.max_seq_len:
-            raise _FieldError("text_overlap", f"must be less than max_seq_len ({self.max_seq_len}), got "
+            raise FieldError("text_overlap", f"must be less than max_seq_len ({self.max_seq_len}), got "
                               f"{self.text_overlap}")
         return self
 
@@ -382,45 +383,45 @@ class Recipe(Section):
 
     def location(self, loc: tuple) -> str | None:
         """`recipe.yaml:12` or `--set train.lr=x` for a field path such as ("train", "lr"); None when unknown."""
-        return _location(loc, self._source, self._lines, self._overrides)
+        return field_location(loc, self._source, self._lines, self._overrides)
 
     @model_validator(mode="after")
     def _sections_match_method(self) -> Recipe:
         """What the method's registry entry (ft_cli.methods.registry) says about the other fields. Every problem is
         collected and reported at once, like field errors."""
-        errors: list[_FieldError] = []
+        errors: list[FieldError] = []
         m = self.method
         spec = method_spec(m)
         for section in _method_sections():
             methods = methods_where(lambda s, section=section: s.section == section)
             if getattr(self, section) is not None and m not in methods:
-                errors.append(_FieldError(section, f"is only used by method {' | '.join(methods)}, not {m!r}; remove it"))
+                errors.append(FieldError(section, f"is only used by method {' | '.join(methods)}, not {m!r}; remove it"))
         self._check_quantization(spec, errors)
         if spec.section is not None and getattr(self, spec.section) is None:
             setattr(self, spec.section, _section_class(spec.section)())
         if self.lora is not None and self.lora.loraplus_lr_ratio is not None and spec.family != "lora":
-            errors.append(_FieldError("lora.loraplus_lr_ratio", "only applies to LoRA methods"))
+            errors.append(FieldError("lora.loraplus_lr_ratio", "only applies to LoRA methods"))
         if self.train.qat is not None and (not spec.qat or self.quantized):
             qat = methods_where(lambda s: s.qat)
-            errors.append(_FieldError("train.qat", f"applies to method {' | '.join(qat)} on an unquantized base, "
+            errors.append(FieldError("train.qat", f"applies to method {' | '.join(qat)} on an unquantized base, "
                               f"not {m!r}{' with quantization' if self.quantized else ''}"))
         if self.train.layerwise_lr_decay is not None and not spec.whole_model:
-            errors.append(_FieldError("train.layerwise_lr_decay", f"applies to method full or freeze, not {m!r}"))
+            errors.append(FieldError("train.layerwise_lr_decay", f"applies to method full or freeze, not {m!r}"))
         if not spec.whole_model and "mixed_precision" in self.train.model_fields_set \
                 and not self.train.mixed_precision:
-            errors.append(_FieldError("train.mixed_precision", f"applies to method full or freeze, not {m!r} (PEFT methods "
+            errors.append(FieldError("train.mixed_precision", f"applies to method full or freeze, not {m!r} (PEFT methods "
                               "always train float32 adapters on a model.dtype base); remove it"))
         if self.freeze is not None and self.freeze.trainable_layers == 0 and not self.freeze.trainable_modules:
-            errors.append(_FieldError("freeze", "trains nothing: set trainable_layers > 0 or list trainable_modules"))
+            errors.append(FieldError("freeze", "trains nothing: set trainable_layers > 0 or list trainable_modules"))
         for path, why in spec.why_not.items():  # fields of the method's own section that it does not use
             section, _, key = path.partition(".")
             if key and section == spec.section and getattr(getattr(self, section), key) is not None:
-                errors.append(_FieldError(path, f"{why}; remove it for {m!r}"))
+                errors.append(FieldError(path, f"{why}; remove it for {m!r}"))
         if not spec.packs and self.data.packing:
-            errors.append(_FieldError("data.packing", f"cannot be used with {m}: {spec.why_not['packs']}"))
+            errors.append(FieldError("data.packing", f"cannot be used with {m}: {spec.why_not['packs']}"))
         if not spec.gradient_checkpointing:
             if "gradient_checkpointing" in self.train.model_fields_set and self.train.gradient_checkpointing:
-                errors.append(_FieldError("train.gradient_checkpointing", spec.why_not["gradient_checkpointing"]))
+                errors.append(FieldError("train.gradient_checkpointing", spec.why_not["gradient_checkpointing"]))
             if self.train.gradient_checkpointing:  # the default: derived, and said so by ft validate
                 self._derived["train.gradient_checkpointing"] = (
                     f"false (the default true {spec.why_not['gradient_checkpointing'].split('; ')[0]})")
@@ -430,26 +431,26 @@ class Recipe(Section):
         if self.ia3 is not None and self.ia3.target_modules and self.ia3.feedforward_modules:
             extra = sorted(set(self.ia3.feedforward_modules) - set(self.ia3.target_modules))
             if extra:
-                errors.append(_FieldError("ia3.feedforward_modules", f"{', '.join(extra)} not in ia3.target_modules; "
+                errors.append(FieldError("ia3.feedforward_modules", f"{', '.join(extra)} not in ia3.target_modules; "
                                   "feed-forward modules must also be targets"))
         if errors:
-            raise errors[0] if len(errors) == 1 else _FieldErrors(errors)
+            raise errors[0] if len(errors) == 1 else FieldErrors(errors)
         return self
 
-    def _check_quantization(self, spec: Any, errors: list[_FieldError]) -> None:
+    def _check_quantization(self, spec: Any, errors: list[FieldError]) -> None:
         m = spec.name
         if self.quantization is not None and self.quantization.bits is not None and spec.quantized_base == "never":
             if spec.quantized_twin is not None:
-                errors.append(_FieldError("quantization", f"with method {m!r} means QLoRA: write method: "
+                errors.append(FieldError("quantization", f"with method {m!r} means QLoRA: write method: "
                                   f"{spec.quantized_twin} instead"))
             else:
-                errors.append(_FieldError("quantization", f"cannot be used with method {m!r} (quantized weights cannot be "
+                errors.append(FieldError("quantization", f"cannot be used with method {m!r} (quantized weights cannot be "
                               "trained); use method: qlora, or remove quantization"))
         if spec.quantized_base == "required":
             if self.quantization is None:
                 self.quantization = QuantizationSection()
             elif self.quantization.bits is None:
-                errors.append(_FieldError("quantization.bits", f"method {m} needs 4 or 8 bits; use method: lora for none"))
+                errors.append(FieldError("quantization.bits", f"method {m} needs 4 or 8 bits; use method: lora for none"))
 
     def _task_fits(self) -> None:
         """task: classification reads labelled text and trains a head; the keys that only one task uses are refused
@@ -459,34 +460,34 @@ class Recipe(Section):
             if "format" not in d.model_fields_set:
                 d.format = "labelled"
             if d.format != "labelled":
-                raise _FieldError("data.format", f"task classification reads labelled text (format: labelled), not "
+                raise FieldError("data.format", f"task classification reads labelled text (format: labelled), not "
                                   f"{d.format!r}; remove data.format or set it to labelled")
             for src in d.sources + d.eval_sources:
                 if src.format not in (None, "labelled"):
-                    raise _FieldError("data.train", f"task classification reads format labelled, not {src.format!r}")
+                    raise FieldError("data.train", f"task classification reads format labelled, not {src.format!r}")
             if self.method == "prefix_tuning":
-                raise _FieldError("method", "prefix_tuning does not work for task classification with peft 0.21.2 "
+                raise FieldError("method", "prefix_tuning does not work for task classification with peft 0.21.2 "
                                   "on transformers 5 (peft's sequence-classification wrapper passes the prefix as "
                                   "past_key_values, which transformers 5 models no longer take); use prompt_tuning")
             if d.packing:
-                raise _FieldError("data.packing", "does not apply to task classification (one label per example); "
+                raise FieldError("data.packing", "does not apply to task classification (one label per example); "
                                   "set packing: false")
             if isinstance(t.class_weights, list) and d.labels is not None and len(t.class_weights) != len(d.labels):
-                raise _FieldError("train.class_weights", f"has {len(t.class_weights)} weights for "
+                raise FieldError("train.class_weights", f"has {len(t.class_weights)} weights for "
                                   f"{len(d.labels)} data.labels")
             if d.labels is not None and len(set(d.labels)) != len(d.labels):
-                raise _FieldError("data.labels", "lists a label twice")
+                raise FieldError("data.labels", "lists a label twice")
             if d.labels is not None and len(d.labels) < 2:
-                raise _FieldError("data.labels", "a classifier needs at least 2 labels")
+                raise FieldError("data.labels", "a classifier needs at least 2 labels")
             return
         if d.format == "labelled":
-            raise _FieldError("data.format", "labelled is the format of task: classification; set task: "
+            raise FieldError("data.format", "labelled is the format of task: classification; set task: "
                               "classification or use alpaca | chat | sharegpt | text")
         for key, value in (("data.labels", d.labels), ("train.class_weights", t.class_weights)):
             if value is not None:
-                raise _FieldError(key, "only applies to task: classification; remove it")
+                raise FieldError(key, "only applies to task: classification; remove it")
         if t.best_metric != "eval_loss":
-            raise _FieldError("train.best_metric", f"{t.best_metric} is a classification metric; a causal_lm run "
+            raise FieldError("train.best_metric", f"{t.best_metric} is a classification metric; a causal_lm run "
                               "picks its best by eval_loss")
 
     def _check_objective(self) -> None:
@@ -495,25 +496,25 @@ class Recipe(Section):
                                          if src.format is not None}
         if o == "sft":
             if self.preference is not None:
-                raise _FieldError("preference", "is only used by objective dpo | orpo | simpo; remove it, or set "
+                raise FieldError("preference", "is only used by objective dpo | orpo | simpo; remove it, or set "
                                   "objective")
             if "preference" in formats:
-                raise _FieldError("data.format", "preference pairs train with objective: dpo (or orpo, simpo); "
+                raise FieldError("data.format", "preference pairs train with objective: dpo (or orpo, simpo); "
                                   "set objective, or use a conversation format to train on the chosen replies only")
             return
         if self.task != "causal_lm":
-            raise _FieldError("objective", f"{o} applies to task causal_lm, not {self.task}")
+            raise FieldError("objective", f"{o} applies to task causal_lm, not {self.task}")
         if m not in PREFERENCE_METHODS:
-            raise _FieldError("objective", f"{o} trains with method {' | '.join(PREFERENCE_METHODS)}, not {m!r}")
+            raise FieldError("objective", f"{o} trains with method {' | '.join(PREFERENCE_METHODS)}, not {m!r}")
         if formats != {"preference"}:
-            raise _FieldError("data.format", f"objective {o} needs preference pairs: set data.format: preference "
+            raise FieldError("data.format", f"objective {o} needs preference pairs: set data.format: preference "
                               f"(records with a prompt or conversation, 'chosen' and 'rejected'); got "
                               f"{', '.join(sorted(formats))}")
         if self.data.packing:
-            raise _FieldError("data.packing", f"cannot be used with objective {o}: each chosen and rejected reply "
+            raise FieldError("data.packing", f"cannot be used with objective {o}: each chosen and rejected reply "
                               "is scored as a whole sequence; set packing: false")
         if self.data.train_on_inputs:
-            raise _FieldError("data.train_on_inputs", f"objective {o} scores only the replies; set it to false")
+            raise FieldError("data.train_on_inputs", f"objective {o} scores only the replies; set it to false")
         if self.preference is None:
             self.preference = PreferenceSection()
         p = self.preference
@@ -521,12 +522,12 @@ class Recipe(Section):
             p.beta = DEFAULT_BETA[o]
         default = {k: f.default for k, f in PreferenceSection.model_fields.items()}
         if o != "dpo" and p.loss_type != default["loss_type"]:
-            raise _FieldError("preference.loss_type", f"only applies to objective dpo, not {o}; remove it")
+            raise FieldError("preference.loss_type", f"only applies to objective dpo, not {o}; remove it")
         if o != "simpo" and p.simpo_gamma != default["simpo_gamma"]:
-            raise _FieldError("preference.simpo_gamma", f"only applies to objective simpo, not {o}; remove it")
+            raise FieldError("preference.simpo_gamma", f"only applies to objective simpo, not {o}; remove it")
         if p.label_smoothing and not (
                 o == "simpo" or (o == "dpo" and p.loss_type == "sigmoid")):
-            raise _FieldError("preference.label_smoothing", "applies to objective dpo with loss_type sigmoid, and "
+            raise FieldError("preference.label_smoothing", "applies to objective dpo with loss_type sigmoid, and "
                               "simpo")
 
     # Derived facts -------------------------------------------------------------------------------------------
@@ -600,22 +601,6 @@ def _section_class(section: str) -> type[Section]:
     return next(a for a in typing.get_args(Recipe.model_fields[section].annotation) if a is not type(None))
 
 
-class _FieldError(ValueError):
-    """Raised inside validators to attach the message to a dotted field path."""
-
-    def __init__(self, path: str, message: str):
-        super().__init__(f"{path}: {message}")
-        self.path, self.message = path, message
-
-
-class _FieldErrors(ValueError):
-    """Several _FieldErrors of one validator, reported together."""
-
-    def __init__(self, errors: list[_FieldError]):
-        super().__init__("; ".join(str(e) for e in errors))
-        self.errors = errors
-
-
 def _flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
     out: dict[str, Any] = {}
     for k, v in d.items():
@@ -638,11 +623,11 @@ def load_recipe(path: str | os.PathLike, overrides: list[str] | None = None) -> 
         raise UserError(f"{path}: is a directory, not a recipe file (give the path of a .yaml file){hint}")
     if not path.is_file():
         raise UserError(f"{path}: recipe file not found")
-    raw, lines = _parse_yaml(_read_utf8(path), path)
+    raw, lines = parse_yaml(read_utf8(path), path)
     set_items: dict[tuple, str] = {}
     if isinstance(raw, dict):  # a list or a scalar is refused by recipe_from_dict
         for item in overrides or []:
-            set_items[_apply_override(raw, item)] = item
+            set_items[apply_override(raw, item)] = item
         if not raw:
             raise UserError(f"{path}: the recipe is empty; it needs at least model.name_or_path and data.train")
     recipe = recipe_from_dict(raw, source=str(path), lines=lines, overrides=set_items)
@@ -661,7 +646,7 @@ def recipe_from_dict(raw: Any, source: str = "recipe", lines: dict[tuple, int] |
     try:
         recipe = Recipe.model_validate(raw)
     except ValidationError as exc:
-        raise UserError("\n".join(format_errors(exc, source, lines or {}, overrides or {}))) from None
+        raise UserError("\n".join(format_errors(exc, Recipe, source, lines or {}, overrides or {}))) from None
     recipe._source, recipe._lines, recipe._overrides = source, dict(lines or {}), dict(overrides or {})
     return recipe
 
@@ -686,244 +671,6 @@ def recipe_errors(recipe: Recipe):
         exc.message = f"{where}: {exc.message}"
         exc.args = (exc.message,)
         raise
-
-
-def _read_utf8(path: Path) -> str:
-    data = path.read_bytes()
-    try:
-        return data.decode("utf-8")
-    except UnicodeDecodeError as exc:
-        line = data.count(b"\n", 0, exc.start) + 1
-        raise UserError(f"{path}:{line}: not valid UTF-8 (byte 0x{data[exc.start]:02x}); save the recipe as UTF-8") from None
-
-
-class _LineLoader(yaml.SafeLoader):
-    """Safe loader that also records the line of every mapping key."""
-
-
-def _parse_yaml(text: str, path: Path) -> tuple[Any, dict[tuple, int]]:
-    try:
-        node = yaml.compose(text, Loader=_LineLoader)
-        data = yaml.safe_load(text)
-    except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None)
-        where = f"{path}:{mark.line + 1}" if mark is not None else str(path)
-        problem = getattr(exc, "problem", None) or str(exc)
-        raise UserError(f"{where}: invalid YAML: {problem}") from None
-    lines: dict[tuple, int] = {}
-
-    def walk(n: Any, loc: tuple) -> None:
-        if isinstance(n, yaml.MappingNode):
-            for k, v in n.value:
-                key = loc + (k.value,)
-                if key in lines:  # YAML keeps the last one silently
-                    raise UserError(f"{path}:{k.start_mark.line + 1}: {'.'.join(map(str, key))}: duplicate key (first "
-                                    f"set on line {lines[key]}); remove one of them")
-                lines[key] = k.start_mark.line + 1
-                walk(v, key)
-        elif isinstance(n, yaml.SequenceNode):
-            for i, v in enumerate(n.value):
-                lines[loc + (i,)] = v.start_mark.line + 1
-                walk(v, loc + (i,))
-
-    walk(node, ())
-    return data if data is not None else {}, lines
-
-
-def _apply_override(raw: dict, item: str) -> tuple:
-    """Set `raw`'s dotted key to the value of `item` (KEY=VALUE); returns the key path."""
-    if "=" not in item:
-        raise UserError(f"--set {item}: expected KEY=VALUE, e.g. --set train.lr=1e-4")
-    key, value = item.split("=", 1)
-    parts = key.strip().split(".")
-    if not all(parts):
-        raise UserError(f"--set {item}: bad key {key!r}")
-    try:
-        parsed = yaml.safe_load(value) if value.strip() else None
-    except yaml.YAMLError:
-        parsed = value
-    node = raw
-    for part in parts[:-1]:
-        nxt = node.get(part)
-        if nxt is None:
-            nxt = node[part] = {}
-        if not isinstance(nxt, dict):
-            raise UserError(f"--set {item}: {part} is not a section")
-        node = nxt
-    node[parts[-1]] = parsed
-    return tuple(parts)
-
-
-def resolve_paths(recipe: Recipe, base: Path) -> None:
-    """Relative local paths in a recipe are relative to the recipe file, not the current directory; `~` is the
-    user's home. Data paths may be globs (data/*.jsonl), resolved the same way and expanded when the data loads."""
-    name = recipe.model.name_or_path
-    if not name.startswith("builtin:"):
-        recipe.model.name_or_path = _resolve_one(name, base)
-    for src in recipe.data.sources + recipe.data.eval_sources:
-        src.path = _resolve_one(src.path, base)
-    # _as_sources builds new objects for plain strings: write the resolved paths back.
-    if isinstance(recipe.data.train, str):
-        recipe.data.train = _resolve_one(recipe.data.train, base)
-    if isinstance(recipe.data.eval, str):
-        recipe.data.eval = _resolve_one(recipe.data.eval, base)
-
-
-def _resolve_one(p: str, base: Path) -> str:
-    candidate = base / Path(p).expanduser()  # an absolute path (also ~/...) replaces base
-    if _looks_like_path(p) or candidate.exists():
-        return str(candidate.resolve())
-    return p
-
-
-def _looks_like_path(p: str) -> bool:
-    return (p.startswith(("/", "./", "../", "~")) or p.endswith((".json", ".jsonl", ".csv", ".tsv", ".parquet", ".yaml"))
-            or glob.has_magic(p))
-
-
-# Friendly errors -------------------------------------------------------------------------------------------------
-
-_MESSAGES = {
-    "greater_than": "must be greater than {gt}",
-    "greater_than_equal": "must be at least {ge}",
-    "less_than": "must be less than {lt}",
-    "less_than_equal": "must be at most {le}",
-}
-
-
-def format_errors(exc: ValidationError, source: str, lines: dict[tuple, int],
-                  overrides: dict[tuple, str] | None = None) -> list[str]:
-    """One line per problem: `recipe.yaml:LINE: field: message`, or `--set ITEM: message` for a value a --set
-    item gave (the field is named too when the problem is deeper inside it)."""
-    out: list[str] = []
-    seen: set[str] = set()
-    for loc, msg in _problems(exc.errors(include_url=False)):
-        dotted = ".".join(str(p) for p in loc)
-        item = _override_for(loc, overrides or {})
-        if item is not None:
-            key = item.split("=", 1)[0].strip()
-            text = f"--set {item}: {msg}" if dotted == key else f"--set {item}: {dotted}: {msg}"
-        else:
-            where = _location(loc, source, lines, {}) or source
-            text = f"{where}: {dotted}: {msg}" if dotted else f"{where}: {msg}"
-        if text not in seen:
-            seen.add(text)
-            out.append(text)
-    return out
-
-
-def _override_for(loc: tuple, overrides: dict[tuple, str]) -> str | None:
-    """The --set item that set this field, a section above it, or a key below it (a misspelt section)."""
-    if not loc:
-        return None
-    for path, item in overrides.items():
-        n = min(len(path), len(loc))
-        if path[:n] == loc[:n]:
-            return item
-    return None
-
-
-def _location(loc: tuple, source: str | None, lines: dict[tuple, int], overrides: dict[tuple, str]) -> str | None:
-    item = _override_for(loc, overrides)
-    if item is not None:
-        return f"--set {item}"
-    line = _line_for(loc, lines)
-    if source is None:
-        return None
-    return f"{source}:{line}" if line else None
-
-
-def _line_for(loc: tuple, lines: dict[tuple, int]) -> int | None:
-    while loc:
-        if loc in lines:
-            return lines[loc]
-        loc = loc[:-1]
-    return None
-
-
-def _is_branch(part: Any) -> bool:
-    """pydantic's union-branch markers in an error location (e.g. 'list[DatasetSource]', 'literal[...]', 'str')."""
-    return isinstance(part, str) and ("[" in part or part in ("str", "int", "float"))
-
-
-def _problems(errors: list[dict]) -> list[tuple[tuple, str]]:
-    """(location, message) per problem. A union field (str | list[...], 'all-linear' | list[str]) gets one error per
-    branch: when the input had one branch's shape, only that branch's errors (inside it) are kept; otherwise the
-    field gets one line saying what it may be."""
-    groups: dict[tuple, list[dict]] = {}
-    for err in errors:
-        cut = next((i for i, p in enumerate(err["loc"]) if _is_branch(p)), None)
-        groups.setdefault(err["loc"] if cut is None else err["loc"][:cut], []).append(err)
-    out: list[tuple[tuple, str]] = []
-    for key, group in list(groups.items()):
-        several = [e for e in group if e["type"] == "value_error" and isinstance((e.get("ctx") or {}).get("error"),
-                                                                                _FieldErrors)]
-        for e in several:  # one validator's several problems: one line each
-            group.remove(e)
-            loc = tuple(p for p in e["loc"] if not _is_branch(p))
-            out.extend((loc + tuple(fe.path.split(".")), fe.message) for fe in e["ctx"]["error"].errors)
-        if not group:
-            continue
-        inner = [e for e in group if len(e["loc"]) > len(key) + 1]
-        if len(group) == 1 or inner or not all(len(e["loc"]) > len(key) for e in group):
-            out.extend(_describe(e) for e in (inner or group))
-            continue
-        wants = [_describe(e)[1].split(", got ")[0].removeprefix("must be ") for e in group]
-        out.append((_describe(group[0])[0], f"must be {' or '.join(wants)}, got {group[0].get('input')!r}"))
-    return out
-
-
-def _describe(err: dict) -> tuple[tuple, str]:
-    loc = tuple(p for p in err["loc"] if not _is_branch(p))
-    typ, ctx = err["type"], err.get("ctx") or {}
-    if typ == "extra_forbidden":
-        return loc, "unknown key" + _did_you_mean(loc)
-    if typ == "missing":
-        return loc, "is required"
-    if typ == "value_error" and isinstance(ctx.get("error"), _FieldError):
-        fe = ctx["error"]
-        return loc + tuple(fe.path.split(".")), fe.message
-    if typ == "literal_error":
-        return loc, f"must be one of {ctx.get('expected', '')}, got {err.get('input')!r}"
-    if typ in _MESSAGES:
-        return loc, _MESSAGES[typ].format(**ctx) + f", got {err.get('input')!r}"
-    msg = err["msg"]
-    msg = msg[0].lower() + msg[1:] if msg else msg
-    msg = msg.replace("input should be", "must be").replace("value error, ", "")
-    return loc, f"{msg}, got {err.get('input')!r}" if "input" in err and typ != "value_error" else msg
-
-
-def _did_you_mean(loc: tuple) -> str:
-    fields = _fields_at(loc[:-1])
-    if not fields:
-        return ""
-    guess = difflib.get_close_matches(str(loc[-1]), fields, n=1, cutoff=0.6)
-    allowed = ", ".join(fields)
-    return f" (did you mean {guess[0]!r}?)" if guess else f" (allowed: {allowed})"
-
-
-def _fields_at(loc: tuple) -> list[str]:
-    model: Any = Recipe
-    for part in loc:
-        if isinstance(part, int):
-            continue
-        field = model.model_fields.get(part) if hasattr(model, "model_fields") else None
-        if field is None:
-            return []
-        model = _model_in(field.annotation)
-        if model is None:
-            return []
-    return list(model.model_fields) if hasattr(model, "model_fields") else []
-
-
-def _model_in(annotation: Any) -> Any:
-    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
-        return annotation
-    for arg in getattr(annotation, "__args__", ()) or ():
-        found = _model_in(arg)
-        if found is not None:
-            return found
-    return None
 
 
 # Writing ---------------------------------------------------------------------------------------------------------

@@ -7,22 +7,21 @@ recipe.yaml, run.json and eval.json when present, and writes
     RUN_DIR/report/summary.md   recipe essentials, final and best metrics, eval.json, timings, status
 
 Works on running, failed and interrupted runs too: it shows whatever has been logged so far. matplotlib (the
-`report` extra) is imported only here, through its object-oriented API, so no global backend is changed.
+`report` extra) is imported only here, through its object-oriented API, so no global backend is changed. The
+summary's Markdown is rendered by ft_cli/report_summary.py.
 """
 
 from __future__ import annotations
 
 import json
-import math
 from dataclasses import dataclass, field
-from datetime import datetime
 from pathlib import Path
 from typing import Any
 
 import yaml
 
 from ft_cli.errors import UserError
-from ft_cli.progress import fmt_duration
+from ft_cli.report_summary import is_finite, method_name, model_name, render_summary
 from ft_cli.run_dir import RunDir, write_text_atomic
 
 REPORT_DIR = "report"
@@ -37,7 +36,7 @@ class Metrics:
 
     @property
     def best_eval(self) -> dict[str, Any] | None:
-        finite = [r for r in self.eval if _finite(r.get("eval_loss"))]
+        finite = [r for r in self.eval if is_finite(r.get("eval_loss"))]
         return min(finite, key=lambda r: r["eval_loss"]) if finite else None
 
 
@@ -53,11 +52,11 @@ def write_report(run_dir: str | Path) -> Path:
     eval_result = _read_json(run.eval_json)
     title = run.root.resolve().name
     if recipe or manifest:
-        title += f": {Path(_model_name(recipe, manifest)).name} ({_method(recipe, manifest)})"
+        title += f": {Path(model_name(recipe, manifest)).name} ({method_name(recipe, manifest)})"
     plot_curves(metrics, out / LOSS_PNG, title=title, resumed_at=resume_steps(manifest))
     summary = render_summary(run, metrics, recipe, manifest, eval_result)
     if recipe.get("task") == "classification":  # accuracy/F1 curves and the confusion matrix (ft_cli.tasks)
-        from ft_cli.tasks.classification import LABELS_FILE
+        from ft_cli.tasks.classify_head import LABELS_FILE
         from ft_cli.tasks.classify_run import classification_report
 
         saved = [run.root / d / LABELS_FILE for d in ("best", "adapter", "model")]
@@ -158,8 +157,8 @@ def plot_curves(metrics: Metrics, path: Path, title: str = "", resumed_at: list[
     else:
         loss_ax, lr_ax = fig.subplots(2, 1, sharex=True, height_ratios=[3, 1.4])
 
-    steps = [r["step"] for r in metrics.train if _finite(r.get("loss"))]
-    losses = [r["loss"] for r in metrics.train if _finite(r.get("loss"))]
+    steps = [r["step"] for r in metrics.train if is_finite(r.get("loss"))]
+    losses = [r["loss"] for r in metrics.train if is_finite(r.get("loss"))]
     if steps:
         smooth = len(steps) >= 20
         loss_ax.plot(steps, losses, color="tab:blue", lw=1, alpha=0.35 if smooth else 1.0,
@@ -167,7 +166,7 @@ def plot_curves(metrics: Metrics, path: Path, title: str = "", resumed_at: list[
         if smooth:
             loss_ax.plot(steps, _ema(losses, alpha=2 / (1 + max(5, len(steps) // 20))), color="tab:blue", lw=2,
                          label="train loss (smoothed)")
-    eval_points = [(r["step"], r["eval_loss"]) for r in metrics.eval if _finite(r.get("eval_loss"))]
+    eval_points = [(r["step"], r["eval_loss"]) for r in metrics.eval if is_finite(r.get("eval_loss"))]
     if eval_points:
         loss_ax.plot(*zip(*eval_points, strict=True), color="tab:orange", lw=2, marker="o", ms=5, label="eval loss")
         best = metrics.best_eval
@@ -183,7 +182,7 @@ def plot_curves(metrics: Metrics, path: Path, title: str = "", resumed_at: list[
     if title:
         loss_ax.set_title(title)
 
-    lr_points = [(r["step"], r["lr"]) for r in metrics.train if _finite(r.get("lr"))]
+    lr_points = [(r["step"], r["lr"]) for r in metrics.train if is_finite(r.get("lr"))]
     if lr_points:
         lr_ax.plot(*zip(*lr_points, strict=True), color="tab:green", lw=1.5, marker=_marker(len(lr_points)))
     else:
@@ -205,107 +204,12 @@ def _ema(values: list[float], alpha: float) -> list[float]:
     return out
 
 
-def _finite(x: Any) -> bool:
-    return isinstance(x, int | float) and math.isfinite(x)
-
-
-# Summary ---------------------------------------------------------------------------------------------------------
-
-def render_summary(run: RunDir, metrics: Metrics, recipe: dict[str, Any], manifest: dict[str, Any],
-                   eval_result: dict[str, Any] | None) -> str:
-    name = run.root.resolve().name
-    status = manifest.get("status", "unknown (no run.json)")
-    if status == "running" and run.status() == "crashed":
-        status = "crashed (run.json says running, but no ft process holds the run's lock)"
-    final_step = manifest.get("final_step") or (metrics.train[-1]["step"] if metrics.train else None)
-    total = manifest.get("total_steps")
-    md = [f"# Run report: {name}", "",
-          f"**Status:** {status}" + (f", step {final_step} of {total}" if final_step and total else ""), ""]
-    if manifest.get("error"):
-        md += [f"**Error:** `{manifest['error'].splitlines()[0][:300]}`", ""]
-    md += ["![loss and learning rate](loss.png)", ""]
-    md += ["## Recipe", "", *_table(["", ""], _recipe_rows(recipe, manifest)), ""]
-    md += ["## Metrics", "", *_table(["metric", "value", "step"], _metric_rows(metrics)), ""]
-    if eval_result is not None:
-        rows = [[k, _fmt(v)] for k, v in eval_result.items() if isinstance(v, int | float | str | bool) or v is None]
-        md += [f"## Evaluation ({run.eval_json.name})", "", *_table(["key", "value"], rows), ""]
-    md += ["## Timing", "", *_table(["", ""], _timing_rows(metrics, manifest)), ""]
-    md += ["Files: `metrics.jsonl` (every logged value), `run.json` (manifest), `recipe.yaml` (the resolved recipe).",
-           ""]
-    return "\n".join(md)
-
-
-def _recipe_rows(recipe: dict[str, Any], manifest: dict[str, Any]) -> list[list[str]]:
-    model = recipe.get("model") or {}
-    method = _method(recipe, manifest)
-    rows = [["model", f"`{_model_name(recipe, manifest)}`" + (f" ({model['dtype']})" if model.get("dtype") else "")],
-            ["method", method + _method_detail(recipe, method)]]
-    q = recipe.get("quantization") or {}
-    if q.get("bits"):
-        kind = f"{q.get('quant_type', 'nf4')}" + (" + double quant" if q.get("double_quant") else "") \
-            if q["bits"] == 4 else "int8"
-        rows.append(["quantization", f"{q['bits']}-bit {kind}, compute {q.get('compute_dtype', '?')}"])
-    else:
-        rows.append(["quantization", "none"])
-    data = recipe.get("data") or {}
-    if data:
-        rows.append(["data", f"{_sources(data.get('train'))} ({data.get('format', '?')})"])
-        rows.append(["eval data", _sources(data["eval"]) if data.get("eval")
-                     else f"{data.get('val_split', 0):g} of train held out"])
-        rows.append(["sequence", f"max_seq_len {data.get('max_seq_len', '?')}, packing "
-                                 f"{'on' if data.get('packing') else 'off'}, train_on_inputs "
-                                 f"{'on' if data.get('train_on_inputs') else 'off'}"])
-        stats = (manifest.get("data") or {}).get("train") or {}
-        if stats.get("rows") is not None:
-            rows.append(["train rows", f"{stats['rows']:,}" + (f", {stats['tokens']:,} tokens" if stats.get("tokens")
-                                                              else "")])
-    t = recipe.get("train") or {}
-    if t:
-        length = f"max_steps {t['max_steps']}" if t.get("max_steps") else f"{t.get('epochs', '?')} epochs"
-        rows.append(["steps", f"{length} ({manifest['total_steps']} optimizer steps)" if manifest.get("total_steps")
-                     else length])
-        rows.append(["batch", f"micro_batch_size {t.get('micro_batch_size')} x grad_accum {t.get('grad_accum')}"
-                              f" x processes {manifest.get('num_processes', 1)}"])
-        rows.append(["optimizer", f"{t.get('optimizer', '?')}, lr {t.get('lr', '?')} {t.get('scheduler', '')}, "
-                                  f"warmup_ratio {t.get('warmup_ratio', '?')}, weight_decay {t.get('weight_decay', '?')}"])
-    if manifest.get("trainable_params") is not None:
-        tr, tot = manifest["trainable_params"], manifest.get("total_params") or 0
-        pct = f" ({100 * tr / tot:.3f}%)" if tot else ""
-        rows.append(["trainable parameters", f"{tr:,} of {tot:,}{pct}"])
-    return rows
-
-
-def _method_detail(recipe: dict[str, Any], method: str) -> str:
-    """The settings of the method's recipe section (a dict: recipe.yaml of any run, old ones included)."""
-    from ft_cli.methods.registry import METHODS
-
-    spec = METHODS.get(method)
-    section = spec.section if spec else None
-    settings = recipe.get(section) if section else None
-    return _SECTION_DETAIL[section](settings) if settings and section in _SECTION_DETAIL else ""
-
-
-def _lora_detail(lo: dict[str, Any]) -> str:
-    targets = lo.get("target_modules")
-    targets = ", ".join(targets) if isinstance(targets, list) else targets
-    return f": rank {lo.get('rank')}, alpha {lo.get('alpha')}, dropout {lo.get('dropout')}, targets {targets}"
-
-
-_SECTION_DETAIL = {
-    "lora": _lora_detail,
-    "freeze": lambda fr: f": last {fr.get('trainable_layers')} blocks + "
-                         f"{fr.get('trainable_modules') or 'no extra modules'}",
-    "prompt": lambda p: f": {p.get('num_virtual_tokens')} virtual tokens",
-    "bottleneck": lambda b: f": bottleneck size {b.get('size')}",
-}
-
-
 def _plot_rewards(ax: Any, metrics: Metrics) -> None:
     """Preference runs: the reward margin (chosen - rejected) in training and evaluation, and the fraction of pairs
     whose chosen reply gets the higher reward (right axis)."""
     for rows, key, prefix, color in ((metrics.train, "reward_margin", "", "tab:purple"),
                                      (metrics.eval, "eval_reward_margin", "eval ", "tab:orange")):
-        points = [(r["step"], r[key]) for r in rows if _finite(r.get(key))]
+        points = [(r["step"], r[key]) for r in rows if is_finite(r.get(key))]
         if points:
             ax.plot(*zip(*points, strict=True), color=color, lw=1.5, marker="o" if prefix else _marker(len(points)),
                     ms=4, label=f"{prefix}reward margin")
@@ -314,7 +218,7 @@ def _plot_rewards(ax: Any, metrics: Metrics) -> None:
     acc_ax = ax.twinx()
     for rows, key, prefix, style in ((metrics.train, "reward_accuracy", "", ":"),
                                      (metrics.eval, "eval_reward_accuracy", "eval ", "--")):
-        points = [(r["step"], r[key]) for r in rows if _finite(r.get(key))]
+        points = [(r["step"], r[key]) for r in rows if is_finite(r.get(key))]
         if points:
             acc_ax.plot(*zip(*points, strict=True), color="tab:gray", ls=style, lw=1.2, label=f"{prefix}accuracy")
     acc_ax.set_ylim(-0.02, 1.02)
@@ -323,109 +227,3 @@ def _plot_rewards(ax: Any, metrics: Metrics) -> None:
     labels = ax.get_legend_handles_labels()[1] + acc_ax.get_legend_handles_labels()[1]
     if lines:
         ax.legend(lines, labels, loc="best")
-
-
-def _metric_rows(metrics: Metrics) -> list[list[str]]:
-    rows: list[list[str]] = []
-    finite = [r for r in metrics.train if _finite(r.get("loss"))]
-    if finite:
-        first, last = finite[0], finite[-1]
-        best = min(finite, key=lambda r: r["loss"])
-        rows.append(["final train loss", f"{last['loss']:.4f}", str(last["step"])])
-        rows.append(["first train loss", f"{first['loss']:.4f}", str(first["step"])])
-        rows.append(["lowest train loss", f"{best['loss']:.4f}", str(best["step"])])
-        if _finite(last.get("grad_norm")):
-            rows.append(["final grad norm", f"{last['grad_norm']:.4g}", str(last["step"])])
-        for key in ("reward_margin", "reward_accuracy"):
-            if _finite(last.get(key)):
-                rows.append([f"final {key.replace('_', ' ')}", f"{last[key]:.4f}", str(last["step"])])
-    if metrics.eval:
-        last = metrics.eval[-1]
-        rows.append(["final eval loss", _fmt(last.get("eval_loss")), str(last["step"])])
-        if last.get("eval_perplexity") is not None:
-            rows.append(["final eval perplexity", _fmt(last["eval_perplexity"]), str(last["step"])])
-        for key in ("eval_reward_margin", "eval_reward_accuracy"):
-            if _finite(last.get(key)):
-                rows.append([f"final {key.replace('_', ' ')}", f"{last[key]:.4f}", str(last["step"])])
-        best = metrics.best_eval
-        if best is not None:
-            rows.append(["best eval loss", f"{best['eval_loss']:.4f}", str(best["step"])])
-            if best.get("eval_perplexity") is not None:
-                rows.append(["best eval perplexity", _fmt(best["eval_perplexity"]), str(best["step"])])
-    return rows
-
-
-def _timing_rows(metrics: Metrics, manifest: dict[str, Any]) -> list[list[str]]:
-    rows: list[list[str]] = []
-    started, finished = manifest.get("started_at"), manifest.get("finished_at")
-    if started:
-        rows.append(["started", started])
-    resumes = [r for r in manifest.get("resumes") or [] if isinstance(r, dict)]
-    for r in resumes:
-        rows.append(["resumed", f"{r.get('at')} (from step {r.get('step')})"])
-    if manifest.get("resumed_at") and not resumes:
-        rows.append(["resumed", f"{manifest['resumed_at']} (from step {manifest.get('resumed_from_step')})"])
-    if finished:
-        rows.append(["finished", finished])
-    duration = _seconds_between(started, finished)
-    if duration is not None:
-        rows.append(["duration", f"{fmt_duration(duration)} ({duration:,.0f} s wall clock, after loading)"])
-    tps = [r["tokens_per_s"] for r in metrics.train if _finite(r.get("tokens_per_s"))]
-    if tps:
-        rows.append(["throughput", f"{sum(tps) / len(tps):,.0f} tokens/s average over {len(tps)} logged windows "
-                                   f"(min {min(tps):,.0f}, max {max(tps):,.0f})"])
-    env = manifest.get("environment") or {}
-    if env.get("device"):
-        gpus = f" ({', '.join(env['gpus'])})" if env.get("gpus") else ""
-        rows.append(["device", f"{env['device']}{gpus} x {manifest.get('num_processes', 1)} process(es)"])
-    if not rows:
-        rows.append(["", "no run.json: timings unknown"])
-    return rows
-
-
-def _seconds_between(start: str | None, end: str | None) -> float | None:
-    if not start or not end:
-        return None
-    try:
-        return (_parse_time(end) - _parse_time(start)).total_seconds()
-    except ValueError:
-        return None
-
-
-def _parse_time(text: str) -> datetime:
-    try:
-        return datetime.strptime(text, "%Y-%m-%dT%H:%M:%S%z")
-    except ValueError:
-        return datetime.fromisoformat(text)
-
-
-def _model_name(recipe: dict[str, Any], manifest: dict[str, Any]) -> str:
-    return str((recipe.get("model") or {}).get("name_or_path") or manifest.get("base_model") or "?")
-
-
-def _method(recipe: dict[str, Any], manifest: dict[str, Any]) -> str:
-    return str(recipe.get("method") or manifest.get("method") or "?")
-
-
-def _sources(value: Any) -> str:
-    if isinstance(value, list):
-        return ", ".join(f"`{s.get('path')}`" + (f" x{s['weight']:g}" if s.get("weight") else "") for s in value
-                         if isinstance(s, dict))
-    return f"`{value}`" if value else "?"
-
-
-def _fmt(value: Any) -> str:
-    if isinstance(value, float):
-        return f"{value:.4f}" if abs(value) < 1e5 else f"{value:.4g}"
-    if isinstance(value, int) and not isinstance(value, bool):
-        return f"{value:,}"
-    return "" if value is None else str(value)
-
-
-def _table(header: list[str], rows: list[list[str]]) -> list[str]:
-    def esc(cell: str) -> str:
-        return str(cell).replace("|", "\\|").replace("\n", " ")
-
-    out = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    out += ["| " + " | ".join(esc(c) for c in row) + " |" for row in rows]
-    return out

@@ -13,6 +13,7 @@ from typing import Any
 from pydantic import BaseModel
 
 from ft_cli.recipe import Recipe
+from ft_cli.recipe_messages import nested_model
 
 DOCS_PATH = "docs/recipe.md"
 
@@ -58,7 +59,7 @@ def _collect_sections(root: type[BaseModel], prefix: str) -> list[tuple[type[Bas
             paths[model] = []
         paths[model].append(path)
         for name, field in model.model_fields.items():
-            nested = _nested_model(field.annotation)
+            nested = nested_model(field.annotation)
             if nested is not None:
                 child = f"{path}.{name}" if path else name
                 visit(nested, child + ("[]" if _is_list_of_model(field.annotation) else ""))
@@ -138,17 +139,7 @@ def _model_doc(model: type[BaseModel]) -> str:
     return " ".join(doc.split()) if doc and doc not in inherited else ""
 
 
-def _nested_model(annotation: Any) -> type[BaseModel] | None:
-    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
-        return annotation
-    for arg in getattr(annotation, "__args__", ()) or ():
-        found = _nested_model(arg)
-        if found is not None:
-            return found
-    return None
-
-
 def _is_list_of_model(annotation: Any) -> bool:
     if getattr(annotation, "__origin__", None) is list:
-        return _nested_model(annotation) is not None
+        return nested_model(annotation) is not None
     return any(_is_list_of_model(a) for a in getattr(annotation, "__args__", ()) or ())

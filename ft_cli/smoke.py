@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import re
 import sys
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -91,42 +92,15 @@ def smoke_recipe(recipe: Recipe, *, echo: Any = None) -> Recipe:
     swap("model.revision", None)
     swap("model.trust_remote_code", False)
     if not cuda:
-        swap("model.dtype", "float32")
-        if r.model.attn_implementation == "flash_attention_2":
-            swap("model.attn_implementation", None)
-        if r.quantization is not None and r.quantization.bits is not None:
-            swap("quantization.compute_dtype", "float32")
-        if r.train.optimizer == "paged_adamw_8bit":
-            swap("train.optimizer", "adamw_8bit")  # paging needs CUDA; same 8-bit state otherwise
-        if r.train.compile:
-            from ft_cli.model import compile_problem
-
-            if compile_problem("cpu"):  # kept where it runs: compiling is part of how the recipe trains
-                swap("train.compile", False)
-        swap("train.liger_kernel", False)  # Triton kernels: CUDA only
+        _swap_for_cpu(r, swap)
 
     tiny_layers = _TINY_LAYERS
     if r.freeze is not None and r.freeze.trainable_layers >= tiny_layers:
         # Keep a frozen block below the trained ones, as in the real run (the tiny model has only 2).
         swap("freeze.trainable_layers", tiny_layers - 1)
 
-    d, t = r.data, r.train
     substituted = use_samples_for_missing_data(r, changes)
-    swap("data.limit", min(d.limit or SMOKE_ROWS, SMOKE_ROWS))
-    # Preference pairs are a prompt plus a whole reply each: twice the room, or most of ft's sample would not fit.
-    swap("data.max_seq_len", min(d.max_seq_len, SMOKE_MAX_SEQ_LEN * (2 if d.format == "preference" else 1)))
-    swap("train.max_steps", min(t.max_steps or SMOKE_STEPS, SMOKE_STEPS))
-    swap("train.micro_batch_size", min(t.micro_batch_size, SMOKE_MICRO_BATCH))
-    if t.eval_batch_size is not None:
-        swap("train.eval_batch_size", min(t.eval_batch_size, SMOKE_MICRO_BATCH))
-    swap("train.grad_accum", 1)
-    swap("train.eval_every", 2)
-    swap("train.save_every", 2)
-    swap("train.log_every", 1)
-    if t.warmup_steps is not None:
-        swap("train.warmup_steps", min(t.warmup_steps, 1))
-    swap("train.early_stopping_patience", None)
-    swap("logging.trackers", [])
+    _swap_to_a_few_steps(r, swap)
     swap("output_dir", f"{(recipe.output_dir or 'runs/run').rstrip('/')}-smoke")
 
     # The swaps must leave a recipe that validates exactly as a hand-written one would.
@@ -145,6 +119,44 @@ def smoke_recipe(recipe: Recipe, *, echo: Any = None) -> Recipe:
     for line in substituted:
         echo(f"smoke: {line}")
     return smoked
+
+
+def _swap_for_cpu(r: Recipe, swap: Callable[[str, Any], None]) -> None:
+    """Without CUDA: what needs it (16-bit matmuls, flash attention, paged optimizers, Triton kernels) swapped for
+    what runs on the CPU."""
+    swap("model.dtype", "float32")
+    if r.model.attn_implementation == "flash_attention_2":
+        swap("model.attn_implementation", None)
+    if r.quantization is not None and r.quantization.bits is not None:
+        swap("quantization.compute_dtype", "float32")
+    if r.train.optimizer == "paged_adamw_8bit":
+        swap("train.optimizer", "adamw_8bit")  # paging needs CUDA; same 8-bit state otherwise
+    if r.train.compile:
+        from ft_cli.model import compile_problem
+
+        if compile_problem("cpu"):  # kept where it runs: compiling is part of how the recipe trains
+            swap("train.compile", False)
+    swap("train.liger_kernel", False)  # Triton kernels: CUDA only
+
+
+def _swap_to_a_few_steps(r: Recipe, swap: Callable[[str, Any], None]) -> None:
+    """A few short rows and a few steps, each of which logs, evaluates and saves as often as it can."""
+    d, t = r.data, r.train
+    swap("data.limit", min(d.limit or SMOKE_ROWS, SMOKE_ROWS))
+    # Preference pairs are a prompt plus a whole reply each: twice the room, or most of ft's sample would not fit.
+    swap("data.max_seq_len", min(d.max_seq_len, SMOKE_MAX_SEQ_LEN * (2 if d.format == "preference" else 1)))
+    swap("train.max_steps", min(t.max_steps or SMOKE_STEPS, SMOKE_STEPS))
+    swap("train.micro_batch_size", min(t.micro_batch_size, SMOKE_MICRO_BATCH))
+    if t.eval_batch_size is not None:
+        swap("train.eval_batch_size", min(t.eval_batch_size, SMOKE_MICRO_BATCH))
+    swap("train.grad_accum", 1)
+    swap("train.eval_every", 2)
+    swap("train.save_every", 2)
+    swap("train.log_every", 1)
+    if t.warmup_steps is not None:
+        swap("train.warmup_steps", min(t.warmup_steps, 1))
+    swap("train.early_stopping_patience", None)
+    swap("logging.trackers", [])
 
 
 def template_note(recipe: Recipe, chat: Any) -> str:

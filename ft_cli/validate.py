@@ -93,7 +93,7 @@ def count_trainable(recipe: Recipe, path: str, num_labels: int | None = None) ->
 
     from ft_cli.methods.apply import apply_method
     from ft_cli.model import count_parameters
-    from ft_cli.tasks.classification import train_head
+    from ft_cli.tasks.classify_head import train_head
 
     with torch.device("meta"):
         model = AutoModelForSequenceClassification.from_config(config, trust_remote_code=recipe.model.trust_remote_code)

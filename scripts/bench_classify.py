@@ -89,7 +89,7 @@ def _run_ft(cfg: dict[str, Any], _: str) -> dict[str, Any]:
     import yaml
 
     from ft_cli.recipe import load_recipe
-    from ft_cli.tasks.classification import make_collator, predict_batches
+    from ft_cli.tasks.classify_loss import make_collator, predict_batches
     from ft_cli.tasks.classify_run import classification_target, load_classifier
     from ft_cli.train import fit, setup
 

@@ -17,6 +17,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 import pytest  # noqa: E402
 
 from ft_cli import builtin_models as bm  # noqa: E402
+from ft_cli import builtin_tokenizers as bt  # noqa: E402
 from ft_cli.errors import UserError  # noqa: E402
 
 torch = pytest.importorskip("torch")
@@ -115,7 +116,7 @@ def test_tiny_llama_is_fast(tiny_dir):
 
 
 def test_special_tokens_and_ids_agree_everywhere(tiny_dir, tok):
-    assert tok.convert_tokens_to_ids(list(bm.SPECIAL_TOKENS)) == [0, 1, 2, 3, 4]
+    assert tok.convert_tokens_to_ids(list(bt.SPECIAL_TOKENS)) == [0, 1, 2, 3, 4]
     assert (tok.bos_token, tok.eos_token, tok.pad_token) == ("<|begin_of_text|>", "<|im_end|>", "<|pad|>")
     assert tok.unk_token is None
     assert tok.eos_token_id != tok.pad_token_id
@@ -165,11 +166,11 @@ def test_builds_are_deterministic_and_leave_the_callers_rng_alone(tiny_dir, tmp_
 
 def test_tokenizer_training_is_deterministic_across_processes():
     """Rust hash maps are seeded per process; the trained vocabulary and merges must not depend on that."""
-    code = ("import hashlib, ft_cli.builtin_models as bm; "
-            "print(hashlib.sha256(bm.train_bpe().to_str().encode()).hexdigest())")
+    code = ("import hashlib, ft_cli.builtin_tokenizers as bt; "
+            "print(hashlib.sha256(bt.train_bpe().to_str().encode()).hexdigest())")
     runs = {subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.strip()
             for _ in range(2)}
-    runs.add(hashlib.sha256(bm.train_bpe().to_str().encode()).hexdigest())
+    runs.add(hashlib.sha256(bt.train_bpe().to_str().encode()).hexdigest())
     assert len(runs) == 1
 
 
@@ -290,7 +291,7 @@ def render(tok, messages, **kwargs) -> str:
 
 
 def test_tokenizer_carries_the_packaged_template(tok):
-    assert tok.chat_template == bm.chat_template()
+    assert tok.chat_template == bt.chat_template()
 
 
 def test_chat_template_golden(tok):

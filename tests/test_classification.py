@@ -174,7 +174,7 @@ def test_recipe_rules(sections: dict[str, Any], message: str) -> None:
 
 
 def test_class_weights_auto_is_inverse_frequency() -> None:
-    from ft_cli.tasks.classification import class_weights
+    from ft_cli.tasks.classify_loss import class_weights
 
     recipe = recipe_from_dict(recipe_dict("x.json", train={"class_weights": "auto"}))
     weights = class_weights(recipe, {"a": 90, "b": 10})
@@ -235,7 +235,7 @@ class Trained:
 
 
 def mean_loss(session: Any, model: Any) -> float:
-    from ft_cli.tasks.classification import log_softmax, predict_batches
+    from ft_cli.tasks.classify_loss import log_softmax, predict_batches
 
     logits, labels = predict_batches(model, session.data.train, session.collate, 16, "cpu")
     return float(-log_softmax(logits)[range(len(labels)), labels].mean())
@@ -276,7 +276,7 @@ def trained(tmp_path_factory: pytest.TempPathFactory):
 
 
 def logits(model: Any, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-    from ft_cli.tasks.classification import model_inputs
+    from ft_cli.tasks.classify_loss import model_inputs
 
     model.eval()
     with torch.no_grad():
@@ -291,7 +291,7 @@ def reload(t: Trained) -> Any:
     import ft_cli
     from ft_cli.loading import load_base  # noqa: F401 (the base as training loaded it, quantized where it was)
     from ft_cli.model import load_base_model, load_tokenizer, resolve_model_path
-    from ft_cli.tasks.classification import Head
+    from ft_cli.tasks.classify_head import Head
 
     if t.recipe.method in ("full", "freeze"):
         return AutoModelForSequenceClassification.from_pretrained(t.run / "model", dtype="auto")
@@ -352,7 +352,7 @@ def test_decoder_pools_the_last_real_token(trained) -> None:
 def test_class_weighted_loss_is_torch_cross_entropy_weighted_per_example() -> None:
     import torch.nn.functional as F
 
-    from ft_cli.tasks.classification import ClassificationLoss
+    from ft_cli.tasks.classify_loss import ClassificationLoss
 
     logits, labels = torch.randn(7, 3), torch.tensor([0, 1, 2, 2, 1, 0, 2])
     weights = [0.5, 2.0, 1.5]
@@ -503,7 +503,7 @@ def test_predict_writes_labels_and_probabilities(sst2_run: Path, shared_data: Pa
 def test_merge_writes_a_standalone_sequence_classifier(sst2_run: Path, tmp_path: Path) -> None:
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
-    from ft_cli.tasks.classification import model_inputs
+    from ft_cli.tasks.classify_loss import model_inputs
 
     out = tmp_path / "merged"
     done = ft("merge", str(sst2_run), "--out", str(out))

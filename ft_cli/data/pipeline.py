@@ -188,14 +188,7 @@ def _build(recipe: Recipe, tokenizer: Any, key: str) -> DataBundle:
     warnings += _lost_text_warnings(train_enc)
     notes = _split_notes(train_enc)
     train_stats = _stats(train_enc, d.max_seq_len, train_mix)
-    if d.packing:
-        rows = pack_sequences(train_enc.lengths, d.max_seq_len, seed)
-        ids, labels, pos, row_lengths = gather_packed(train_enc.ids, train_enc.labels, train_enc.lengths, rows)
-        train = to_dataset(ids, labels, row_lengths, pos)
-        train_stats.packed_rows = len(rows)
-        train_stats.packing_efficiency = packing_efficiency(train_enc.lengths, len(rows), d.max_seq_len)
-    else:
-        train = to_dataset(train_enc.ids, train_enc.labels, train_enc.lengths)
+    train = _train_rows(train_enc, recipe, train_stats)
 
     eval_ds, eval_stats = None, None
     if eval_examples:
@@ -207,6 +200,19 @@ def _build(recipe: Recipe, tokenizer: Any, key: str) -> DataBundle:
             warnings.append(f"every eval example was dropped ({_drop_summary(eval_enc, d.max_seq_len)}); "
                             "training runs without evaluation")
     return DataBundle(train, eval_ds, train_stats, eval_stats, key, warnings, notes=notes)
+
+
+def _train_rows(train_enc: Encoded, recipe: Recipe, train_stats: DataStats) -> Any:
+    """The training dataset: one row per example, or (data.packing) examples packed into max_seq_len rows, which
+    `train_stats` then counts."""
+    d = recipe.data
+    if not d.packing:
+        return to_dataset(train_enc.ids, train_enc.labels, train_enc.lengths)
+    rows = pack_sequences(train_enc.lengths, d.max_seq_len, recipe.train.seed)
+    ids, labels, pos, row_lengths = gather_packed(train_enc.ids, train_enc.labels, train_enc.lengths, rows)
+    train_stats.packed_rows = len(rows)
+    train_stats.packing_efficiency = packing_efficiency(train_enc.lengths, len(rows), d.max_seq_len)
+    return to_dataset(ids, labels, row_lengths, pos)
 
 
 TOKENIZE_PROGRESS_MIN = 20_000  # examples: below this, tokenizing takes seconds and needs no progress display

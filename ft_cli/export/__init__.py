@@ -290,7 +290,7 @@ def print_summary(report: dict[str, Any], out: Path) -> None:
 
 
 def _size(n: float) -> str:
-    from ft_cli.plan import format_bytes
+    from ft_cli.progress import format_bytes
 
     return format_bytes(n)
 

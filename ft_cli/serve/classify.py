@@ -32,7 +32,7 @@ class Classifier:
     def classify(self, texts: list[str], pairs: list[str] | None) -> dict[str, Any]:
         import datasets
 
-        from ft_cli.tasks.classification import make_collator, predict_batches, probabilities
+        from ft_cli.tasks.classify_loss import make_collator, predict_batches, probabilities
 
         enc = self.tokenizer(texts, pairs, truncation=True, max_length=self.max_seq_len)
         columns = {"input_ids": enc["input_ids"], "label": [0] * len(texts)}

@@ -86,14 +86,14 @@ class Classification(CausalLM):
         return build_datasets(self.recipe, tokenizer, main_process_first=main_process_first)
 
     def collator(self, tokenizer: Any, data: Any) -> Callable:
-        from ft_cli.tasks.classification import ClassificationLoss, class_weights, make_collator
+        from ft_cli.tasks.classify_loss import ClassificationLoss, class_weights, make_collator
 
         self.labels = list(data.labels)
         self._loss = ClassificationLoss(class_weights(self.recipe, data.train_stats.label_counts))
         return make_collator(tokenizer)
 
     def head(self, tokenizer: Any, data: Any) -> Any:
-        from ft_cli.tasks.classification import Head
+        from ft_cli.tasks.classify_head import Head
 
         return Head(list(data.labels), tokenizer.pad_token_id)
 
@@ -101,24 +101,24 @@ class Classification(CausalLM):
         return len(batch["labels"])
 
     def loss(self, model: Any, batch: dict[str, Any], device: Any, denom: Any) -> Any:
-        from ft_cli.tasks.classification import forward_logits
+        from ft_cli.tasks.classify_loss import forward_logits
 
         return self._loss(forward_logits(model, batch, device), batch["labels"]) / denom
 
     def evaluate(self, model: Any, dataset: Any, collate: Callable, batch_size: int, acc: Any,
                  reduce_sum: Callable) -> dict[str, Any]:
-        from ft_cli.tasks.classification import eval_record
+        from ft_cli.tasks.classify_loss import eval_record
 
         return eval_record(model, dataset, collate, batch_size, acc, self.labels)
 
     def sanity_loss(self, model: Any, rows: Any, collate: Callable, batch_size: int, device: Any) -> float:
-        from ft_cli.tasks.classification import log_softmax, predict_batches
+        from ft_cli.tasks.classify_loss import log_softmax, predict_batches
 
         logits, labels = predict_batches(model, rows, collate, batch_size, device)
         return float(-log_softmax(logits)[range(len(labels)), labels].mean())
 
     def save_extras(self, model: Any, out: Any, data: Any) -> None:
-        from ft_cli.tasks.classification import save_extras
+        from ft_cli.tasks.classify_head import save_extras
 
         save_extras(model, out, self.recipe, list(data.labels))
 

@@ -18,16 +18,19 @@ Loss: cross-entropy over the labels, summed and divided by the number of example
 
 Each output directory (adapter/, best/, model/) holds `ft_classification.json` with the label names, which
 `ft eval`, `ft predict`, `ft merge` and `load_classifier` read.
+
+This module reads and tokenizes the data; classify_head.py holds the model (the head, what each output
+directory saves), classify_loss.py the batches, the loss and the evaluation, classify_run.py `ft eval` / `ft predict` /
+`ft merge` of a classifier.
 """
 
 from __future__ import annotations
 
 import json
-import math
 import re
 import sys
 from collections import Counter
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -43,7 +46,6 @@ if TYPE_CHECKING:
     from ft_cli.data.rows import DataBundle
     from ft_cli.recipe import DatasetSource, Recipe
 
-LABELS_FILE = "ft_classification.json"
 _INT = re.compile(r"^\s*[+-]?\d+\s*$")
 
 
@@ -359,250 +361,3 @@ def _by_value(names: list[str], rows: list[Labelled], declared: list | None) -> 
         numeric = all(_INT.match(n) for n in names)
         by_value.update({(int(n) if numeric else i): i for i, n in enumerate(names)})
     return by_value
-
-
-# Batches, loss, evaluation ------------------------------------------------------------------------------------
-
-def make_collator(tokenizer: Any) -> Callable[[list[dict[str, Any]]], dict[str, Any]]:
-    """Right padding to the longest row of the batch (never to max_seq_len); `labels` is one class id per row."""
-    import torch
-
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-
-    def collate(rows: list[dict[str, Any]]) -> dict[str, Any]:
-        n = max(len(r["input_ids"]) for r in rows)
-        input_ids = torch.full((len(rows), n), pad_id, dtype=torch.long)
-        attention_mask = torch.zeros((len(rows), n), dtype=torch.long)
-        batch: dict[str, Any] = {"input_ids": input_ids, "attention_mask": attention_mask,
-                                 "labels": torch.tensor([int(r["label"]) for r in rows], dtype=torch.long)}
-        if "token_type_ids" in rows[0]:
-            batch["token_type_ids"] = torch.zeros((len(rows), n), dtype=torch.long)
-        for i, r in enumerate(rows):
-            k = len(r["input_ids"])
-            input_ids[i, :k] = torch.as_tensor(r["input_ids"])
-            attention_mask[i, :k] = 1
-            if "token_type_ids" in batch:
-                batch["token_type_ids"][i, :k] = torch.as_tensor(r["token_type_ids"])
-        return batch
-
-    return collate
-
-
-def model_inputs(batch: dict[str, Any], device: Any) -> dict[str, Any]:
-    return {k: v.to(device) for k, v in batch.items() if k in ("input_ids", "attention_mask", "token_type_ids")}
-
-
-def class_weights(recipe: Recipe, label_counts: dict[str, int]) -> list[float] | None:
-    """train.class_weights as one weight per class: `auto` = n / (classes x n_class), the inverse frequency
-    scaled so that the weights average 1 over the training examples (a class without examples gets 0)."""
-    spec = recipe.train.class_weights
-    if spec is None:
-        return None
-    counts = list(label_counts.values())
-    if spec == "auto":
-        n, k = sum(counts), sum(c > 0 for c in counts)
-        return [n / (k * c) if c else 0.0 for c in counts]
-    if len(spec) != len(counts):
-        raise UserError(f"train.class_weights: {len(spec)} weights for {len(counts)} classes "
-                        f"({', '.join(label_counts)})")
-    return [float(w) for w in spec]
-
-
-class ClassificationLoss:
-    """Cross-entropy over the labels, weighted per class, summed; the loop divides by the step's examples."""
-
-    def __init__(self, weights: list[float] | None):
-        self.weights = weights
-        self._tensor: Any = None
-
-    def __call__(self, logits: Any, labels: Any) -> Any:
-        import torch.nn.functional as F
-
-        weight = None
-        if self.weights is not None:
-            if self._tensor is None or self._tensor.device != logits.device:
-                import torch
-
-                self._tensor = torch.tensor(self.weights, dtype=torch.float32, device=logits.device)
-            weight = self._tensor
-        losses = F.cross_entropy(logits.float(), labels.to(logits.device), reduction="none")
-        if weight is not None:
-            losses = losses * weight[labels.to(logits.device)]
-        return losses.sum()
-
-
-def forward_logits(model: Any, batch: dict[str, Any], device: Any) -> Any:
-    return model(**model_inputs(batch, device)).logits
-
-
-def predict_batches(model: Any, dataset: Any, collate: Callable, batch_size: int, device: Any, *,
-                    rank: int = 0, world_size: int = 1, on_batch: Callable[[int], None] | None = None,
-                    order: Sequence[int] | None = None) -> tuple[np.ndarray, np.ndarray]:
-    """(float32 logits [n, classes], class ids [n]) of this rank's share of `dataset`, in `order` (default: the
-    dataset's); rows are batched by length (longest first) so little padding is computed, and put back in order."""
-    import torch
-
-    indices = list(order) if order is not None else list(range(rank, len(dataset), world_size))
-    lengths = [len(dataset[i]["input_ids"]) for i in indices] if len(indices) < 4096 else None
-    if lengths is None:
-        import pyarrow.compute as pc
-
-        all_lengths = pc.list_value_length(dataset.data.column("input_ids")).to_numpy()
-        lengths = [int(all_lengths[i]) for i in indices]
-    by_length = sorted(range(len(indices)), key=lambda j: -lengths[j])
-    logits_out: list[Any] = [None] * len(indices)
-    was_training = model.training
-    model.eval()
-    with torch.no_grad():
-        for start in range(0, len(by_length), batch_size):
-            chunk = by_length[start:start + batch_size]
-            rows = dataset[[indices[j] for j in chunk]]
-            batch = collate([dict(zip(rows, vals, strict=True)) for vals in zip(*rows.values(), strict=True)])
-            logits = forward_logits(model, batch, device).float().cpu().numpy()
-            for j, row in zip(chunk, logits, strict=True):
-                logits_out[j] = row
-            if on_batch is not None:
-                on_batch(len(chunk))
-    model.train(was_training)
-    labels = np.array([int(dataset[i]["label"]) for i in indices], dtype=np.int64)
-    return np.stack(logits_out) if logits_out else np.zeros((0, 0), np.float32), labels
-
-
-def log_softmax(logits: np.ndarray) -> np.ndarray:
-    shifted = logits - logits.max(axis=-1, keepdims=True)
-    return shifted - np.log(np.exp(shifted).sum(axis=-1, keepdims=True))
-
-
-def eval_record(model: Any, dataset: Any, collate: Callable, batch_size: int, accelerator: Any,
-                names: list[str]) -> dict[str, Any]:
-    """In-training evaluation: eval_loss (mean cross-entropy, unweighted) and the classification metrics, over every
-    process's share together (the confusion matrix and loss are summed across processes)."""
-    import torch
-
-    from ft_cli.tasks.metrics import classification_metrics, confusion_matrix
-
-    logits, labels = predict_batches(model, dataset, collate, batch_size, accelerator.device,
-                                     rank=accelerator.process_index, world_size=accelerator.num_processes)
-    k = len(names)
-    counts = confusion_matrix(labels, logits.argmax(-1) if len(logits) else labels, k) if len(labels) else \
-        np.zeros((k, k), np.int64)
-    nll = float(-log_softmax(logits)[np.arange(len(labels)), labels].sum()) if len(labels) else 0.0
-    if accelerator.num_processes > 1:
-        packed = torch.tensor(np.concatenate([counts.ravel().astype(np.float64), [nll]]), device=accelerator.device,
-                              dtype=torch.float64)
-        packed = accelerator.reduce(packed, reduction="sum").cpu().numpy()
-        counts, nll = packed[:-1].round().astype(np.int64).reshape(k, k), float(packed[-1])
-    n = int(counts.sum())
-    metrics = classification_metrics(counts, names)
-    record = {"eval_loss": nll / max(n, 1), "eval_examples": n}
-    record.update({f"eval_{m}": metrics[m] for m in ("accuracy", "f1_macro", "f1_micro", "f1_weighted")})
-    record["eval_confusion_matrix"] = metrics["confusion_matrix"]["counts"]
-    return record
-
-
-# Model -------------------------------------------------------------------------------------------------------
-
-@dataclass(frozen=True)
-class Head:
-    """What the classification head needs to know when the model loads."""
-
-    labels: list[str]
-    pad_token_id: int | None
-
-
-def model_kwargs(head: Head) -> dict[str, Any]:
-    """from_pretrained keyword arguments for AutoModelForSequenceClassification."""
-    kwargs: dict[str, Any] = {"num_labels": len(head.labels), "id2label": dict(enumerate(head.labels)),
-                              "label2id": {n: i for i, n in enumerate(head.labels)},
-                              "problem_type": "single_label_classification"}
-    if head.pad_token_id is not None:
-        kwargs["pad_token_id"] = head.pad_token_id
-    return kwargs
-
-
-HEAD_NAMES = ("classifier", "score")  # what transformers calls the head (peft's SEQ_CLS modules_to_save)
-
-
-def head_modules(model: Any) -> list[tuple[str, Any]]:
-    """(name, module) of the classification head of a transformers model (or a model inside a peft wrapper)."""
-    out = [(n, m) for n, m in model.named_modules() if n.rsplit(".", 1)[-1] in HEAD_NAMES and "." not in n]
-    if not out:
-        raise UserError(f"cannot find the classification head of this {type(model).__name__} (a module named "
-                        f"{' or '.join(HEAD_NAMES)})")
-    return out
-
-
-def train_head(model: Any, recipe: Recipe) -> None:
-    """freeze and ft's bottleneck adapters freeze what they do not train: the new head must train all the same
-    (peft methods get it through task_type SEQ_CLS; full trains everything). The head trains in float32."""
-    if recipe.method not in ("freeze", "adapter"):
-        return
-    import torch
-
-    for _, module in head_modules(model):
-        module.requires_grad_(True)
-        if recipe.method == "adapter":
-            module.to(torch.float32)
-            _cast_head_input(module)
-
-
-def _cast_head_input(module: Any) -> None:
-    """A float32 head on a 16-bit base: feed it its own dtype (its output stays float32 for the loss)."""
-    def pre(mod: Any, args: tuple) -> tuple:
-        dtype = next(mod.parameters()).dtype
-        return tuple(a.to(dtype) if hasattr(a, "is_floating_point") and a.is_floating_point() else a for a in args)
-
-    module.register_forward_pre_hook(pre)
-
-
-def head_state(model: Any) -> dict[str, Any]:
-    return {f"{name}.{k}": v.detach().cpu().contiguous() for name, module in head_modules(model)
-            for k, v in module.state_dict().items()}
-
-
-HEAD_FILE = "classifier_head.safetensors"
-
-
-def save_extras(model: Any, out: Path, recipe: Recipe, labels: list[str]) -> None:
-    """Beside what the method saved: the label names (every method) and, for ft's bottleneck adapters, the head."""
-    if recipe.method == "adapter":
-        from safetensors.torch import save_file
-
-        save_file(head_state(model), str(out / HEAD_FILE), metadata={"format": "pt"})
-    (out / LABELS_FILE).write_text(json.dumps({"task": "classification", "labels": labels}, indent=2) + "\n",
-                                   encoding="utf-8")
-
-
-def load_head(model: Any, adapter_dir: Path) -> None:
-    """Put a bottleneck run's saved head into `model` (load_adapter calls this)."""
-    import torch
-    from safetensors.torch import load_file
-
-    saved = load_file(str(adapter_dir / HEAD_FILE))
-    for name, module in head_modules(model):
-        own = {k[len(name) + 1:]: v for k, v in saved.items() if k.startswith(name + ".")}
-        module.to(torch.float32)
-        module.load_state_dict(own)
-        _cast_head_input(module)
-
-
-def run_labels(output: Path) -> list[str]:
-    path = Path(output) / LABELS_FILE
-    if not path.is_file():
-        raise UserError(f"{output}: no {LABELS_FILE}; not the output of a classification run")
-    return list(json.loads(path.read_text(encoding="utf-8"))["labels"])
-
-
-def probabilities(logits: np.ndarray) -> np.ndarray:
-    return np.exp(log_softmax(logits))
-
-
-def describe_label_counts(counts: dict[str, int]) -> str:
-    total = sum(counts.values())
-    return ", ".join(f"{name} {n} ({n / max(total, 1):.1%})" for name, n in counts.items())
-
-
-def is_better(metric: str, value: float, best: float | None) -> bool:
-    if best is None or math.isnan(best):
-        return True
-    return value < best if metric == "eval_loss" else value > best

@@ -20,15 +20,9 @@ from typing import Any
 import numpy as np
 
 from ft_cli.errors import UserError
-from ft_cli.tasks.classification import (
-    Head,
-    load_labelled_file,
-    log_softmax,
-    make_collator,
-    predict_batches,
-    probabilities,
-    run_labels,
-)
+from ft_cli.tasks.classification import load_labelled_file
+from ft_cli.tasks.classify_head import Head, run_labels
+from ft_cli.tasks.classify_loss import log_softmax, make_collator, predict_batches, probabilities
 from ft_cli.tasks.metrics import SCALAR_METRICS, classification_metrics, confusion_matrix
 
 EVAL_METRICS = ("loss", "examples", *SCALAR_METRICS)
@@ -251,37 +245,18 @@ def merge_classifier(target: Any, out_dir: Any, out_dtype: str, *, force: bool =
     import torch
     from transformers import AutoModelForSequenceClassification
 
-    import ft_cli
-    from ft_cli.loading import load_run_tokenizer, run_base_path
+    from ft_cli.loading import load_run_tokenizer
     from ft_cli.merge_parity import TOLERANCE, Parity, check_plain_model, compare, merge_adapter
-    from ft_cli.model import load_base_model, torch_dtype
-    from ft_cli.tasks.classification import LABELS_FILE, build_datasets
+    from ft_cli.model import torch_dtype
+    from ft_cli.tasks.classify_head import LABELS_FILE
 
     recipe = target.recipe
     labels = run_labels(target.output)
     tokenizer = load_run_tokenizer(recipe, target.output)
-    try:
-        bundle = build_datasets(recipe, tokenizer)
-        rows = bundle.eval if bundle.eval is not None else bundle.train
-        samples = rows.select(range(min(8, len(rows))))
-    except UserError as exc:  # the training data moved away: a few fixed texts
-        print(f"parity samples: the run's data is unavailable ({exc.message.splitlines()[0]}); using fixed texts")
-        import datasets
-
-        texts = ["a gripping , beautifully made film", "the service was slow and the room was dirty",
-                 "it is what it is", "I would come back any time"]
-        samples = datasets.Dataset.from_dict({"input_ids": tokenizer(texts)["input_ids"], "label": [0] * len(texts)})
+    samples = _parity_samples(recipe, tokenizer)
     collate = make_collator(tokenizer)
     compute = "float32"
-    if recipe.spec.whole_model:
-        model = AutoModelForSequenceClassification.from_pretrained(str(target.output), dtype=torch.float32)
-        reference_name = f"the trained model in {target.output.name}/"
-    else:
-        torch.manual_seed(recipe.train.seed)
-        base = load_base_model(recipe, run_base_path(target), quantize=False, dtype="float32",
-                               head=Head(labels, tokenizer.pad_token_id))
-        model = ft_cli.load_adapter(base, target.output)
-        reference_name = f"the adapter on the unquantized {recipe.model.dtype} base (computed in float32)"
+    model, reference_name = _trained_classifier(target, labels, tokenizer)
     reference, _ = predict_batches(model, samples, collate, 8, "cpu")
     merged = merge_adapter(model)
     merged.to(torch_dtype(out_dtype))
@@ -314,6 +289,44 @@ def merge_classifier(target: Any, out_dir: Any, out_dtype: str, *, force: bool =
                               f"{out_dtype}); nothing was written. Use --force to write it anyway")
         (tmp / "merge_report.json").write_text(json.dumps(report, indent=2) + "\n")
     return report
+
+
+def _parity_samples(recipe: Any, tokenizer: Any) -> Any:
+    """Up to 8 rows of the run's held-out split (its training split without one) for the merge's parity check."""
+    from ft_cli.tasks.classification import build_datasets
+
+    try:
+        bundle = build_datasets(recipe, tokenizer)
+        rows = bundle.eval if bundle.eval is not None else bundle.train
+        return rows.select(range(min(8, len(rows))))
+    except UserError as exc:  # the training data moved away: a few fixed texts
+        print(f"parity samples: the run's data is unavailable ({exc.message.splitlines()[0]}); using fixed texts")
+        import datasets
+
+        texts = ["a gripping , beautifully made film", "the service was slow and the room was dirty",
+                 "it is what it is", "I would come back any time"]
+        return datasets.Dataset.from_dict({"input_ids": tokenizer(texts)["input_ids"], "label": [0] * len(texts)})
+
+
+def _trained_classifier(target: Any, labels: list[str], tokenizer: Any) -> tuple[Any, str]:
+    """The run's classifier in float32 (a full/freeze run's model, or the adapter on an unquantized base), and
+    what the merge report calls it."""
+    import torch
+    from transformers import AutoModelForSequenceClassification
+
+    import ft_cli
+    from ft_cli.loading import run_base_path
+    from ft_cli.model import load_base_model
+
+    recipe = target.recipe
+    if recipe.spec.whole_model:
+        model = AutoModelForSequenceClassification.from_pretrained(str(target.output), dtype=torch.float32)
+        return model, f"the trained model in {target.output.name}/"
+    torch.manual_seed(recipe.train.seed)
+    base = load_base_model(recipe, run_base_path(target), quantize=False, dtype="float32",
+                           head=Head(labels, tokenizer.pad_token_id))
+    model = ft_cli.load_adapter(base, target.output)
+    return model, f"the adapter on the unquantized {recipe.model.dtype} base (computed in float32)"
 
 
 # ft report ----------------------------------------------------------------------------------------------------
