@@ -17,12 +17,26 @@ CONSTRAINTS = Path(__file__).resolve().parents[1] / "constraints.txt"
 
 def run_doctor() -> list[tuple[str, str, str]]:
     """Print a table of checks; returns the rows (name, value, meaning) for tests."""
-    import torch
     from rich.console import Console
     from rich.markup import escape
     from rich.table import Table
 
-    rows: list[tuple[str, str, str]] = []
+    rows = _package_rows() + _device_rows() + _kernel_rows() + _optional_rows() + _environment_rows()
+    table = Table(title="ft doctor")
+    for col in ("check", "value", "what it means"):
+        table.add_column(col)
+    for row in rows:
+        table.add_row(*(escape(cell) for cell in row))  # "[tensorboard]" is not markup
+    Console().print(table)
+    return rows
+
+
+Row = tuple[str, str, str]
+
+
+def _package_rows() -> list[Row]:
+    """The required packages, and how far they are from the versions the suite last passed with."""
+    rows: list[Row] = []
     versions = package_versions()
     tested = tested_versions()
     drift = {name: want for name, _, want in version_drift(tested)} if tested is not None else {}
@@ -32,7 +46,14 @@ def run_doctor() -> list[tuple[str, str, str]]:
             meaning = f"tested with {drift[canonical(name)]} (constraints.txt)"
         rows.append((name, versions.get(name) or "missing", meaning))
     rows.append(drift_row(tested))
-    rows.append(("CUDA (torch build)", torch.version.cuda or "none (CPU build)", ""))
+    return rows
+
+
+def _device_rows() -> list[Row]:
+    """The torch build, the GPUs (or none), and what the device allows (4-bit, 8-bit optimizers)."""
+    import torch
+
+    rows: list[Row] = [("CUDA (torch build)", torch.version.cuda or "none (CPU build)", "")]
     if torch.cuda.is_available():
         for i in range(torch.cuda.device_count()):
             props = torch.cuda.get_device_properties(i)
@@ -46,9 +67,19 @@ def run_doctor() -> list[tuple[str, str, str]]:
         rows.append(("qlora", "available (CPU, slow)", "bitsandbytes 4-bit runs on the CPU"))
         rows.append(("paged_adamw_8bit", "unavailable", "needs CUDA; use adamw_8bit or adamw_torch"))
     rows.append(bnb_cpu_row())
+    return rows
+
+
+def _kernel_rows() -> list[Row]:
+    """flash-attn, liger-kernel and torch.compile: what the speed options of a recipe can use here."""
+    import torch
+
+    from ft_cli.model import compile_problem
+
+    versions = package_versions()
     flash = importlib.util.find_spec("flash_attn") is not None
-    rows.append(("flash-attn", versions.get("flash-attn") or "not installed",
-                 "attn_implementation flash_attention_2 for packed rows" if flash else "sdpa is used (fine)"))
+    rows: list[Row] = [("flash-attn", versions.get("flash-attn") or "not installed",
+                        "attn_implementation flash_attention_2 for packed rows" if flash else "sdpa is used (fine)")]
     liger = versions.get("liger-kernel")
     if liger and torch.cuda.is_available():
         liger_meaning = "train.liger_kernel: true available"
@@ -57,27 +88,28 @@ def run_doctor() -> list[tuple[str, str, str]]:
     else:
         liger_meaning = "optional, for train.liger_kernel (CUDA): pip install liger-kernel"
     rows.append(("liger-kernel", liger or "not installed", liger_meaning))
-    from ft_cli.model import compile_problem
-
     device = "cuda" if torch.cuda.is_available() else "cpu"
     problem = compile_problem(device)
     rows.append(("torch.compile", f"unavailable on {device}" if problem else f"available on {device}",
                  problem or "train.compile: true compiles the transformer blocks (the first steps are slower)"))
+    return rows
+
+
+def _optional_rows() -> list[Row]:
+    """Optional extras (plots, trackers, export) and the GGUF converter."""
+    from ft_cli.export.gguf import converter_home, find_converter
+
+    rows: list[Row] = []
     for dist, extra, use in (("matplotlib", "report", "ft report (plots)"),
                              ("tensorboard", "tensorboard", "logging.trackers: [tensorboard]"),
                              ("wandb", "wandb", "logging.trackers: [wandb]"),
-                             ("mlflow", "mlflow", "logging.trackers: [mlflow]")):
-        version = _version(dist)
-        rows.append((dist, version or "not installed",
-                     f"{use} available" if version else f"optional, for {use}: pip install 'ft-cli[{extra}]'"))
-    for dist, extra, use in (("torchao", "export", "ft export int8 / int8-dynamic / int8-dynamic-int4, train.qat"),
+                             ("mlflow", "mlflow", "logging.trackers: [mlflow]"),
+                             ("torchao", "export", "ft export int8 / int8-dynamic / int8-dynamic-int4, train.qat"),
                              ("gguf", "export", "ft export gguf-* (reading GGUF back)"),
                              ("llama-cpp-python", "llama-cpp", "ft export: GGUF run in llama.cpp, gguf-q4_k_m")):
         version = _version(dist)
         rows.append((dist, version or "not installed",
                      f"{use} available" if version else f"optional, for {use}: pip install 'ft-cli[{extra}]'"))
-    from ft_cli.export.gguf import converter_home, find_converter
-
     try:
         converter = find_converter()
     except UserError as exc:  # FT_GGUF_CONVERTER pointing nowhere: report it, doctor never fails
@@ -85,19 +117,16 @@ def run_doctor() -> list[tuple[str, str, str]]:
     else:
         problem = "ft export gguf-* available" if converter else "python -m ft_cli.export.gguf install"
     rows.append(("GGUF converter (llama.cpp)", str(converter) if converter else f"not in {converter_home()}", problem))
-    rows.append(("HF_HUB_OFFLINE", os.environ.get("HF_HUB_OFFLINE", "unset"),
-                 "hub ids must already be cached" if os.environ.get("HF_HUB_OFFLINE") == "1" else ""))
-    rows.append(("HF_TOKEN", "set" if os.environ.get("HF_TOKEN") else "unset",
-                 "" if os.environ.get("HF_TOKEN") else "gated models (Llama) need it or huggingface-cli login"))
-    rows.append(("accelerate launch", "found" if shutil.which("accelerate") else "not on PATH",
-                 "multi-process: accelerate launch --num_processes N -m ft_cli.cli train RECIPE"))
-    table = Table(title="ft doctor")
-    for col in ("check", "value", "what it means"):
-        table.add_column(col)
-    for row in rows:
-        table.add_row(*(escape(cell) for cell in row))  # "[tensorboard]" is not markup
-    Console().print(table)
     return rows
+
+
+def _environment_rows() -> list[Row]:
+    return [("HF_HUB_OFFLINE", os.environ.get("HF_HUB_OFFLINE", "unset"),
+             "hub ids must already be cached" if os.environ.get("HF_HUB_OFFLINE") == "1" else ""),
+            ("HF_TOKEN", "set" if os.environ.get("HF_TOKEN") else "unset",
+             "" if os.environ.get("HF_TOKEN") else "gated models (Llama) need it or huggingface-cli login"),
+            ("accelerate launch", "found" if shutil.which("accelerate") else "not on PATH",
+             "multi-process: accelerate launch --num_processes N -m ft_cli.cli train RECIPE")]
 
 
 def _version(dist: str) -> str | None:

@@ -15,7 +15,7 @@ FILE_LINES, FUNCTION_LINES = 400, 60
 # purpose).
 FILE_CEILINGS = {"recipe.py": 704, "plan.py": 518, "run_dir.py": 487}
 # (path, function) -> ceiling. fit is the training loop (STYLE: the loop may be longer, read top to bottom).
-FUNCTION_CEILINGS = {("train.py", "fit"): 130, ("doctor.py", "run_doctor"): 83}
+FUNCTION_CEILINGS = {("train.py", "fit"): 130}
 
 
 def _sources() -> dict[str, str]:
