@@ -73,10 +73,18 @@ def sequence_logps(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Te
     return (picked * mask).sum(-1), mask.sum(-1)
 
 
-def reply_logps(model: Any, batch: dict[str, Any], device: Any) -> tuple[torch.Tensor, torch.Tensor]:
+def reply_logps(model: Any, batch: dict[str, Any], device: Any,
+                share: str | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Summed reply log-probabilities and reply token counts of every row of a collated pair batch. The logits of
     prompt positions that no row scores are never computed (transformers' `logits_to_keep`: the last k positions),
-    which saves the lm_head and the log-softmax over the vocabulary for the shared prompt length."""
+    which saves the lm_head and the log-softmax over the vocabulary for the shared prompt length. With `share` (a
+    mask kind, ft_cli.pair_rows) each pair's prompt is computed once, in one row with both replies."""
+    if share is not None:
+        from ft_cli.pair_rows import shared_layout, shared_reply_logps
+
+        layout = shared_layout(batch)
+        if layout is not None:
+            return shared_reply_logps(model, layout, device, share)
     labels = batch["labels"].to(device)
     scored = (labels[:, 1:] != IGNORE).any(0).nonzero()
     first = int(scored[0]) if len(scored) else 0  # the first label position any row scores is first + 1
@@ -130,6 +138,37 @@ class PreferenceObjective:
     def __init__(self, recipe: Any):
         self.name = recipe.objective
         self.cfg = recipe.preference
+        self.share: str | None = None  # preference.share_prompt, once checked on the model (choose_sharing)
+
+    def choose_sharing(self, model: Any, batch: dict[str, Any], device: Any) -> str:
+        """Turn prompt sharing on when the recipe asks for it and, on this batch, the shared rows give the same
+        reply log-probabilities as separate rows; returns what to tell the user."""
+        from ft_cli.pair_rows import mask_kind, shared_layout, shared_reply_logps
+
+        if not self.cfg.share_prompt:
+            return ""
+        kind = mask_kind(model)
+        impl = getattr(getattr(model, "config", None), "_attn_implementation", None)
+        if kind is None:
+            return (f"preference.share_prompt: off (attention {impl} takes no custom attention mask): each pair's "
+                    "prompt is computed twice")
+        layout = shared_layout(batch)
+        if layout is None:
+            return ""
+        was_training = model.training
+        model.eval()
+        with torch.no_grad():
+            separate, _ = reply_logps(model, batch, device)
+            shared, _ = shared_reply_logps(model, layout, device, kind)
+        model.train(was_training)
+        worst = float(((separate - shared).abs() / separate.abs().clamp(min=1)).max())
+        tolerance = 1e-4 if separate.dtype == torch.float32 and _compute_dtype(model) == torch.float32 else 2e-2
+        if not worst <= tolerance:
+            return (f"preference.share_prompt: off: on this model ({impl} attention) the shared rows' reply "
+                    f"log-probabilities differ from separate rows' by {worst:.1e} relative (more than {tolerance:g}); "
+                    "each pair's prompt is computed twice")
+        self.share = kind
+        return ""
 
     @property
     def needs_reference(self) -> bool:
@@ -144,7 +183,7 @@ class PreferenceObjective:
     def loss(self, model: Any, batch: dict[str, Any], device: Any, pairs_denom: float,
              tokens_denom: float) -> tuple[torch.Tensor, dict[str, float]]:
         """This micro-batch's share of the step loss (sum of its pair losses / pairs_denom, ...) and its stats."""
-        logps, counts = reply_logps(model, batch, device)
+        logps, counts = reply_logps(model, batch, device, self.share)
         ref = batch["ref_logps"].to(device) if self.needs_reference else None
         losses, chosen_rewards, rejected_rewards = pair_losses(self.name, self.cfg, logps, counts, ref)
         loss = losses.sum() / pairs_denom
@@ -163,7 +202,7 @@ class PreferenceObjective:
         with torch.no_grad():
             for start in range(0, len(indices), batch_size):
                 batch = collate(rows_at(dataset, indices[start:start + batch_size]))
-                logps, counts = reply_logps(model, batch, device)
+                logps, counts = reply_logps(model, batch, device, self.share)
                 ref = batch["ref_logps"].to(device) if self.needs_reference else None
                 losses, cr, rr = pair_losses(self.name, self.cfg, logps, counts, ref)
                 for k, v in _stats(losses, cr, rr, logps, counts).items():
@@ -193,7 +232,13 @@ def step_metrics(sums: dict[str, float]) -> dict[str, float]:
             "logps_rejected": sums["logps_rejected"] / pairs}
 
 
-def reference_logps(model: Any, dataset: Any, collate: Callable, batch_size: int, *, device: Any) -> tuple[list, list]:
+def _compute_dtype(model: Any) -> torch.dtype:
+    emb = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
+    return emb.weight.dtype if emb is not None else torch.float32
+
+
+def reference_logps(model: Any, dataset: Any, collate: Callable, batch_size: int, *, device: Any,
+                    share: str | None = None) -> tuple[list, list]:
     """The reference model's summed reply log-probabilities of every row (chosen, rejected): the model as it is now
     with any PEFT adapter disabled, in eval mode without grad."""
     import contextlib
@@ -206,7 +251,7 @@ def reference_logps(model: Any, dataset: Any, collate: Callable, batch_size: int
     with torch.no_grad(), (disable() if disable is not None else contextlib.nullcontext()):
         for start in range(0, len(dataset), batch_size):
             batch = collate(rows_at(dataset, list(range(start, min(start + batch_size, len(dataset))))))
-            logps, _ = reply_logps(model, batch, device)
+            logps, _ = reply_logps(model, batch, device, share)
             c, r = logps.double().cpu().chunk(2)
             chosen += c.tolist()
             rejected += r.tolist()
@@ -214,8 +259,9 @@ def reference_logps(model: Any, dataset: Any, collate: Callable, batch_size: int
     return chosen, rejected
 
 
-def add_reference_logps(dataset: Any, model: Any, collate: Callable, batch_size: int, *, device: Any) -> Any:
-    chosen, rejected = reference_logps(model, dataset, collate, batch_size, device=device)
+def add_reference_logps(dataset: Any, model: Any, collate: Callable, batch_size: int, *, device: Any,
+                        share: str | None = None) -> Any:
+    chosen, rejected = reference_logps(model, dataset, collate, batch_size, device=device, share=share)
     for name in ("ref_chosen_logps", "ref_rejected_logps"):
         if name in dataset.column_names:
             dataset = dataset.remove_columns(name)

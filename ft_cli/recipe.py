@@ -164,6 +164,11 @@ class PreferenceSection(Section):
         0.0, ge=0, lt=0.5, description="dpo (sigmoid) and simpo: the probability that a pair's labels are flipped "
         "(conservative DPO); 0: off.")
     simpo_gamma: float = Field(0.5, ge=0, description="simpo only: the target reward margin gamma.")
+    share_prompt: bool = Field(
+        True, description="Compute each pair's prompt once: one row holds the prompt, the chosen reply and the "
+        "rejected reply, which a 4D attention mask keeps from seeing the chosen one (the prompt is about half the "
+        "tokens of a pair). Checked before step 1 against separate rows on the first batch; off, with a message, "
+        "where they differ or the attention kernel takes no custom mask (flash-attention).")
 
 
 class DatasetSource(Section):
@@ -579,6 +584,8 @@ class Recipe(Section):
             holder = d[section] if section else d
             if holder.get(name) == default:  # unset: a checkpoint from before the classification task resumes
                 holder.pop(name)
+        if (d.get("preference") or {}).get("share_prompt") is True:  # the default: as checkpoints from before it
+            d["preference"].pop("share_prompt")
         if not method_spec(self.method).whole_model or self.model.dtype == "float32":
             d["train"].pop("mixed_precision", None)  # changes nothing here (and runs from before the field resume)
         return _flatten(d)

@@ -93,6 +93,23 @@ def test_dpo_loss_and_gradients_equal_trls(trl_dpo, loss_type: str) -> None:
         assert torch.allclose(our_grads[name], g, rtol=1e-5, atol=1e-6 * scale), name
     assert not torch.equal(chosen_rewards, rejected_rewards)
 
+    # preference.share_prompt: each pair's prompt computed once, in one row with both replies: the same loss and
+    # gradients as TRL's
+    from ft_cli.pair_rows import shared_layout
+
+    pair_batch = {**batch, "labels": labels, "pairs": torch.tensor(2)}
+    layout = shared_layout(pair_batch)
+    assert layout is not None and layout["input_ids"].numel() < batch["input_ids"].numel()  # really shared
+    model.zero_grad()
+    shared, shared_counts = reply_logps(model, pair_batch, "cpu", "bool")
+    assert torch.equal(shared_counts, counts)
+    losses, _, _ = pair_losses("dpo", cfg, shared, shared_counts, ref)
+    losses.mean().backward()
+    shared_grads = _grads(model)
+    assert float(losses.mean().detach()) == pytest.approx(float(theirs.detach()), rel=1e-5, abs=1e-7)
+    for name, g in their_grads.items():
+        assert torch.allclose(shared_grads[name], g, rtol=1e-5, atol=1e-6 * scale), name
+
 
 def test_orpo_and_simpo_losses_equal_trls() -> None:
     pytest.importorskip("trl")
@@ -341,5 +358,29 @@ def test_two_processes_equal_one_with_twice_the_micro_batch(tmp_path: Path, shar
             if key in b:
                 assert a[key] == pytest.approx(b[key], rel=1e-4, abs=1e-6), (key, a["step"])
     a, b = (load_file(d / "adapter" / "adapter_model.safetensors") for d in (tmp_path / "two-run", tmp_path / "one"))
+    # Adam divides each element's update by its own gradient scale, so summation-order noise in near-zero gradients
+    # (shared prompt rows padded to 2 pairs vs 1 pair per process) shows in the weights: here 5e-5, 1 % of lr 5e-3
     scale = max(v.abs().max().item() for v in b.values())
-    assert max((a[k] - b[k]).abs().max().item() for k in b) < 1e-4 * scale
+    assert max((a[k] - b[k]).abs().max().item() for k in b) < 1e-3 * scale
+
+
+def test_shared_prompt_rows_train_as_separate_rows_and_turn_off_where_they_differ(
+        tmp_path: Path, shared_data: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """preference.share_prompt (the default) trains the same steps as separate rows; where the shared computation
+    disagrees with the separate one on the first batch, ft says so and computes each prompt twice."""
+    import ft_cli.pair_rows
+
+    shared = _train(_recipe(tmp_path, shared_data, train__max_steps=3), tmp_path / "shared")
+    separate = _train(_recipe(tmp_path, shared_data, train__max_steps=3, preference={"share_prompt": False}),
+                      tmp_path / "separate")
+    for key in ("loss", "reward_margin", "eval_loss"):
+        got, want = ([x[key] for x in lines if key in x] for lines in (shared, separate))
+        assert got and got == pytest.approx(want, rel=1e-5, abs=1e-6), key
+
+    real = ft_cli.pair_rows.shared_reply_logps
+    monkeypatch.setattr(ft_cli.pair_rows, "shared_reply_logps",  # a model that ignores the 4D mask, as it were
+                        lambda *a, **k: (lambda lp, n: (lp * 1.01, n))(*real(*a, **k)))
+    result = runner.invoke(app, ["train", str(_recipe(tmp_path, shared_data, train__max_steps=1)), "--output-dir",
+                                 str(tmp_path / "off")])
+    assert result.exit_code == 0, result.output
+    assert "preference.share_prompt: off" in result.output and "each pair's prompt is computed twice" in result.output

@@ -140,15 +140,22 @@ class Preference(CausalLM):
         import sys
         import time
 
+        from ft_cli.batches import rows_at
         from ft_cli.objectives import add_reference_logps
 
+        t = self.recipe.train
+        size, device = t.eval_batch_size or t.micro_batch_size, accelerator.device
+        first = collate(rows_at(data.train, list(range(min(len(data.train), t.micro_batch_size)))))
+        note = self.objective.choose_sharing(model, first, device)
+        if note and accelerator.is_main_process:
+            print(note, file=sys.stderr)
         if not self.objective.needs_reference:
             return
-        t = self.recipe.train
-        size, t0 = t.eval_batch_size or t.micro_batch_size, time.perf_counter()
-        data.train = add_reference_logps(data.train, model, collate, size, device=accelerator.device)
+        t0 = time.perf_counter()
+        share = self.objective.share
+        data.train = add_reference_logps(data.train, model, collate, size, device=device, share=share)
         if data.eval is not None:
-            data.eval = add_reference_logps(data.eval, model, collate, size, device=accelerator.device)
+            data.eval = add_reference_logps(data.eval, model, collate, size, device=device, share=share)
         if accelerator.is_main_process:
             pairs = len(data.train) + (len(data.eval) if data.eval is not None else 0)
             print(f"dpo: reference log-probabilities of {pairs:,} pairs computed in {time.perf_counter() - t0:.1f} s "
