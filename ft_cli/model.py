@@ -114,7 +114,13 @@ def load_base_model(recipe: Recipe, path: str, device: Any = None, quantize: boo
         auto = AutoModelForSequenceClassification
         kwargs.update(model_kwargs(head))
     try:
-        model = auto.from_pretrained(path, **kwargs)
+        if recipe.task == "classification":
+            from ft_cli.tasks.classify_head import record_new_modules
+
+            model, info = auto.from_pretrained(path, output_loading_info=True, **kwargs)
+            record_new_modules(model, info["missing_keys"])
+        else:
+            model = auto.from_pretrained(path, **kwargs)
     except ValueError as exc:
         if "trust_remote_code" in str(exc):
             raise remote_code_refused(path) from None
@@ -169,7 +175,8 @@ def bnb_config(recipe: Recipe):
     q = recipe.quantization
     assert q is not None and q.bits is not None
     # task classification: the new head is trained in full (peft's modules_to_save), so it must stay a plain layer
-    skip = {"llm_int8_skip_modules": ["classifier", "score"]} if recipe.task == "classification" else {}
+    # (DeBERTa-v2's new pooler too: ft_cli.tasks.classify_head.record_new_modules)
+    skip = {"llm_int8_skip_modules": ["classifier", "score", "pooler"]} if recipe.task == "classification" else {}
     if q.bits == 8:
         return BitsAndBytesConfig(load_in_8bit=True, **skip)
     return BitsAndBytesConfig(

@@ -1,4 +1,4 @@
-"""What the peft-based methods share (lora.py, ia3.py, prompt.py). A leaf: imports peft only when called."""
+"""What the peft-based methods share (lora.py, ia3.py, prompt.py). Imports peft only when called."""
 
 from __future__ import annotations
 
@@ -14,6 +14,10 @@ def get_peft_model_for(model: Any, config: Any, field: str) -> Any:
     autocast_adapter_dtype keeps adapter weights in float32 even when the base is bf16/fp16."""
     from peft import get_peft_model
 
+    from ft_cli.tasks.classify_head import extra_head_names
+
+    if config.task_type == "SEQ_CLS" and extra_head_names(model):  # peft adds classifier and score itself
+        config.modules_to_save = [*(config.modules_to_save or []), *extra_head_names(model)]
     try:
         return get_peft_model(model, config, autocast_adapter_dtype=True)
     except ValueError as exc:

@@ -36,11 +36,31 @@ def model_kwargs(head: Head) -> dict[str, Any]:
 
 
 HEAD_NAMES = ("classifier", "score")  # what transformers calls the head (peft's SEQ_CLS modules_to_save)
+NEW_MODULES = "ft_new_modules"  # the attribute record_new_modules sets on the model
+
+
+def record_new_modules(model: Any, missing_keys: Any) -> None:
+    """Remember the modules outside the backbone that from_pretrained initialised at random (their weights are not
+    in the checkpoint): the head, and in some families more — DeBERTa-v2 adds a pooler (`pooler.dense`) that its
+    masked-LM checkpoints do not have. Every method trains and saves them in full like the head: left frozen, a random
+    layer would differ on every load (and LoRA on it would learn around noise that the reload does not have)."""
+    import torch
+
+    backbone = getattr(model, "base_model_prefix", "")
+    names = {key.split(".", 1)[0] for key in missing_keys if "." in key} - {backbone}
+    setattr(model, NEW_MODULES, sorted(n for n in names if isinstance(getattr(model, n, None), torch.nn.Module)))
+
+
+def extra_head_names(model: Any) -> list[str]:
+    """The new modules (record_new_modules) besides HEAD_NAMES: what peft's SEQ_CLS modules_to_save must add."""
+    return [n for n in getattr(model, NEW_MODULES, ()) if n not in HEAD_NAMES]
 
 
 def head_modules(model: Any) -> list[tuple[str, Any]]:
-    """(name, module) of the classification head of a transformers model (or a model inside a peft wrapper)."""
-    out = [(n, m) for n, m in model.named_modules() if n.rsplit(".", 1)[-1] in HEAD_NAMES and "." not in n]
+    """(name, module) of the classification head of a transformers model: the module transformers calls classifier
+    or score, and any other new module (record_new_modules)."""
+    names = set(HEAD_NAMES) | set(extra_head_names(model))
+    out = [(n, m) for n, m in model.named_modules() if n in names]
     if not out:
         raise UserError(f"cannot find the classification head of this {type(model).__name__} (a module named "
                         f"{' or '.join(HEAD_NAMES)})")
@@ -94,7 +114,11 @@ def load_head(model: Any, adapter_dir: Path) -> None:
     from safetensors.torch import load_file
 
     saved = load_file(str(adapter_dir / HEAD_FILE))
-    for name, module in head_modules(model):
+    # the modules the file holds (the head and any other new module), whatever this model's own load reported
+    for name in sorted({k.split(".", 1)[0] for k in saved}):
+        module = getattr(model, name, None)
+        if not isinstance(module, torch.nn.Module):
+            raise UserError(f"{adapter_dir / HEAD_FILE}: holds {name}, which this {type(model).__name__} has not")
         own = {k[len(name) + 1:]: v for k, v in saved.items() if k.startswith(name + ".")}
         module.to(torch.float32)
         module.load_state_dict(own)
