@@ -44,7 +44,8 @@ def load_adapter(base_model: Any, adapter_dir: str | Path) -> Any:
     - `method: adapter` (Houlsby bottleneck adapters, `ft_adapter_config.json`): peft has no such method, so ft's
       own layers are added to `base_model` in place and it is returned;
     - every other PEFT method (`adapter_config.json`): `peft.PeftModel.from_pretrained(base_model, adapter_dir)`,
-      with the adapter weights kept in float32 on a 16-bit base, as during training.
+      with the adapter weights kept in float32 on a 16-bit base, as during training (and, for prefix tuning on a
+      classifier, the prefix handed to transformers 5 as its KV cache: ft_cli.methods.peft_common.bridge_prefix_cache).
 
     For a classification run (task: classification) the base is
     `AutoModelForSequenceClassification.from_pretrained(BASE, num_labels=K, pad_token_id=...)`; the trained head is
@@ -68,9 +69,9 @@ def load_adapter(base_model: Any, adapter_dir: str | Path) -> Any:
         model.eval()
         return model
     if (path / "adapter_config.json").is_file():
-        from peft import PeftModel
+        from ft_cli.methods.peft_common import load_peft_adapter
 
-        return PeftModel.from_pretrained(base_model, str(path), is_trainable=False, autocast_adapter_dtype=True)
+        return load_peft_adapter(base_model, path)
     raise UserError(f"{path}: no {CONFIG_FILE} or adapter_config.json; pass a run's adapter/ or best/ directory "
                     "(full and freeze runs write a whole model to model/: load it with "
                     "AutoModelForCausalLM.from_pretrained)")

@@ -134,8 +134,10 @@ def _usage(recipe: Recipe, base: str) -> list[str]:
     if saves == "model":
         return [*imports, "", f'model = {auto}.from_pretrained("PATH_TO_THIS_DIRECTORY")',
                 'tokenizer = AutoTokenizer.from_pretrained("PATH_TO_THIS_DIRECTORY")']
-    if saves == "ft_adapter":
-        imports.append("import ft_cli  # pip install ft-cli: peft has no bottleneck adapters")
+    if saves == "ft_adapter" or (recipe.task == "classification" and recipe.method == "prefix_tuning"):
+        why = "peft has no bottleneck adapters" if saves == "ft_adapter" else \
+            "peft 0.21 cannot run prefix tuning on a transformers 5 classifier alone"
+        imports.append(f"import ft_cli  # pip install ft-cli: {why}")
         load = 'model = ft_cli.load_adapter(base, "PATH_TO_THIS_DIRECTORY")'
     else:
         imports.append("from peft import PeftModel")

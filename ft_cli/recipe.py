@@ -470,10 +470,6 @@ class Recipe(Section):
             for src in d.sources + d.eval_sources:
                 if src.format not in (None, "labelled"):
                     raise FieldError("data.train", f"task classification reads format labelled, not {src.format!r}")
-            if self.method == "prefix_tuning":
-                raise FieldError("method", "prefix_tuning does not work for task classification with peft 0.21.2 "
-                                  "on transformers 5 (peft's sequence-classification wrapper passes the prefix as "
-                                  "past_key_values, which transformers 5 models no longer take); use prompt_tuning")
             if d.packing:
                 raise FieldError("data.packing", "does not apply to task classification (one label per example); "
                                   "set packing: false")

@@ -186,3 +186,19 @@ def test_merge_writes_a_standalone_classifier_with_the_adapters_logits(trained, 
     merged = AutoModelForSequenceClassification.from_pretrained(out)
     assert not any("lora" in n for n, _ in merged.named_parameters())
     torch.testing.assert_close(logits(merged, t.batch), logits(t.model, t.batch), atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("family", ["deberta-v2", "modernbert"])
+def test_prefix_tuning_is_refused_where_the_backbone_takes_no_kv_cache(tmp_path: Path, family: str) -> None:
+    """peft's prefix is a KV cache; these encoders' attention takes none, so the prefix would be ignored, silently."""
+    data = write_json(tmp_path / "train.json", labelled_rows(12))
+    raw = recipe_dict(data, method="prefix_tuning", prompt={"num_virtual_tokens": 4},
+                      model={"name_or_path": str(build_encoder_dir(family, tmp_path / family))})
+    raw["output_dir"] = str(tmp_path / "run")
+    path = tmp_path / "recipe.yaml"
+    path.write_text(yaml.safe_dump(raw))
+    done = ft("train", str(path))
+    assert done.returncode == 2, done.stderr[-2000:]
+    assert f"method prefix_tuning: peft feeds the prefix as a KV cache, which this {family} model does not take" \
+        in done.stderr and "Traceback" not in done.stderr
+    assert not (tmp_path / "run" / "adapter").exists()
