@@ -166,6 +166,54 @@ def test_two_processes_equal_one_with_twice_the_micro_batch(two_proc: tuple[Path
     assert max((a[k] - b[k]).abs().max().item() for k in a) < 1e-4 * scale
 
 
+@pytest.mark.parametrize("eval_rows", [7, 8])
+def test_classification_two_processes_equal_one(tmp_path: Path, eval_rows: int) -> None:
+    """task classification: 2 processes with micro_batch_size 2 train and evaluate exactly as 1 process with 4 —
+    losses, accuracy / F1 / confusion matrix of every evaluation, final adapter and head — and each evaluation counts
+    every eval row once, also when the eval set does not split evenly across the processes (7 rows)."""
+    import shutil
+
+    import yaml
+
+    from ft_cli.builtin_models import resolve_builtin
+    from tests.test_classification import labelled_rows, recipe_dict, write_json
+
+    # tiny-bert without dropout: each process draws its own dropout masks, the one thing the runs could not share
+    bert = tmp_path / "bert"
+    shutil.copytree(resolve_builtin("tiny-bert"), bert)
+    config = json.loads((bert / "config.json").read_text())
+    config.update(hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
+    (bert / "config.json").write_text(json.dumps(config))
+    rows = labelled_rows(48 + eval_rows)
+    train_file, eval_file = write_json(tmp_path / "train.json", rows[:48]), write_json(tmp_path / "eval.json",
+                                                                                        rows[48:])
+    raw = recipe_dict(train_file, model={"name_or_path": str(bert)}, method="lora",
+                      lora={"rank": 8, "alpha": 16, "dropout": 0.0},
+                      data={"eval": str(eval_file)},
+                      train={"max_steps": 6, "micro_batch_size": 2, "grad_accum": 2, "lr": 1e-2, "eval_every": 3,
+                             "best_metric": "f1_macro"})
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text(yaml.safe_dump(raw))
+    two, one = tmp_path / "two", tmp_path / "one"
+    run(torchrun("-m", "ft_cli.cli", "train", str(recipe), "--output-dir", str(two)))
+    run([sys.executable, "-m", "ft_cli.cli", "train", str(recipe), "--set", "train.micro_batch_size=4",
+         "--output-dir", str(one)])
+    (train2, eval2), (train1, eval1) = metrics(two), metrics(one)
+    assert json.loads((two / "run.json").read_text())["num_processes"] == 2
+    assert [x["loss"] for x in train2] == pytest.approx([x["loss"] for x in train1], rel=1e-4)
+    assert [x["step"] for x in eval2] == [x["step"] for x in eval1] == [3, 6]
+    for e2, e1 in zip(eval2, eval1, strict=True):
+        assert e2["eval_examples"] == e1["eval_examples"] == eval_rows
+        assert sum(map(sum, e2["eval_confusion_matrix"])) == eval_rows
+        assert e2["eval_confusion_matrix"] == e1["eval_confusion_matrix"]
+        for key in ("eval_accuracy", "eval_f1_macro", "eval_f1_micro", "eval_f1_weighted", "eval_loss"):
+            assert e2[key] == pytest.approx(e1[key], rel=1e-4), key
+    a, b = adapter(two), adapter(one)
+    assert a.keys() == b.keys() and any("classifier" in k for k in a)
+    scale = max(v.abs().max().item() for v in b.values())
+    assert max((a[k] - b[k]).abs().max().item() for k in a) < 1e-4 * scale
+
+
 # accelerate applies FSDP only on GPUs, so this drives ft_cli.checkpoint on a model sharded by hand with FSDP2's
 # fully_shard (as accelerate's fsdp_version 2 does), with a stand-in for the Accelerator. Saved weights must be
 # whole tensors, and a resumed run must continue exactly as the original did.
