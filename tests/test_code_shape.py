@@ -13,7 +13,7 @@ FILE_LINES, FUNCTION_LINES = 400, 60
 # path -> ceiling. recipe.py: one cohesive schema (every section and its checks; reading the file and the error
 # messages live beside it in recipe_yaml.py and recipe_messages.py); plan.py: the memory arithmetic (kept whole on
 # purpose).
-FILE_CEILINGS = {"recipe.py": 704, "plan.py": 518, "run_dir.py": 487}
+FILE_CEILINGS = {"recipe.py": 707, "plan.py": 518, "run_dir.py": 487}
 # (path, function) -> ceiling. fit is the training loop (STYLE: the loop may be longer, read top to bottom).
 FUNCTION_CEILINGS = {("train.py", "fit"): 130}
 
