@@ -243,10 +243,13 @@ def mean_loss(session: Any, model: Any) -> float:
     return float(-log_softmax(logits)[range(len(labels)), labels].mean())
 
 
-def train_run(tmp: Path, data: Path, name: str) -> Trained:
+def train_run(tmp: Path, data: Path, name: str, *, sections: dict[str, Any] | None = None,
+              lr: float | None = None) -> Trained:
+    """The run of RUNS[name] (or of `sections` at `lr`), with what tests compare before and after training."""
     from ft_cli.train import fit, setup
 
-    sections, lr, _ = RUNS[name]
+    if sections is None:
+        sections, lr, _ = RUNS[name]
     raw = recipe_dict(data, **{**sections, "train": {"lr": lr}})
     raw["output_dir"] = str(tmp / "run")
     path = tmp / "recipe.yaml"

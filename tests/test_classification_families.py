@@ -26,8 +26,8 @@ from tests.test_classification import (
     ft,
     labelled_rows,
     logits,
-    mean_loss,
     recipe_dict,
+    train_run,
     write_json,
 )
 from tests.test_methods import bit_identical
@@ -78,9 +78,6 @@ def build_encoder_dir(model_type: str, out: Path) -> Path:
 
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory: pytest.TempPathFactory):
-    from ft_cli.recipe import load_recipe
-    from ft_cli.train import fit, setup
-
     data = write_json(tmp_path_factory.mktemp("data") / "train.json", labelled_rows(48))
     bases: dict[str, Path] = {}
     runs: dict[tuple[str, str], Trained] = {}
@@ -90,23 +87,8 @@ def trained(tmp_path_factory: pytest.TempPathFactory):
             bases[family] = build_encoder_dir(family, tmp_path_factory.mktemp(family))
         if (family, method) not in runs:
             sections, lr, _ = METHODS[method]
-            tmp = tmp_path_factory.mktemp(f"{family}-{method}")
-            raw = recipe_dict(data, **{**sections, "model": {"name_or_path": str(bases[family])}, "train": {"lr": lr}})
-            raw["output_dir"] = str(tmp / "run")
-            path = tmp / "recipe.yaml"
-            path.write_text(yaml.safe_dump(raw))
-            session = setup(load_recipe(path), path, resume=False, overwrite=True)
-            model = session.accelerator.unwrap_model(session.model)
-            ptrs = {p.data_ptr() for p in model.parameters() if p.requires_grad}
-            before = {k: v.detach().clone() for k, v in model.state_dict().items()}
-            trainable = {k for k, v in model.state_dict().items() if v.data_ptr() in ptrs}
-            loss_before = mean_loss(session, model)
-            run = fit(session)
-            lines = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
-            batch = session.collate([session.data.train[i] for i in range(6)])
-            runs[family, method] = Trained(session.recipe, model, before, trainable,
-                                           [ln["loss"] for ln in lines if "loss" in ln], loss_before,
-                                           mean_loss(session, model), batch, run, list(session.data.labels))
+            runs[family, method] = train_run(tmp_path_factory.mktemp(f"{family}-{method}"), data, method, lr=lr,
+                                             sections={**sections, "model": {"name_or_path": str(bases[family])}})
         return runs[family, method]
 
     return get
