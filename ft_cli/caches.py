@@ -2,12 +2,15 @@
 
     data/<24 hex>/              tokenized data (ft_cli.data.cache): one entry per data, tokenizer and settings,
                                 so it grows with every change of either; rebuilt when needed
+    reference/<24 hex>/         DPO reference log-probabilities (ft_cli.reference): one entry per pairs and model,
+                                16 bytes a pair; recomputed when needed
     builtin/<name>-<10 hex>/    built-in tiny models (ft_cli.builtin_models); rebuilt in seconds when needed
-    data/.tmp-*, builtin/.*.tmp leftovers of a process killed while writing an entry
+    data/.<24 hex>.ft-tmp-*, reference/.<24 hex>.ft-tmp-*, builtin/.*.tmp
+                                leftovers of a process killed while writing an entry
 
 `ft cache clean` deletes only what ft can show it wrote (`ft_entry_kind`): a directory named the way ft names
-its entries AND holding the file ft writes into every one of them (meta.json for data, ft_builtin.json for a
-built-in), or a leftover named the way ft names its temporary directories and untouched for an hour (younger
+its entries AND holding the file ft writes into every one of them (meta.json for data and reference entries,
+ft_builtin.json for a built-in), or a leftover named the way ft names its temporary directories and untouched for an hour (younger
 ones may be a build in progress). Anything else found in the cache is listed as not ft's and never touched.
 """
 
@@ -23,17 +26,19 @@ from typing import Any
 
 from ft_cli.errors import UserError
 
-KINDS = ("data", "builtin", "leftover")
+KINDS = ("data", "reference", "builtin", "leftover")
 LEFTOVER_AGE_S = 3600  # a temporary directory younger than this may belong to a running process
 _DATA_ENTRY = re.compile(r"^[0-9a-f]{24}$")
 _BUILTIN_ENTRY = re.compile(r"^[a-z0-9][a-z0-9.-]*-[0-9a-f]{10}$")
-_DATA_TMP = re.compile(r"^\.tmp-[0-9a-f]{24}-\d+-[0-9a-f]{8}$")
+# .<key>.ft-tmp-PID-XXXX (ft_cli.atomic.tmp_path); .tmp-<key>-PID-XXXX: what ft 0.2 named them
+_ENTRY_TMP = re.compile(r"^\.(tmp-[0-9a-f]{24}-\d+-[0-9a-f]{8}|[0-9a-f]{24}\.ft-tmp-\d+-[0-9a-f]+)$")
+_KEYED = ("data", "reference")  # directories whose entries are named by a 24-hex key
 _BUILTIN_TMP = re.compile(r"^\.[a-z0-9][a-z0-9.-]*-[0-9a-f]{10}\..+\.tmp$")
 
 
 @dataclass
 class Entry:
-    kind: str  # data | builtin | leftover
+    kind: str  # data | reference | builtin | leftover
     path: Path
     bytes: int
     last_used: float  # seconds since the epoch: when ft last read or wrote it
@@ -45,16 +50,16 @@ def cache_root() -> Path:
 
 
 def ft_entry_kind(path: Path) -> str | None:
-    """data | builtin | leftover when ft provably wrote `path` (its name and ft's own file inside), else None.
+    """data | reference | builtin | leftover when ft provably wrote `path` (its name and ft's own file inside), else None.
     The one rule `ft cache clean` deletes by."""
     if path.is_symlink() or not path.is_dir():
         return None
     name, parent = path.name, path.parent.name
-    if parent == "data" and _DATA_ENTRY.match(name) and (path / "meta.json").is_file():
-        return "data"
+    if parent in _KEYED and _DATA_ENTRY.match(name) and (path / "meta.json").is_file():
+        return parent
     if parent == "builtin" and _BUILTIN_ENTRY.match(name) and (path / "ft_builtin.json").is_file():
         return "builtin"
-    if (parent == "data" and _DATA_TMP.match(name)) or (parent == "builtin" and _BUILTIN_TMP.match(name)):
+    if (parent in _KEYED and _ENTRY_TMP.match(name)) or (parent == "builtin" and _BUILTIN_TMP.match(name)):
         return "leftover"
     return None
 
@@ -67,7 +72,7 @@ def scan(root: Path | None = None) -> tuple[list[Entry], list[Path]]:
     if not root.is_dir():
         return entries, foreign
     for top in sorted(root.iterdir()):
-        if top.name not in ("data", "builtin") or top.is_symlink() or not top.is_dir():
+        if top.name not in (*_KEYED, "builtin") or top.is_symlink() or not top.is_dir():
             foreign.append(top)
             continue
         for path in sorted(top.iterdir()):
@@ -91,7 +96,7 @@ def _size(path: Path) -> int:
 
 
 def _last_used(path: Path, kind: str) -> float:
-    marker = path / ("meta.json" if kind == "data" else "ft_builtin.json")
+    marker = path / ("ft_builtin.json" if kind == "builtin" else "meta.json")
     try:
         return (marker if marker.exists() else path).stat().st_mtime  # ft touches the marker on every use
     except OSError:
@@ -107,6 +112,9 @@ def _describe(path: Path, kind: str) -> str:
             stats = meta.get("train_stats") or {}
             sources = ", ".join(str(s.get("path")) for s in stats.get("sources") or [])
             return f"tokenized data: {sources or '?'} ({stats.get('rows', '?')} train examples)"
+        if kind == "reference":
+            meta = json.loads((path / "meta.json").read_text())
+            return f"DPO reference log-probabilities: {meta.get('model', '?')} on {meta.get('pairs', '?')} pairs"
         if kind == "builtin":
             marker = json.loads((path / "ft_builtin.json").read_text())
             return f"built-in model {marker.get('name', '?')}"

@@ -311,7 +311,7 @@ cache_app = typer.Typer(
     no_args_is_help=True)
 app.add_typer(cache_app, name="cache")
 CacheKindOpt = Annotated[list[str] | None, typer.Option(
-    "--kind", help="Only entries of this kind: data, builtin or leftover (repeatable; default: all).")]
+    "--kind", help="Only entries of this kind: data, reference, builtin or leftover (repeatable; default: all).")]
 
 
 @cache_app.command("list")

@@ -222,7 +222,8 @@ def preference_score(model: Any, dataset: Any, tokenizer: Any, recipe: Recipe, b
     """For a preference run: the objective's loss over the pairs, the fraction of pairs whose chosen reply gets the
     higher reward, and the mean reward margin - what training logged as eval_*; DPO's reference is the base model
     (the adapter disabled, or the base loaded anew for full/freeze)."""
-    from ft_cli.objectives import PreferenceObjective, add_reference_logps, preference_collator
+    from ft_cli.objectives import PreferenceObjective, preference_collator
+    from ft_cli.reference import add_reference_logps
 
     if "rejected_input_ids" not in dataset.column_names:
         raise UserError(f"objective {recipe.objective}: the evaluation data has no rejected replies; give pairs "
@@ -230,10 +231,12 @@ def preference_score(model: Any, dataset: Any, tokenizer: Any, recipe: Recipe, b
     objective, collate = PreferenceObjective(recipe), preference_collator(tokenizer)
     if objective.needs_reference:
         if recipe.is_peft:  # add_reference_logps disables the adapter itself
-            dataset = add_reference_logps(dataset, model, collate, batch_size, device=device)
+            dataset, _ = add_reference_logps(dataset, model, collate, batch_size, device=device,
+                                             cache=recipe.data.cache)
         else:
             with base_model(model, recipe, device, base_path) as base:
-                dataset = add_reference_logps(dataset, base, collate, batch_size, device=device)
+                dataset, _ = add_reference_logps(dataset, base, collate, batch_size, device=device,
+                                                 cache=recipe.data.cache)
     record = objective.eval_record(objective.evaluate(model, dataset, collate, batch_size, device=device))
     return {"pair_loss": record["eval_loss"], "reward_accuracy": record["eval_reward_accuracy"],
             "reward_margin": record["eval_reward_margin"], "pairs": record["eval_pairs"]}

@@ -13,8 +13,9 @@ The losses follow TRL 1.16 (tests/test_preference.py checks them against TRL's o
 - simpo: -logsigmoid(beta (avg_c - avg_r) - gamma) (with label smoothing as for dpo). Rewards: beta avg per side.
 
 The DPO reference is the model before training: its log-probabilities are computed once, before the first step
-(and again, identically, on resume), with the adapter disabled for PEFT methods (no second copy of the model) and
-from the freshly loaded weights for full/freeze, in eval mode without grad, and stored with the rows.
+(or read from ft's cache, as on resume), with the adapter disabled for PEFT methods (no second copy of the model)
+and from the freshly loaded weights for full/freeze, in eval mode without grad, and stored with the rows
+(ft_cli.reference).
 
 Normalisation is ft's usual one: a step's loss is the sum of pair losses over every pair of the step (all
 micro-batches, all processes) divided by their number (ORPO's NLL term: by the chosen reply tokens), so
@@ -235,37 +236,6 @@ def step_metrics(sums: dict[str, float]) -> dict[str, float]:
 def _compute_dtype(model: Any) -> torch.dtype:
     emb = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
     return emb.weight.dtype if emb is not None else torch.float32
-
-
-def reference_logps(model: Any, dataset: Any, collate: Callable, batch_size: int, *, device: Any,
-                    share: str | None = None) -> tuple[list, list]:
-    """The reference model's summed reply log-probabilities of every row (chosen, rejected): the model as it is now
-    with any PEFT adapter disabled, in eval mode without grad."""
-    import contextlib
-
-    disable = getattr(model, "disable_adapter", None)
-    was_training = model.training
-    model.eval()
-    chosen: list[float] = []
-    rejected: list[float] = []
-    with torch.no_grad(), (disable() if disable is not None else contextlib.nullcontext()):
-        for start in range(0, len(dataset), batch_size):
-            batch = collate(rows_at(dataset, list(range(start, min(start + batch_size, len(dataset))))))
-            logps, _ = reply_logps(model, batch, device, share)
-            c, r = logps.double().cpu().chunk(2)
-            chosen += c.tolist()
-            rejected += r.tolist()
-    model.train(was_training)
-    return chosen, rejected
-
-
-def add_reference_logps(dataset: Any, model: Any, collate: Callable, batch_size: int, *, device: Any,
-                        share: str | None = None) -> Any:
-    chosen, rejected = reference_logps(model, dataset, collate, batch_size, device=device, share=share)
-    for name in ("ref_chosen_logps", "ref_rejected_logps"):
-        if name in dataset.column_names:
-            dataset = dataset.remove_columns(name)
-    return dataset.add_column("ref_chosen_logps", chosen).add_column("ref_rejected_logps", rejected)
 
 
 def _stats(losses: torch.Tensor, chosen_rewards: torch.Tensor, rejected_rewards: torch.Tensor, logps: torch.Tensor,

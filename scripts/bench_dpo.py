@@ -135,7 +135,7 @@ def _run_ft(cfg: dict) -> dict:
     wall_s = time.perf_counter() - t0
     if done.returncode:
         raise SystemExit(f"ft train failed:\n{done.stderr[-4000:]}")
-    found = re.search(r"dpo: reference log-probabilities of [\d,]+ pairs computed in ([\d.]+) s", done.stderr)
+    found = re.search(r"dpo: reference log-probabilities of [\d,]+ pairs \([^)]*\) computed in ([\d.]+) s", done.stderr)
     if found is None:
         raise SystemExit(f"ft train did not report its reference pass:\n{done.stderr[-2000:]}")
     reference_s = float(found.group(1))

@@ -19,8 +19,10 @@ OLD = time.time() - 90 * 86400
 
 @pytest.fixture
 def cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, tiny_llama_dir: Path, data_tokenizer, data_recipe):
-    """A private cache with two tokenized-data entries, a built-in model, leftovers and things ft did not write."""
+    """A private cache with two tokenized-data entries, a DPO reference entry, a built-in model, leftovers (named as
+    ft 0.2 and as ft now names them) and things ft did not write."""
     from ft_cli.data.pipeline import build_datasets
+    from ft_cli.reference import save_entry
 
     root = tmp_path / "ft-cache"
     monkeypatch.setenv("FT_CACHE_DIR", str(root))
@@ -37,6 +39,11 @@ def cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, tiny_llama_dir: Path,
         (t / "dataset").mkdir(parents=True)
         (t / "dataset" / "part.arrow").write_bytes(b"x" * 100)
     os.utime(old_tmp, (OLD, OLD))
+    save_entry("0" * 24, [-1.5, -2.0], [-3.0, -4.5], {"model": "builtin:tiny-llama", "pairs": 2})
+    old_ref_tmp = root / "reference" / f".{'9' * 24}.ft-tmp-4242-0a1b2c3d"  # a writer killed 90 days ago
+    old_ref_tmp.mkdir()
+    (old_ref_tmp / "logps.npy").write_bytes(b"x" * 10)
+    os.utime(old_ref_tmp, (OLD, OLD))
     mine = tmp_path / "my-precious"  # a user's directory, shaped like an entry, reached by a symlink
     (mine / "dataset").mkdir(parents=True)
     (mine / "meta.json").write_text("{}")
@@ -45,26 +52,31 @@ def cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, tiny_llama_dir: Path,
     (root / "data" / "notes.txt").write_text("mine")
     (root / "other-tool").mkdir()
     return {"root": root, "data": entries, "old_tmp": old_tmp, "young_tmp": young_tmp, "mine": mine,
-            "builtin": root / "builtin" / tiny_llama_dir.name}
+            "builtin": root / "builtin" / tiny_llama_dir.name, "reference": root / "reference" / ("0" * 24),
+            "old_ref_tmp": old_ref_tmp}
 
 
 def test_list_and_size(cache) -> None:
     result = runner.invoke(app, ["cache", "list"])
     assert result.exit_code == 0, result.output
     flat = " ".join(result.output.split())
-    assert "5 entries" in flat and "builtin:tiny-llama" in flat and "d.jsonl" in flat
+    assert "7 entries" in flat and "builtin:tiny-llama" in flat and "d.jsonl" in flat
+    assert "DPO reference log-probabilities: builtin:tiny-llama on 2 pairs" in flat
     assert "not ft's, left alone:" in flat and "notes.txt" in flat and "other-tool" in flat
     result = runner.invoke(app, ["cache", "size"])
     assert result.exit_code == 0
     data_line = next(ln for ln in result.output.splitlines() if ln.startswith("data"))
     assert "(2 entries)" in data_line and "leftover" in result.output
+    leftover_line = next(ln for ln in result.output.splitlines() if ln.startswith("leftover"))
+    assert "(3 entries)" in leftover_line  # .tmp-KEY-PID-XXXX (ft 0.2) and .KEY.ft-tmp-PID-XXXX (ft_cli.atomic)
+    assert "(1 entries)" in next(ln for ln in result.output.splitlines() if ln.startswith("reference"))
 
 
 def test_clean_deletes_only_what_ft_wrote(cache) -> None:
     root = cache["root"]
     before = sorted(p.name for p in (root / "data").iterdir())
     result = runner.invoke(app, ["cache", "clean", "--dry-run"])
-    assert result.exit_code == 0 and "would delete 4 entries" in result.output
+    assert result.exit_code == 0 and "would delete 6 entries" in result.output
     assert sorted(p.name for p in (root / "data").iterdir()) == before  # a dry run deletes nothing
 
     result = runner.invoke(app, ["cache", "clean", "--kind", "data", "--older-than", "30"])
@@ -74,12 +86,13 @@ def test_clean_deletes_only_what_ft_wrote(cache) -> None:
     result = runner.invoke(app, ["cache", "clean"])
     assert result.exit_code == 0, result.output
     assert not cache["data"][1].exists() and not cache["builtin"].exists() and not cache["old_tmp"].exists()
+    assert not cache["reference"].exists() and not cache["old_ref_tmp"].exists()
     assert cache["young_tmp"].exists()  # may belong to a process writing it right now
     assert (cache["mine"] / "meta.json").is_file() and (root / "data" / ("e" * 24)).is_symlink()
     assert (root / "data" / ("f" * 24)).is_dir() and (root / "data" / "notes.txt").read_text() == "mine"
     assert (root / "other-tool").is_dir()
     result = runner.invoke(app, ["cache", "clean", "--kind", "models"])
-    assert result.exit_code == 2 and "--kind: must be one of data, builtin, leftover" in result.output
+    assert result.exit_code == 2 and "--kind: must be one of data, reference, builtin, leftover" in result.output
 
 
 def test_a_cleaned_cache_is_rebuilt_and_use_is_recorded(cache, tmp_path, data_tokenizer, data_recipe) -> None:

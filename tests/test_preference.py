@@ -254,8 +254,8 @@ def test_validate_counts_pairs(tmp_path: Path, shared_data: Path) -> None:
 
 
 def test_full_dpo_resume_equals_the_uninterrupted_run(tmp_path: Path, shared_data: Path) -> None:
-    """A resumed full-model DPO run compares with the same reference (the model before training, computed before
-    the checkpoint loads) and continues exactly: steps 3-4 and the final weights equal the uninterrupted run's."""
+    """A resumed full-model DPO run compares with the same reference (the model before training, read from ft's
+    cache before the checkpoint loads) and continues exactly: steps 3-4 and the final weights equal the uninterrupted run's."""
     import shutil
 
     from safetensors.torch import load_file
@@ -274,6 +274,7 @@ def test_full_dpo_resume_equals_the_uninterrupted_run(tmp_path: Path, shared_dat
     (cut / "run.json").write_text(json.dumps({**state, "status": "running"}))
     result = runner.invoke(app, ["train", str(recipe), "--output-dir", str(cut), "--resume"])
     assert result.exit_code == 0, result.output + repr(result.exception)
+    assert "read from ft's cache" in " ".join(result.output.split())  # the reference the whole run computed
     got = [json.loads(line) for line in (cut / "metrics.jsonl").read_text().splitlines()]
     assert [ln["step"] for ln in got] == [ln["step"] for ln in want]
     for a, b in zip(got, want, strict=True):
@@ -384,3 +385,80 @@ def test_shared_prompt_rows_train_as_separate_rows_and_turn_off_where_they_diffe
                                  str(tmp_path / "off")])
     assert result.exit_code == 0, result.output
     assert "preference.share_prompt: off" in result.output and "each pair's prompt is computed twice" in result.output
+
+
+# The reference cache ---------------------------------------------------------------------------------------------
+
+def test_reference_log_probabilities_are_cached_across_runs(tmp_path: Path, shared_data: Path,
+                                                            monkeypatch: pytest.MonkeyPatch) -> None:
+    """A second DPO run on the same pairs and base model (another learning rate and LoRA rank) reads the reference
+    from ft's cache instead of computing it, and trains exactly as a run that computes it; a damaged entry is caught
+    by the first-batch check and replaced; other pairs get an entry of their own; data.cache: false neither reads nor writes."""
+    import numpy as np
+
+    import ft_cli.reference
+
+    cache = tmp_path / "cache"
+    monkeypatch.setenv("FT_CACHE_DIR", str(cache))
+    calls: list = []
+    real = ft_cli.reference.reference_logps
+    monkeypatch.setattr(ft_cli.reference, "reference_logps",
+                        lambda *a, **k: (calls.append(k.get("batches")), real(*a, **k))[1])
+    full = lambda: sum(b is None for b in calls)  # noqa: E731 - passes over a whole split, not the first-batch check
+    entries = lambda: sorted(p.name for p in (cache / "reference").iterdir())  # noqa: E731
+
+    def train(name: str, **over) -> tuple[list[dict], str]:
+        result = runner.invoke(app, ["train", str(_recipe(tmp_path, shared_data, train__max_steps=2, **over)),
+                                     "--output-dir", str(tmp_path / name)])
+        assert result.exit_code == 0, result.output + repr(result.exception)
+        lines = [json.loads(x) for x in (tmp_path / name / "metrics.jsonl").read_text().splitlines()]
+        return [{k: v for k, v in x.items() if k not in ("wall_time", "step_time_s", "tokens_per_s")} for x in lines], \
+            " ".join(result.output.split())
+
+    _, out = train("first")
+    assert full() == 2 and "kept in ft's cache for the next run" in out, out  # train and eval pairs
+    assert len(entries()) == 2
+    sweep = {"train__lr": 1e-3, "lora__rank": 4}
+    got, out = train("second", **sweep)
+    assert full() == 2 and "read from ft's cache, its first batch checked against the model" in out, out
+    want, out = train("uncached", data__cache=False, **sweep)
+    assert full() == 4 and "computed in" in out and len(entries()) == 2
+    assert got == want  # bit for bit: same batches, same kernels
+    assert got[0]["loss"] == pytest.approx(math.log(2), abs=1e-6)
+
+    for name in entries():  # damage both entries: every value 1 % off
+        path = cache / "reference" / name / "logps.npy"
+        np.save(path, np.load(path) * 1.01)
+    got, out = train("damaged", **sweep)
+    assert "differ from this model's on the first batch" in out and "computing them again" in out, out
+    assert full() == 6 and got == want
+    got, out = train("mended", **sweep)  # the damaged entries were replaced
+    assert full() == 6 and "read from ft's cache" in out and got == want
+
+    _, out = train("other-pairs", data__limit=30)
+    assert full() > 6 and "kept in ft's cache" in out and len(entries()) > 2
+
+
+def test_the_reference_key_follows_the_weights_the_reference_uses(tiny_llama_dir: Path) -> None:
+    """The model's part of the key: the adapter's own weights (disabled for the reference) do not change it; a base
+    weight does, and so does a quantized base."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    from ft_cli.reference import weights_digest
+
+    def lora(rank: int):
+        base = AutoModelForCausalLM.from_pretrained(tiny_llama_dir, dtype=torch.float32)
+        return get_peft_model(base, LoraConfig(r=rank, target_modules=["q_proj", "v_proj"]))
+
+    model = lora(8)
+    key = weights_digest(model)
+    assert weights_digest(lora(4)) == key
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_" in name:
+                p.add_(1.0)
+    assert weights_digest(model) == key
+    with torch.no_grad():
+        model.get_input_embeddings().weight.mul_(1.001)
+    assert weights_digest(model) != key

@@ -141,26 +141,35 @@ class Preference(CausalLM):
         import time
 
         from ft_cli.batches import rows_at
-        from ft_cli.objectives import add_reference_logps
+        from ft_cli.reference import add_reference_logps
 
         t = self.recipe.train
         size, device = t.eval_batch_size or t.micro_batch_size, accelerator.device
-        first = collate(rows_at(data.train, list(range(min(len(data.train), t.micro_batch_size)))))
-        note = self.objective.choose_sharing(model, first, device)
-        if note and accelerator.is_main_process:
-            print(note, file=sys.stderr)
+        if self.recipe.preference.share_prompt:
+            first = collate(rows_at(data.train, list(range(min(len(data.train), t.micro_batch_size)))))
+            note = self.objective.choose_sharing(model, first, device)
+            if note and accelerator.is_main_process:
+                print(note, file=sys.stderr)
         if not self.objective.needs_reference:
             return
         t0 = time.perf_counter()
-        share = self.objective.share
-        data.train = add_reference_logps(data.train, model, collate, size, device=device, share=share)
-        if data.eval is not None:
-            data.eval = add_reference_logps(data.eval, model, collate, size, device=device, share=share)
+        sources = []
+        for split in ("train", "eval"):
+            if getattr(data, split) is None:
+                continue
+            dataset, source = add_reference_logps(
+                getattr(data, split), model, collate, size, device=device, share=self.objective.share,
+                rank=accelerator.process_index, world_size=accelerator.num_processes, cache=self.recipe.data.cache,
+                is_main=accelerator.is_main_process, label=self.recipe.model.name_or_path)
+            setattr(data, split, dataset)
+            sources.append(source)
         if accelerator.is_main_process:
             pairs = len(data.train) + (len(data.eval) if data.eval is not None else 0)
-            print(f"dpo: reference log-probabilities of {pairs:,} pairs computed in {time.perf_counter() - t0:.1f} s "
-                  "(the model before training" + (", adapter disabled" if self.recipe.is_peft else "") + ")",
-                  file=sys.stderr)
+            how = ("read from ft's cache, its first batch checked against the model" if set(sources) == {"from cache"}
+                   else f"computed in {time.perf_counter() - t0:.1f} s")
+            kept = "; kept in ft's cache for the next run" if "cached" in sources else ""
+            what = "the model before training" + (", adapter disabled" if self.recipe.is_peft else "")
+            print(f"dpo: reference log-probabilities of {pairs:,} pairs ({what}) {how}{kept}", file=sys.stderr)
 
     def count(self, batch: dict[str, Any]) -> int:
         return int(batch["pairs"])
