@@ -49,7 +49,7 @@ log = logging.getLogger(__name__)
 
 BUILTIN_PREFIX = "builtin:"
 # Bump when the build changes in a way the spec, corpus and template do not show (e.g. how weights are saved).
-FORMAT_VERSION = 2
+FORMAT_VERSION = 3  # 3: the WordPiece vocabulary is shipped (builtin_wordpiece.txt), not trained per build
 
 _COMPLETE_MARKER = "ft_builtin.json"  # written last: a directory without it is not a finished build
 

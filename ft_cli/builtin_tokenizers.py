@@ -38,7 +38,11 @@ ENCODER_MAX_LENGTH = 512
 
 def tokenizer_inputs() -> list:
     """What the tokenizers are made from besides the corpus and the template (part of a built-in's build key)."""
-    return [SPECIAL_TOKENS, _BPE_VOCAB_SIZE, _BPE_MIN_FREQUENCY, _SPLIT_PATTERN, MODEL_MAX_LENGTH]
+    import hashlib
+
+    shipped = resources.files("ft_cli").joinpath("builtin_wordpiece.txt").read_bytes()
+    return [SPECIAL_TOKENS, _BPE_VOCAB_SIZE, _BPE_MIN_FREQUENCY, _SPLIT_PATTERN, MODEL_MAX_LENGTH,
+            hashlib.sha256(shipped).hexdigest()]
 
 
 def chat_template() -> str:
@@ -46,25 +50,31 @@ def chat_template() -> str:
     return resources.files("ft_cli").joinpath("templates", "chatml.jinja").read_text(encoding="utf-8")
 
 
+_CJK_RANGES = ((0x3000, 0x3040), (0x4E00, 0xA000), (0xFF00, 0xFFF0))  # CJK punctuation, ideographs, full-width
+
+
+def wordpiece_vocab() -> list[str]:
+    """The built-in WordPiece vocabulary in id order: the 2,169 tokens ft_cli/builtin_wordpiece.txt lists (trained
+    once on builtin_corpus by scripts/gen_wordpiece_vocab.py, specials first), then every CJK ideograph and CJK /
+    full-width punctuation mark, so Chinese text (ChnSentiCorp) tokenizes to one token per character as with
+    bert-base-chinese, not to [UNK]. Shipped rather than trained at build time because tokenizers' WordPiece trainer
+    breaks ties between equally frequent merges differently from one run to the next (its ## alphabet comes out
+    of a hash map): every build got another vocabulary, and with it other token ids and other training results."""
+    listed = resources.files("ft_cli").joinpath("builtin_wordpiece.txt").read_text(encoding="utf-8").split("\n")
+    return [t for t in listed if t] + [chr(c) for a, b in _CJK_RANGES for c in range(a, b)]
+
+
 def build_wordpiece_tokenizer() -> PreTrainedTokenizerFast:
-    """BERT's tokenizer design, trained on builtin_corpus: lower-casing and accent stripping, CJK characters one
-    per token, WordPiece (## continuations), [CLS] A [SEP] (B [SEP]) with token type ids 0/1."""
-    from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
+    """BERT's tokenizer design on ft's own vocabulary (`wordpiece_vocab`): lower-casing and accent stripping, CJK
+    characters one per token, WordPiece (## continuations), [CLS] A [SEP] (B [SEP]) with token type ids 0/1."""
+    from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors
     from transformers import PreTrainedTokenizerFast
 
-    from ft_cli.builtin_corpus import corpus
-
-    tok = Tokenizer(models.WordPiece(unk_token="[UNK]"))
+    vocab = {t: i for i, t in enumerate(wordpiece_vocab())}
+    tok = Tokenizer(models.WordPiece(vocab, unk_token="[UNK]", max_input_chars_per_word=100))
     tok.normalizer = normalizers.BertNormalizer(lowercase=True, handle_chinese_chars=True, strip_accents=None)
     tok.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
     tok.decoder = decoders.WordPiece()
-    # Every CJK ideograph and CJK/full-width punctuation mark is in the vocabulary (the corpus is English), so
-    # Chinese text (ChnSentiCorp) tokenizes to one token per character as with bert-base-chinese, not to [UNK].
-    cjk = [chr(c) for r in ((0x3000, 0x3040), (0x4E00, 0xA000), (0xFF00, 0xFFF0)) for c in range(*r)]
-    trainer = trainers.WordPieceTrainer(vocab_size=_BPE_VOCAB_SIZE + len(cjk), min_frequency=_BPE_MIN_FREQUENCY,
-                                        special_tokens=list(WORDPIECE_SPECIAL), show_progress=False,
-                                        initial_alphabet=cjk, limit_alphabet=len(cjk) + 1000)
-    tok.train_from_iterator(corpus(), trainer=trainer)
     cls, sep = tok.token_to_id("[CLS]"), tok.token_to_id("[SEP]")
     tok.post_processor = processors.TemplateProcessing(
         single="[CLS] $A [SEP]", pair="[CLS] $A [SEP] $B:1 [SEP]:1", special_tokens=[("[CLS]", cls), ("[SEP]", sep)])

@@ -115,23 +115,37 @@ def write_json(path: Path, data: dict[str, Any]) -> None:
     write_text_atomic(path, json.dumps(data, indent=2, default=str) + "\n")
 
 
-def print_result(result: dict[str, Any], path: Path | None) -> None:
-    from rich.console import Console
+def metric_table(title: str, result: dict[str, Any], names: Any, *, compared: bool, base: str = "base",
+                 delta: str = "delta (run - base)") -> Any:
+    """A rich table of `names` from `result`: the run's value and, when `compared`, the base model's (`base_NAME`)
+    and the difference (`delta_NAME`). ft eval's tables for causal LMs and classifiers."""
     from rich.table import Table
 
-    compared = "base_loss" in result
-    where = result["data"] if result["split"] is None else f"{result['split']} split of {result['data']}"
-    table = Table(title=f"ft eval: {result['model']} on {where}")
+    table = Table(title=title)
     table.add_column("metric")
     table.add_column("run", justify="right")
     if compared:
-        table.add_column("base", justify="right")
-        table.add_column("delta (run - base)", justify="right")
-    for name in ("loss", "perplexity"):
-        row = [name, f"{result[name]:.4f}"]
-        if compared:
-            row += [f"{result['base_' + name]:.4f}", f"{result['delta_' + name]:+.4f}"]
-        table.add_row(*row)
+        table.add_column(base, justify="right")
+        table.add_column(delta, justify="right")
+    for name in names:
+        add_metric_row(table, result, name, compared)
+    return table
+
+
+def add_metric_row(table: Any, result: dict[str, Any], name: str, compared: bool, label: str | None = None) -> None:
+    row = [label or name, f"{result[name]:.4f}"]
+    if compared:
+        row += ([f"{result['base_' + name]:.4f}", f"{result['delta_' + name]:+.4f}"] if "base_" + name in result
+                else ["", ""])
+    table.add_row(*row)
+
+
+def print_result(result: dict[str, Any], path: Path | None) -> None:
+    from rich.console import Console
+
+    compared = "base_loss" in result
+    where = result["data"] if result["split"] is None else f"{result['split']} split of {result['data']}"
+    table = metric_table(f"ft eval: {result['model']} on {where}", result, ("loss", "perplexity"), compared=compared)
     for name in ("tokens", "examples"):
         table.add_row(name, f"{result[name]:,}", *([""] * 2 if compared else []))
     if "pairs" in result:  # a preference run (objective dpo / orpo / simpo)
@@ -141,11 +155,7 @@ def print_result(result: dict[str, Any], path: Path | None) -> None:
     if "generated" in result:
         table.add_row("generated", str(result["generated"]), *([""] * 2 if compared else []))
         for name, scale in (("exact_match", "0-1"), ("rouge_l", "0-1"), ("bleu", "0-100"), ("chrf", "0-100")):
-            row = [f"{name} ({scale})", f"{result[name]:.4f}"]
-            if compared:
-                row += ([f"{result['base_' + name]:.4f}", f"{result['delta_' + name]:+.4f}"]
-                        if "base_" + name in result else ["", ""])
-            table.add_row(*row)
+            add_metric_row(table, result, name, compared, f"{name} ({scale})")
     console = Console(highlight=False)
     console.print(table)  # a crossed --fail-if threshold is reported once, by the exit-3 message
     console.print(f"wrote {path}" if path is not None else

@@ -144,7 +144,7 @@ class PreferenceObjective:
     def choose_sharing(self, model: Any, batch: dict[str, Any], device: Any) -> str:
         """Turn prompt sharing on when the recipe asks for it and, on this batch, the shared rows give the same
         reply log-probabilities as separate rows; returns what to tell the user."""
-        from ft_cli.pair_rows import mask_kind, shared_layout, shared_reply_logps
+        from ft_cli.pair_rows import compute_dtype, mask_kind, shared_layout, shared_reply_logps
 
         if not self.cfg.share_prompt:
             return ""
@@ -163,7 +163,7 @@ class PreferenceObjective:
             shared, _ = shared_reply_logps(model, layout, device, kind)
         model.train(was_training)
         worst = float(((separate - shared).abs() / separate.abs().clamp(min=1)).max())
-        tolerance = 1e-4 if separate.dtype == torch.float32 and _compute_dtype(model) == torch.float32 else 2e-2
+        tolerance = 1e-4 if separate.dtype == torch.float32 and compute_dtype(model) == torch.float32 else 2e-2
         if not worst <= tolerance:
             return (f"preference.share_prompt: off: on this model ({impl} attention) the shared rows' reply "
                     f"log-probabilities differ from separate rows' by {worst:.1e} relative (more than {tolerance:g}); "
@@ -231,11 +231,6 @@ def step_metrics(sums: dict[str, float]) -> dict[str, float]:
     return {"rewards_chosen": chosen, "rewards_rejected": rejected, "reward_margin": chosen - rejected,
             "reward_accuracy": sums["correct"] / pairs, "logps_chosen": sums["logps_chosen"] / pairs,
             "logps_rejected": sums["logps_rejected"] / pairs}
-
-
-def _compute_dtype(model: Any) -> torch.dtype:
-    emb = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
-    return emb.weight.dtype if emb is not None else torch.float32
 
 
 def _stats(losses: torch.Tensor, chosen_rewards: torch.Tensor, rejected_rewards: torch.Tensor, logps: torch.Tensor,

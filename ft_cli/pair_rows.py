@@ -79,6 +79,12 @@ def mask_kind(model: Any) -> str | None:
     return {"sdpa": "bool", "eager": "additive"}.get(impl)
 
 
+def compute_dtype(model: Any) -> torch.dtype:
+    """The dtype the model computes in: its input embeddings' (float32 for a model without them)."""
+    emb = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
+    return emb.weight.dtype if emb is not None else torch.float32
+
+
 def shared_reply_logps(model: Any, layout: dict[str, torch.Tensor], device: Any,
                        kind: str) -> tuple[torch.Tensor, torch.Tensor]:
     """(2B,) summed reply log-probabilities and reply token counts, chosen first, as reply_logps returns them."""
@@ -86,7 +92,7 @@ def shared_reply_logps(model: Any, layout: dict[str, torch.Tensor], device: Any,
     if kind == "bool":  # sdpa takes a boolean mask whatever the compute dtype (autocast included)
         mask = allowed
     else:  # eager adds the mask to the attention scores
-        dtype = model.get_input_embeddings().weight.dtype
+        dtype = compute_dtype(model)
         mask = torch.zeros(allowed.shape, dtype=dtype, device=device).masked_fill_(~allowed, torch.finfo(dtype).min)
     first = int(layout["at"].masked_fill(layout["side"] < 0, 1 << 30).min())  # no logits before the first scored
     length = layout["input_ids"].shape[1]

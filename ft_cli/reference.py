@@ -109,14 +109,14 @@ def add_reference_logps(dataset: Any, model: Any, collate: Callable, batch_size:
 def _check_first_batch(entry: tuple[list[float], list[float]], dataset: Any, model: Any, collate: Callable,
                        batch_size: int, *, device: Any, share: str | None) -> str | None:
     """None when the first batch computed now gives the entry's values, else what differs."""
-    from ft_cli.objectives import _compute_dtype
+    from ft_cli.pair_rows import compute_dtype
 
     chosen, rejected = reference_logps(model, dataset, collate, batch_size, device=device, share=share, batches=[0])
     now = torch.tensor(chosen + rejected, dtype=torch.float64)
     n = len(chosen)
     cached = torch.tensor(entry[0][:n] + entry[1][:n], dtype=torch.float64)
     worst = float(((now - cached).abs() / now.abs().clamp(min=1)).max()) if n else 0.0
-    tolerance = 1e-5 if _compute_dtype(model) == torch.float32 else 1e-3
+    tolerance = 1e-5 if compute_dtype(model) == torch.float32 else 1e-3
     if worst <= tolerance:
         return None
     return f"differ from this model's on the first batch by {worst:.1e} relative (more than {tolerance:g})"

@@ -256,6 +256,23 @@ def test_tiny_bert_is_an_encoder_with_a_wordpiece_tokenizer(cache):
     assert model.bert.pooler is not None  # saved with its pooler, as bert-base-uncased is
 
 
+@pytest.mark.parametrize("name", ["tiny-bert", "tiny-llama"])
+def test_every_build_of_a_builtin_is_the_same(tmp_path, name):
+    """Two builds in separate caches give byte-identical tokenizers and weights: the token ids a test or a user's
+    run sees never depend on which build they got. (tokenizers' WordPiece trainer is not deterministic, which is
+    why tiny-bert's vocabulary is shipped, ft_cli/builtin_wordpiece.txt.)"""
+    a = bm.resolve_builtin(f"builtin:{name}", cache_dir=tmp_path / "a")
+    b = bm.resolve_builtin(f"builtin:{name}", cache_dir=tmp_path / "b")
+    for file in ("tokenizer.json", "model.safetensors", "config.json"):
+        assert (a / file).read_bytes() == (b / file).read_bytes(), file
+
+
+def test_the_wordpiece_vocabulary_is_whole():
+    vocab = bt.wordpiece_vocab()
+    assert len(set(vocab)) == len(vocab) == 2169 + 21296  # ft's learned tokens + every CJK character
+    assert tuple(vocab[:5]) == bt.WORDPIECE_SPECIAL and "##s" in vocab and "the" in vocab
+
+
 def test_family_specific_modules(cache):
     qwen2 = AutoModelForCausalLM.from_pretrained(bm.tiny_model_dir_for("qwen2", cache_dir=cache))
     assert qwen2.model.layers[0].self_attn.q_proj.bias is not None

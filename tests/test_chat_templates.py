@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from ft_cli.data.formats import Example, Origin, make_converter
@@ -399,9 +400,9 @@ def test_any_use_of_a_content_sends_the_shape_to_the_exact_path(data_tokenizer, 
     assert "inspects message contents" in next(iter(once.shapes.reasons.values()))
 
 
-def test_a_render_that_differs_from_the_skeleton_takes_the_exact_path(data_tokenizer):
-    """'yes no'.startswith(content) reads the content where no placeholder can see it: the real render differs
-    from the filled-in skeleton for content 'yes', and that conversation is rendered exactly instead."""
+def test_a_content_given_to_another_strings_method_takes_the_exact_path(data_tokenizer):
+    """'yes no'.startswith(content) reads the content where no placeholder can see it; the sandbox's call sees it,
+    and the shape takes the exact path, which renders 'yes' differently."""
     data_tokenizer.chat_template = (
         "{% for m in messages %}{% if 'yes no'.startswith(m.content) %}<{{ m.role }}*>{% else %}<{{ m.role }}>"
         "{% endif %}{{ m.content }}</s>{% endfor %}{% if add_generation_prompt %}<assistant>{% endif %}")
@@ -411,6 +412,59 @@ def test_a_render_that_differs_from_the_skeleton_takes_the_exact_path(data_token
     texts = [once.conversation(ex).samples[0] for ex in examples]
     assert [t.text for t in texts] == ["<user>hello</s><assistant>ok</s>", "<user*>yes</s><assistant>ok</s>"]
     assert [t.text[a:b] for t in texts for a, b in t.spans] == ["ok</s>", "ok</s>"]
+    assert list(once.shapes.plans.values()) == [None]
+    assert "str.startswith given a message content" in next(iter(once.shapes.reasons.values()))
+
+
+def _chat(n: int) -> list[Example]:
+    return _examples([{"messages": [{"role": "user", "content": f"question {i}"},
+                                    {"role": "assistant", "content": f"answer {i}"}]} for i in range(n)])
+
+
+def test_the_sampled_check_starts_again_when_renders_stop_matching(data_tokenizer, monkeypatch):
+    """ft's tokenizing pass compares the first CHECK_FIRST conversations of a shape and every CHECK_EVERY-th after
+    with a real render. A template whose output changes part-way (as a date would at midnight) fails a sampled
+    check; the pass starts again with every conversation of that shape checked, so each text is the real render."""
+    from ft_cli.data import encode, shapes
+
+    examples = _chat(3 * encode.CHECK_EVERY + shapes.CHECK_FIRST)
+    real = ChatRenderer.render
+    changed = shapes.CHECK_FIRST + 3  # from this conversation on, the template renders differently
+
+    def render(self, messages, tools=None, add_generation_prompt=False):
+        text = real(self, messages, tools, add_generation_prompt)
+        n = int(messages[0]["content"].split()[-1]) if messages else -1
+        return text.replace("<|im_start|>user", "<|im_start|>user ") if n >= changed else text
+
+    monkeypatch.setattr(ChatRenderer, "render", render)
+    starts = []
+    monkeypatch.setattr(encode, "_encode_pass", lambda *a, _real=encode._encode_pass: (starts.append(1), _real(*a))[1])
+    settings = encode.EncodeSettings(512, "truncate", False)
+    got = encode.encode_examples(examples, data_tokenizer, settings)
+    assert len(starts) == 2  # the first pass found the change at a sampled check and started again
+    renderer = ChatRenderer(data_tokenizer, fast=False)
+    want = [data_tokenizer(renderer.conversation(ex).samples[0].text, add_special_tokens=False).input_ids
+            for ex in examples]
+    ends = np.cumsum(got.lengths)
+    assert [got.ids[e - n:e].tolist() for e, n in zip(ends, got.lengths, strict=True)] == want
+
+    monkeypatch.setattr(ChatRenderer, "render", real)  # an unchanging template: one pass, ~1 in CHECK_EVERY rendered
+    calls = []
+    monkeypatch.setattr(ChatRenderer, "render", lambda self, *a, **k: (calls.append(1), real(self, *a, **k))[1])
+    starts.clear()
+    encode.encode_examples(examples, data_tokenizer, settings)
+    assert len(starts) == 1 and len(calls) < shapes.CHECK_FIRST + len(examples) // encode.CHECK_EVERY + 10
+
+
+@pytest.mark.parametrize(("name", "volatile"), [("llama3_2", True), ("llama3_1", False), ("qwen2_5", False)])
+def test_a_template_that_reads_the_clock_is_checked_conversation_by_conversation(tiny_llama_dir, name, volatile):
+    """Llama 3.2's template calls strftime_now for the date: its plans are volatile, so every conversation is
+    rendered for real even in the sampled pass; templates without such a call are sampled."""
+    once = ChatRenderer(model_tokenizer(tiny_llama_dir, name))
+    ex, = _examples([{"messages": SINGLE}])
+    once.conversation(ex)
+    plan, = once.shapes.plans.values()
+    assert plan is not None and plan.volatile is volatile
 
 
 def test_generate_merges_the_system_prompt_as_the_run_was_trained(tmp_path, data_tokenizer):

@@ -7,6 +7,7 @@ import contextlib
 import json
 from pathlib import Path
 
+import pytest
 import yaml
 from typer.testing import CliRunner
 
@@ -252,3 +253,75 @@ def test_audit_reports_counts_histogram_and_highlighted_samples(tmp_path, data_t
     styled = {(text.plain[s.start:s.end], s.style) for s in text.spans}
     assert any(style == TRAINED_STYLE and "<|im_end|>" in piece for piece, style in styled)
     assert any(style == MASKED_STYLE and "<|im_start|>user" in piece for piece, style in styled)
+
+
+# The tokenizing pass's shortcuts give what the plain path gives ---------------------------------------------------
+
+def _encoded_fields(enc) -> dict:
+    return {"ids": enc.ids.tolist(), "labels": enc.labels.tolist(), "lengths": enc.lengths.tolist(),
+            "cut": enc.cut.tolist(), "kept": enc.kept.tolist(), "counts": (enc.dropped_too_long, enc.dropped_empty,
+                                                                         enc.truncated, enc.rows_in)}
+
+
+def _real_examples(shared_data: Path) -> list:
+    from ft_cli.data.formats import Origin, make_converter
+
+    alpaca_rows = json.loads((shared_data / "alpaca_en_demo.json").read_text())[:150]
+    tool_rows = json.loads((shared_data / "glaive_toolcall_en_demo.json").read_text())[:50]
+    return ([make_converter("alpaca", None)(r, Origin("a", i)) for i, r in enumerate(alpaca_rows)]
+            + [make_converter("sharegpt", None)(r, Origin("g", i)) for i, r in enumerate(tool_rows)])
+
+
+@pytest.mark.parametrize("max_len", [64, 200, 2048])
+@pytest.mark.parametrize("truncation", ["truncate", "drop"])
+@pytest.mark.parametrize("train_on_inputs", [False, True])
+def test_chunks_of_conversations_label_as_row_by_row(shared_data, data_tokenizer, monkeypatch, max_len, truncation,
+                                                     train_on_inputs):
+    """Conversations that need no BOS are labelled on flat arrays (_Labeler._add_conversations); the result -
+    ids, labels, lengths, which rows were cut or kept and every count - equals the row-by-row path's, on real
+    alpaca and multi-turn tool-call data, for each truncation setting and train_on_inputs."""
+    from ft_cli.data import encode
+
+    examples = _real_examples(shared_data)
+    settings = encode.EncodeSettings(max_len, truncation, train_on_inputs)
+    fast = _encoded_fields(encode.encode_examples(examples, data_tokenizer, settings))
+    monkeypatch.setattr(encode._Labeler, "add", encode._Labeler._add_rows)
+    assert fast == _encoded_fields(encode.encode_examples(examples, data_tokenizer, settings))
+    assert fast["counts"][0] + fast["counts"][2] > 0 or max_len == 2048  # the cases cut or drop something
+
+
+def test_nfc_texts_skip_the_normalizer_with_the_same_result(data_tokenizer, monkeypatch):
+    """With a full first chunk, texts already in NFC are tokenized by a copy of the backend without its NFC
+    normalizer; a chunk holding a text that is not NFC uses the normalizer. Both give what the normalizing
+    backend gives."""
+    import unicodedata
+
+    from ft_cli.data import encode
+    from ft_cli.data.formats import Origin, make_converter
+
+    convert = make_converter("alpaca", None)
+    records = [{"instruction": f"question {i}", "input": "", "output": f"caf\u00e9 answer {i}"}
+               for i in range(2 * encode.CHUNK + 100)]
+    records[-5]["output"] = "cafe\u0301 decomposed"  # not NFC: the normalizer composes it
+    assert not unicodedata.is_normalized("NFC", records[-5]["output"])
+    examples = [convert(r, Origin("x", i)) for i, r in enumerate(records)]
+    settings = encode.EncodeSettings(128, "truncate", False)
+    copy_used = []
+    real_free = encode._BatchEncoder._nfc_free
+
+    class Spy:
+        def __init__(self, backend):
+            self.backend = backend
+
+        def encode_batch(self, texts, **kwargs):
+            copy_used.append(len(texts))
+            return self.backend.encode_batch(texts, **kwargs)
+
+    monkeypatch.setattr(encode._BatchEncoder, "_nfc_free", lambda self, texts: Spy(real_free(self, texts)))
+    got = _encoded_fields(encode.encode_examples(examples, data_tokenizer, settings))
+    assert copy_used == [encode.CHUNK]  # chunk 1 checks the backend, chunk 2 takes the copy, chunk 3 is not NFC
+    monkeypatch.setattr(encode._BatchEncoder, "_nfc_free", lambda self, texts: None)
+    assert got == _encoded_fields(encode.encode_examples(examples, data_tokenizer, settings))
+    composed = data_tokenizer("caf\u00e9 decomposed", add_special_tokens=False).input_ids
+    flat = got["ids"]
+    assert any(flat[i:i + len(composed)] == composed for i in range(len(flat)))  # the normalizer ran on it

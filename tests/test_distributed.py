@@ -210,8 +210,11 @@ def test_classification_two_processes_equal_one(tmp_path: Path, eval_rows: int) 
             assert e2[key] == pytest.approx(e1[key], rel=1e-4), key
     a, b = adapter(two), adapter(one)
     assert a.keys() == b.keys() and any("classifier" in k for k in a)
+    # Adam divides each element's update by its own gradient scale, so summation-order noise in near-zero gradients
+    # shows in the weights (as in test_preference's 2-process test): 1.9e-4 of the largest weight was seen with
+    # another tokenizer vocabulary, while losses and every evaluation still agreed to 1e-4
     scale = max(v.abs().max().item() for v in b.values())
-    assert max((a[k] - b[k]).abs().max().item() for k in a) < 1e-4 * scale
+    assert max((a[k] - b[k]).abs().max().item() for k in a) < 1e-3 * scale
 
 
 # accelerate applies FSDP only on GPUs, so this drives ft_cli.checkpoint on a model sharded by hand with FSDP2's

@@ -38,6 +38,10 @@ class _LastTurn:
 
     renderer: ChatRenderer
 
+    @property
+    def shapes(self) -> Any:  # the sampled render check of encode_examples applies to the wrapped renderer
+        return self.renderer.shapes
+
     def conversation(self, ex: Example) -> Rendered:
         rendered = self.renderer.conversation(ex)
         last = rendered.samples[-1]  # the sample that holds the final turn at its own position

@@ -80,7 +80,11 @@ def to_dataset(ids: np.ndarray, labels: np.ndarray, row_lengths: np.ndarray,
     columns = {"input_ids": make(off, pa.array(ids)), "labels": make(off, pa.array(labels))}
     if position_ids is not None:
         columns["position_ids"] = make(off, pa.array(position_ids))
-    return datasets.Dataset(InMemoryTable(pa.table(columns)))
+    # datasets would otherwise hash every token to make a fingerprint (0.1 s per 6M tokens); a random one is what it
+    # uses for data it cannot hash, and ft's own cache key covers the content
+    from datasets.fingerprint import generate_random_fingerprint
+
+    return datasets.Dataset(InMemoryTable(pa.table(columns)), fingerprint=generate_random_fingerprint())
 
 
 

@@ -15,14 +15,21 @@ role and a text content, and there are no tools. For those, ft plans a conversat
   type tests. If the template used a content in any such way (Qwen3 and DeepSeek-R1 look for `</think>`), its
   output could depend on the text and the shape takes the exact path, rendering every prefix of each
   conversation. So does a shape whose plan needs a sample per turn, or a content outside its trained span.
-- Each conversation of a planned shape is rendered once for real, and that render must equal the skeleton with
-  the contents filled in, character for character; otherwise (the template read something the placeholder
-  could not show, such as the date) the conversation takes the exact path. The training text is therefore
-  always the template's own output, and the spans are those `plan` finds on the skeleton.
+  A content passed to another string's method (`'abc'.startswith(content)`, seen by the sandbox's `call`) is
+  noted as well; only `sep.join(...)`, which pastes, is not.
+- Each conversation of a planned shape is the skeleton with its contents filled in, and a real render must equal
+  it, character for character; where it does not (the template read something the placeholder could not show)
+  the conversation takes the exact path. By default every conversation is rendered for real (`check_every` 1).
+  ft's tokenizing pass (encode.encode_examples) checks the first CHECK_FIRST conversations of each shape and every
+  `check_every`-th after; every one where the skeleton's render called a function whose result can change between
+  calls (`strftime_now`, which Llama 3.2's template calls for the date, or jinja's random `lipsum`). When a check
+  fails after unchecked conversations of its shape went out, `ShapeMismatch` is raised and the pass starts again
+  with every conversation of that shape checked; so the training text is the template's own output wherever a
+  check could show otherwise, and the spans are those `plan` finds on the skeleton.
 
-What this leaves trusted rather than checked: a template that inspects a content only through an operation
-that is invisible to the content itself (another string's method taking it as an argument, e.g.
-`'abc'.startswith(content)`) and only while rendering an inference prompt. No template seen does.
+What this leaves trusted rather than checked: a template that reads a content through an operation that neither
+the placeholder nor the sandbox sees, in a conversation the sampled check skips or while rendering an inference
+prompt. No template seen does; every one in tests/chat_templates plans, and the sampled check found none.
 """
 
 from __future__ import annotations
@@ -40,7 +47,15 @@ if TYPE_CHECKING:
 OPEN, CLOSE = "\ue000", "\ue001"  # private-use characters delimit placeholders
 _PLACEHOLDER = re.compile(f"{OPEN}(\\d+)(l?r?){CLOSE}")
 _NOTES: contextvars.ContextVar[list[str] | None] = contextvars.ContextVar("ft_shape_notes", default=None)
+_CALLS: contextvars.ContextVar[list[str] | None] = contextvars.ContextVar("ft_shape_calls", default=None)
 _MISSING = object()
+VOLATILE_GLOBALS = ("strftime_now", "lipsum")  # template globals whose result can change from call to call
+CHECK_FIRST = 32  # conversations of each shape always compared with a real render before sampling starts
+
+
+class ShapeMismatch(Exception):
+    """A sampled check found a conversation whose real render differs from its filled-in skeleton, after
+    conversations of the same shape went out unchecked: the caller starts again (the shape is now always checked)."""
 
 
 @dataclass
@@ -52,6 +67,9 @@ class _Plan:
     widths: list[int]  # characters each placeholder takes in the skeleton
     bounds: list[tuple[int, int]]  # (skeleton offset, placeholders before it)
     spans: list[tuple[int, int]]  # (start bound, end bound)
+    volatile: bool = False  # the skeleton's render called a VOLATILE_GLOBALS function: check every conversation
+    seen: int = 0  # conversations filled from this plan
+    unchecked: int = 0  # of them, how many went out without a real render
 
     def fill(self, contents: list[str]) -> tuple[str, list[tuple[int, int]]]:
         values = [_strip(contents[i], ops) for i, ops in self.refs]
@@ -80,6 +98,7 @@ class ShapeCache:
         self.plans: dict[tuple[tuple[str, bool], ...], _Plan | None] = {}
         self._tracking: Any = None
         self.reasons: dict[tuple[tuple[str, bool], ...], str] = {}  # why a shape takes the exact path
+        self.check_every = 1  # compare every conversation with a real render; n: the first CHECK_FIRST and every n-th
 
     def render(self, messages: list[dict[str, Any]], tools: Any) -> Rendered | None:
         if tools is not None:
@@ -96,17 +115,25 @@ class ShapeCache:
             plan = self.plans[shape] = self._plan(shape)
         if plan is None:
             return None
-        full = self.renderer.render(messages)  # the one real render
         text, spans = plan.fill([m["content"] for m in messages])
-        if text != full:
-            return None
-        return Rendered([Sample(full, spans)])
+        plan.seen += 1
+        if plan.volatile or plan.seen <= CHECK_FIRST or plan.seen % self.check_every == 0:
+            if text != self.renderer.render(messages):  # the one real render
+                plan.volatile = True  # from now on, every conversation of this shape is checked
+                if plan.unchecked:  # the caller starts again, and this time every conversation is checked
+                    plan.unchecked = 0
+                    raise ShapeMismatch(f"shape {shape}: conversation {plan.seen} differs from its skeleton")
+                return None
+        else:
+            plan.unchecked += 1
+        return Rendered([Sample(text, spans)])
 
     def _plan(self, shape: tuple[tuple[str, bool], ...]) -> _Plan | None:
         skeleton = [{"role": role, "content": Placeholder(f"{OPEN}{i}{CLOSE}") if filled else ""}
                     for i, (role, filled) in enumerate(shape)]
         notes: list[str] = []
-        token = _NOTES.set(notes)
+        calls: list[str] = []
+        token, calls_token = _NOTES.set(notes), _CALLS.set(calls)
         try:
             rendered = self.renderer.plan(skeleton, None, self._render_tracked, None)
         except Exception as exc:  # noqa: BLE001 - the exact path renders the record itself and reports any error
@@ -114,6 +141,7 @@ class ShapeCache:
             return None
         finally:
             _NOTES.reset(token)
+            _CALLS.reset(calls_token)
         if notes:
             self.reasons[shape] = f"the template inspects message contents ({notes[0]})"
             return None
@@ -140,7 +168,7 @@ class ShapeCache:
         literals = _PLACEHOLDER.split(sample.text)[::3]  # split() also returns the two groups of each placeholder
         return _Plan(literals=literals, refs=[(int(m.group(1)), m.group(2)) for m in marks],
                      widths=[m.end() - m.start() for m in marks], bounds=bounds,
-                     spans=[(index[a], index[b]) for a, b in sample.spans])
+                     spans=[(index[a], index[b]) for a, b in sample.spans], volatile=bool(calls))
 
     def _render_tracked(self, messages: list[dict[str, Any]], tools: Any, add_generation_prompt: bool) -> str:
         if self._tracking is None:
@@ -274,6 +302,16 @@ def _keep_pass_arg(hooked: Any, f: Any) -> Any:
     return hooked
 
 
+def _hook_volatile(name: str, f: Any) -> Any:
+    def hooked(*args: Any, **kwargs: Any) -> Any:
+        calls = _CALLS.get()
+        if calls is not None:
+            calls.append(name)
+        return f(*args, **kwargs)
+
+    return _keep_pass_arg(hooked, f)
+
+
 def _joined(parts: Any, join: Any) -> str:
     parts = list(parts)
     out = join(parts)
@@ -288,6 +326,19 @@ def _tracking_template(template: Any, source: str) -> Any:
     env.filters = {name: _hook_filter(name, f) for name, f in template.environment.filters.items()}
     env.tests = {name: _hook_test(name, f) for name, f in template.environment.tests.items()}
     env.globals = dict(template.environment.globals)
+    for name in VOLATILE_GLOBALS:
+        if name in env.globals:
+            env.globals[name] = _hook_volatile(name, env.globals[name])
+    sandboxed_call = env.call  # every call a sandboxed template makes goes through environment.call
+
+    def call(context: Any, obj: Any, *args: Any, **kwargs: Any) -> Any:
+        owner = getattr(obj, "__self__", None)
+        if (type(owner) is str and getattr(obj, "__name__", "") != "join"
+                and any(_holds(v) for v in (*args, *kwargs.values()))):
+            _note(f"str.{getattr(obj, '__name__', '?')} given a message content")
+        return sandboxed_call(context, obj, *args, **kwargs)
+
+    env.call = call
     tracked = env.from_string(source)
     namespace = tracked.root_render_func.__globals__
     namespace["str_join"] = lambda seq: _joined(seq, runtime.str_join)

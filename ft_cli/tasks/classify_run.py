@@ -129,20 +129,13 @@ def print_result(result: dict[str, Any], path: Path) -> None:
     from rich.console import Console
     from rich.table import Table
 
+    from ft_cli.eval_results import metric_table
+
     console = Console(highlight=False)
-    compared = "base_accuracy" in result
-    table = Table(title=f"ft eval: {result['model']} on {result['data']} ({result['examples']:,} examples)")
-    table.add_column("metric")
-    table.add_column("run", justify="right")
-    if compared:
-        table.add_column("base (untrained head)", justify="right")
-        table.add_column("delta", justify="right")
-    for metric in ("accuracy", "f1_macro", "f1_micro", "f1_weighted", "precision_macro", "recall_macro", "loss"):
-        row = [metric, f"{result[metric]:.4f}"]
-        if compared:
-            row += [f"{result['base_' + metric]:.4f}", f"{result['delta_' + metric]:+.4f}"]
-        table.add_row(*row)
-    console.print(table)
+    console.print(metric_table(
+        f"ft eval: {result['model']} on {result['data']} ({result['examples']:,} examples)", result,
+        ("accuracy", "f1_macro", "f1_micro", "f1_weighted", "precision_macro", "recall_macro", "loss"),
+        compared="base_accuracy" in result, base="base (untrained head)", delta="delta"))
     per = Table(title="per class")
     for col in ("label", "precision", "recall", "f1", "support"):
         per.add_column(col, justify="left" if col == "label" else "right")
