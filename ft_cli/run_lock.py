@@ -17,6 +17,7 @@ import json
 import os
 import socket
 import time
+import weakref
 from pathlib import Path
 
 from ft_cli.errors import UserError
@@ -39,6 +40,9 @@ class RunLock:
 
     def __init__(self, run: RunDir, fd: int | None, created: list[Path], lock_created: bool):
         self.run, self._fd, self._created, self._lock_created = run, fd, created, lock_created
+        if fd is not None and hasattr(os, "register_at_fork"):  # every forked child lets go: see close_in_child
+            ref = weakref.ref(self)
+            os.register_at_fork(after_in_child=lambda: (lock := ref()) is not None and lock.close_in_child())
 
     @property
     def held(self) -> bool:
@@ -50,7 +54,8 @@ class RunLock:
             self._fd = None
 
     def close_in_child(self) -> None:
-        """In a process forked from the holder (a DataLoader worker): close this process's copy of the descriptor.
+        """In a process forked from the holder (a DataLoader worker, a tokenizing worker; every fork runs this): close
+        this process's copy of the descriptor.
         The flock belongs to the open file, shared across fork, so a child that kept it would hold the run directory
         after the holder was killed (kill -9 then resume would be turned away until the child noticed)."""
         if self._fd is not None:

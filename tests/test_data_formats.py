@@ -297,7 +297,7 @@ def test_template_error_names_the_record(tmp_path, data_tokenizer, data_recipe):
 
 def test_masks_without_offsets_match(tmp_path, data_tokenizer, data_recipe, monkeypatch):
     """Tokenizers without offsets (slow ones) count the tokens of each prefix instead: same labels here."""
-    from ft_cli.data import encode
+    from ft_cli.data import batch_tokenizer
 
     path = write_jsonl(tmp_path / "c.jsonl", [CHAT, {"messages": CHAT["messages"][1:3]}])
     fast = rows(build_datasets(data_recipe(path, format="chat"), data_tokenizer))
@@ -305,5 +305,5 @@ def test_masks_without_offsets_match(tmp_path, data_tokenizer, data_recipe, monk
     def no_offsets(self, texts):
         return [self.tokenizer(t, add_special_tokens=False).input_ids for t in texts], None
 
-    monkeypatch.setattr(encode._BatchEncoder, "__call__", no_offsets)
+    monkeypatch.setattr(batch_tokenizer.BatchEncoder, "__call__", no_offsets)
     assert rows(build_datasets(data_recipe(path, format="chat"), data_tokenizer)) == fast

@@ -296,7 +296,7 @@ def test_nfc_texts_skip_the_normalizer_with_the_same_result(data_tokenizer, monk
     backend gives."""
     import unicodedata
 
-    from ft_cli.data import encode
+    from ft_cli.data import batch_tokenizer, encode
     from ft_cli.data.formats import Origin, make_converter
 
     convert = make_converter("alpaca", None)
@@ -307,7 +307,7 @@ def test_nfc_texts_skip_the_normalizer_with_the_same_result(data_tokenizer, monk
     examples = [convert(r, Origin("x", i)) for i, r in enumerate(records)]
     settings = encode.EncodeSettings(128, "truncate", False)
     copy_used = []
-    real_free = encode._BatchEncoder._nfc_free
+    real_free = batch_tokenizer.BatchEncoder._nfc_free
 
     class Spy:
         def __init__(self, backend):
@@ -317,11 +317,42 @@ def test_nfc_texts_skip_the_normalizer_with_the_same_result(data_tokenizer, monk
             copy_used.append(len(texts))
             return self.backend.encode_batch(texts, **kwargs)
 
-    monkeypatch.setattr(encode._BatchEncoder, "_nfc_free", lambda self, texts: Spy(real_free(self, texts)))
+    monkeypatch.setattr(batch_tokenizer.BatchEncoder, "_nfc_free", lambda self, texts: Spy(real_free(self, texts)))
     got = _encoded_fields(encode.encode_examples(examples, data_tokenizer, settings))
     assert copy_used == [encode.CHUNK]  # chunk 1 checks the backend, chunk 2 takes the copy, chunk 3 is not NFC
-    monkeypatch.setattr(encode._BatchEncoder, "_nfc_free", lambda self, texts: None)
+    monkeypatch.setattr(batch_tokenizer.BatchEncoder, "_nfc_free", lambda self, texts: None)
     assert got == _encoded_fields(encode.encode_examples(examples, data_tokenizer, settings))
     composed = data_tokenizer("caf\u00e9 decomposed", add_special_tokens=False).input_ids
     flat = got["ids"]
     assert any(flat[i:i + len(composed)] == composed for i in range(len(flat)))  # the normalizer ran on it
+
+
+def test_big_data_tokenized_by_forked_workers_gives_the_one_process_result(shared_data, data_tokenizer,
+                                                                           monkeypatch):
+    """On big data ft forks a tokenizing worker per core, each on a contiguous part; joined in order, the result
+    equals one process's (ids, labels, lengths, cut and kept rows, every count), and a record's error from a worker
+    reaches the user as the same message."""
+    from ft_cli.data import encode
+    from ft_cli.errors import UserError
+
+    examples = _real_examples(shared_data) + [None]  # a record that converted to nothing counts as dropped
+    settings = encode.EncodeSettings(200, "truncate", False)
+    one = _encoded_fields(encode.encode_examples(examples, data_tokenizer, settings))
+    forks = []
+    real_forked = encode._encode_forked
+    monkeypatch.setattr(encode, "_processes", lambda live: 3)
+    monkeypatch.setattr(encode, "_encode_forked", lambda *a: (forks.append(a[4]), real_forked(*a))[1])
+    assert _encoded_fields(encode.encode_examples(examples, data_tokenizer, settings)) == one
+    assert forks == [3]
+
+    real = encode.ChatRenderer.conversation
+    target = examples[170]  # in the second of three parts
+
+    def refuse(self, ex):
+        if ex is target:
+            raise UserError(f"{ex.origin}: the template refuses this record")
+        return real(self, ex)
+
+    monkeypatch.setattr(encode.ChatRenderer, "conversation", refuse)
+    with pytest.raises(UserError, match="refuses this record"):
+        encode.encode_examples(examples, data_tokenizer, settings)

@@ -634,3 +634,26 @@ def test_every_file_gets_the_users_umask(mask: int, tmp_path: Path, alpaca_file:
     modes = {str(p.relative_to(run)): stat.S_IMODE(p.stat().st_mode) for p in run.rglob("*") if p.is_file()}
     assert "adapter/adapter_model.safetensors" in modes and "checkpoints/step-2/trainable.safetensors" in modes
     assert set(modes.values()) == {0o666 & ~mask}, modes
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="fork")
+def test_a_forked_child_lets_go_of_the_run_lock(tmp_path: Path) -> None:
+    """Any process forked while ft holds a run's lock (a DataLoader worker, a tokenizing worker) closes its copy of
+    the lock's descriptor as it starts, so that after kill -9 of ft the run is free at once, not when a child ends."""
+    from ft_cli.run_lock import acquire_run_lock, lock_holder
+
+    lock = acquire_run_lock(RunDir(tmp_path / "run"), resume=False, overwrite=False)
+    read, write = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the child: report whether it still holds the lock, then wait to be killed
+        os.write(write, b"held" if lock.held else b"free")
+        time.sleep(30)
+        os._exit(0)
+    try:
+        assert os.read(read, 4) == b"free"
+        assert lock.held
+        lock.release()  # the parent lets go while the child still runs: the run must be free now
+        assert lock_holder(tmp_path / "run") is None
+    finally:
+        os.kill(pid, signal.SIGKILL)
+        os.waitpid(pid, 0)

@@ -6,8 +6,10 @@ Modules, in the order data flows through them:
 - `formats`   turn a record (alpaca, chat, sharegpt, text) into an `Example`: messages + tools, or plain text
 - `templates` pick the chat template (the tokenizer's, a built-in, a jinja string or file) and compile it
 - `render`    render conversations and find every assistant turn's characters (the prefix-consistency rules)
-- `shapes`    render-once for plain conversations: one plan per shape of roles, one jinja render per conversation
-- `encode`    tokenize once, label the tokens inside assistant spans, truncate or drop, count everything
+- `shapes`    render-once for plain conversations: one plan per shape of roles, the real render compared on a sample
+- `encode`    tokenize once, label the tokens inside assistant spans, truncate or drop, count everything; on big
+              data in one forked worker per core
+- `batch_tokenizer` the tokenizer call: a batch of texts, NFC texts past the NFC normalizer
 - `packing`   best-fit-decreasing bin packing with position_ids that restart per example
 - `cache`     content-hashed, atomically written cache of the tokenized datasets
 - `collate`   batches for the training loop (padding, or packed rows without an attention mask)

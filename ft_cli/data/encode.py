@@ -10,22 +10,21 @@ example's last token.
 from __future__ import annotations
 
 import os
-import unicodedata
+import sys
 from concurrent.futures import ThreadPoolExecutor
-from contextlib import contextmanager
 from dataclasses import dataclass
 from itertools import chain
 from typing import Any
 
 import numpy as np
 
+from ft_cli.data.batch_tokenizer import CHUNK, BatchEncoder, tokenizer_threads
 from ft_cli.data.formats import Example
 from ft_cli.data.render import ChatRenderer
 from ft_cli.data.shapes import ShapeMismatch
 from ft_cli.errors import UserError
 
 IGNORE_INDEX = -100  # the label of a token that carries no loss (torch's cross_entropy ignore_index); ft's one copy
-CHUNK = 1024  # examples per tokenizer call: big enough for the tokenizer's threads, small enough for memory
 # Of each conversation shape after its first shapes.CHECK_FIRST, every CHECK_EVERY-th is compared with a real render
 # of the template (data/shapes.py): rendering each one costs a third of ft's Python time on plain chat data.
 CHECK_EVERY = 32
@@ -60,6 +59,7 @@ class Encoded:
     extra_samples: int = 0  # the samples those added
     lost_rows: int = 0  # conversations whose assistant text the template partly leaves out of the training text
     lost_first: str | None = None  # where and what, for the first of them
+    texts: int = 0  # samples tokenized (a conversation whose turns train apart gives several)
 
     @property
     def trained_tokens(self) -> int:
@@ -87,26 +87,42 @@ def encode_examples(examples: list[Example | None], tokenizer: Any, settings: En
                         "has none; set eos_token in the model's tokenizer_config.json")
     if renderer is None and any(ex.text is None for ex in live):
         renderer = ChatRenderer(tokenizer, settings.system_message)
+    processes = _processes(len(live))
+    if processes > 1:
+        enc = _encode_forked(live, tokenizer, settings, renderer, processes, on_chunk)
+    else:
+        enc = _encode_checked(live, tokenizer, settings, renderer, on_chunk, overlap=True)
+    enc.rows_in, enc.dropped_empty = len(examples), enc.dropped_empty + len(examples) - len(live)
+    return enc
+
+
+def _encode_checked(live: list[Example], tokenizer: Any, settings: EncodeSettings, renderer: ChatRenderer | None,
+                    on_chunk: Any, *, overlap: bool) -> Encoded:
     shapes = getattr(renderer, "shapes", None)
     if shapes is None:
-        return _encode_pass(examples, live, tokenizer, settings, renderer, on_chunk)
+        return _encode_pass(live, tokenizer, settings, renderer, on_chunk, overlap)
     every = shapes.check_every
     shapes.check_every = CHECK_EVERY
     try:
         while True:
             try:
-                return _encode_pass(examples, live, tokenizer, settings, renderer, on_chunk)
+                return _encode_pass(live, tokenizer, settings, renderer, on_chunk, overlap)
             except ShapeMismatch:  # that shape is checked conversation by conversation now: start again
                 continue
     finally:
         shapes.check_every = every
 
 
-def _encode_pass(examples: list[Example | None], live: list[Example], tokenizer: Any, settings: EncodeSettings,
-                 renderer: ChatRenderer | None, on_chunk: Any) -> Encoded:
-    labeler = _Labeler(tokenizer, settings, rows_in=len(examples), dropped_empty=len(examples) - len(live))
-    encode = _BatchEncoder(tokenizer)
-    with _tokenizer_threads(), ThreadPoolExecutor(max_workers=1) as pool:
+def _encode_pass(live: list[Example], tokenizer: Any, settings: EncodeSettings, renderer: ChatRenderer | None,
+                 on_chunk: Any, overlap: bool) -> Encoded:
+    labeler = _Labeler(tokenizer, settings, rows_in=len(live), dropped_empty=0)
+    encode = BatchEncoder(tokenizer)
+    if not overlap:  # one thread: a forked worker, one of as many as there are cores
+        for start in range(0, len(live), CHUNK):
+            texts, spans = _render(live[start:start + CHUNK], renderer, labeler.out)
+            labeler.add(encode(texts), texts, spans)
+        return labeler.result()
+    with tokenizer_threads(), ThreadPoolExecutor(max_workers=1) as pool:
         pending = None
         for start in range(0, len(live), CHUNK):
             texts, spans = _render(live[start:start + CHUNK], renderer, labeler.out)
@@ -121,6 +137,58 @@ def _encode_pass(examples: list[Example | None], live: list[Example], tokenizer:
             if on_chunk is not None:
                 on_chunk(len(pending[1]))
     return labeler.result()
+
+
+# Several processes -------------------------------------------------------------------------------------------------
+# Python's part of the work (rendering, labelling; ~a quarter of it) holds the GIL, so one process keeps at most one
+# core busy with it while the tokenizer's threads take the rest. On big data ft forks one worker per core (Linux;
+# fork shares the examples, tokenizer and renderer without pickling them), each tokenizing a contiguous part on one
+# thread; the parts are joined in order, so the result is the one-process result (tested).
+PART_MIN = 8192  # live examples per worker: below this, forking costs more than it saves
+_FORK_STATE: dict[str, Any] = {}
+
+
+def _processes(live: int) -> int:
+    if sys.platform != "linux" or live < 2 * PART_MIN:
+        return 1
+    return max(1, min(len(os.sched_getaffinity(0)), live // PART_MIN))
+
+
+def _encode_forked(live: list[Example], tokenizer: Any, settings: EncodeSettings, renderer: ChatRenderer | None,
+                   processes: int, on_chunk: Any) -> Encoded:
+    import multiprocessing
+
+    bounds = np.linspace(0, len(live), processes + 1).astype(int).tolist()
+    _FORK_STATE.update(live=live, tokenizer=tokenizer, settings=settings, renderer=renderer, bounds=bounds)
+    try:
+        with multiprocessing.get_context("fork").Pool(processes) as pool:
+            parts = []
+            for i, part in enumerate(pool.imap(_encode_part, range(processes))):
+                parts.append(part)
+                if on_chunk is not None:
+                    on_chunk(bounds[i + 1] - bounds[i])
+    finally:
+        _FORK_STATE.clear()
+    return _joined(parts)
+
+
+def _encode_part(i: int) -> Encoded:
+    os.environ["TOKENIZERS_PARALLELISM"] = "false"  # one thread per worker; and no warning about the fork
+    st = _FORK_STATE
+    a, b = st["bounds"][i], st["bounds"][i + 1]
+    return _encode_checked(st["live"][a:b], st["tokenizer"], st["settings"], st["renderer"], None, overlap=False)
+
+
+def _joined(parts: list[Encoded]) -> Encoded:
+    out = Encoded(np.concatenate([p.ids for p in parts]), np.concatenate([p.labels for p in parts]),
+                  np.concatenate([p.lengths for p in parts]), cut=np.concatenate([p.cut for p in parts]))
+    offsets = np.cumsum([0] + [p.texts for p in parts])
+    out.kept = np.concatenate([p.kept + offset for p, offset in zip(parts, offsets, strict=False)])
+    for name in ("dropped_empty", "dropped_too_long", "truncated", "split_documents", "text_chunks", "split_rows",
+                 "extra_samples", "lost_rows", "texts"):
+        setattr(out, name, sum(getattr(p, name) for p in parts))
+    out.lost_first = next((p.lost_first for p in parts if p.lost_first is not None), None)
+    return out
 
 
 def _render(chunk: list[Example], renderer: ChatRenderer | None, counts: Encoded) -> tuple[list[str], list[Any]]:
@@ -143,75 +211,6 @@ def _render(chunk: list[Example], renderer: ChatRenderer | None, counts: Encoded
             if counts.lost_first is None:
                 counts.lost_first = f"{ex.origin}, {rendered.lost}"
     return texts, spans
-
-
-class _BatchEncoder:
-    """One tokenizer call per chunk -> (ids per text, tokenizers.Encoding per text or None for slow tokenizers).
-
-    A fast tokenizer's own `__call__` only configures the Rust tokenizer (no truncation or padding, special
-    tokens kept whole) and converts its output to lists; after the first call has done the configuring, the
-    Rust `encode_batch` is called directly, once it gave the same ids on the first texts."""
-
-    def __init__(self, tokenizer: Any):
-        self.tokenizer = tokenizer
-        self.backend = tokenizer.backend_tokenizer if getattr(tokenizer, "is_fast", False) else None
-        self.checked = False
-        self.unnormalized: Any = None  # a copy of the backend without its NFC normalizer (see `_nfc_free`)
-
-    def __call__(self, texts: list[str]) -> tuple[list[list[int]], list[Any] | None]:
-        if self.backend is not None:
-            if not self.checked:
-                self.checked = True
-                expected = self._via_transformers(texts[:4])[0]
-                encodings = self.backend.encode_batch(texts, add_special_tokens=False)
-                if [e.ids for e in encodings[:4]] == expected:
-                    self.unnormalized = self._nfc_free(texts)
-                    return [e.ids for e in encodings], encodings
-                self.backend = None  # the tokenizer class adds something of its own: always go through it
-            else:
-                backend = self.backend
-                if self.unnormalized is not None and all(unicodedata.is_normalized("NFC", t) for t in texts):
-                    backend = self.unnormalized
-                encodings = backend.encode_batch(texts, add_special_tokens=False)
-                return [e.ids for e in encodings], encodings
-        return self._via_transformers(texts)
-
-    def _nfc_free(self, texts: list[str]) -> Any:
-        """Qwen's tokenizers (and ft's built-in ones) NFC-normalize every text, keeping an alignment per byte, which
-        is 8 % of their time; on a text that is NFC already (unicodedata.is_normalized, a fast C check) it changes
-        nothing, ids or offsets. For big data (a full first chunk) a copy of the backend without the normalizer
-        tokenizes such chunks, once it gave the same ids and offsets on the first texts."""
-        from tokenizers import Tokenizer, normalizers
-
-        if len(texts) < CHUNK or type(self.backend.normalizer) is not normalizers.NFC:
-            return None
-        copy = Tokenizer.from_str(self.backend.to_str())
-        copy.normalizer = None
-        sample = [t for t in texts[:64] if unicodedata.is_normalized("NFC", t)]
-        same = all(a.ids == b.ids and a.offsets == b.offsets for a, b in zip(
-            self.backend.encode_batch(sample, add_special_tokens=False),
-            copy.encode_batch(sample, add_special_tokens=False), strict=True))
-        return copy if same and sample else None
-
-    def _via_transformers(self, texts: list[str]) -> tuple[list[list[int]], list[Any] | None]:
-        enc = self.tokenizer(texts, add_special_tokens=False, return_attention_mask=False, verbose=False)
-        return enc["input_ids"], enc.encodings
-
-
-@contextmanager
-def _tokenizer_threads():
-    """Let the Rust tokenizer use all cores for the batched calls, then restore the caller's setting. (ft sets
-    TOKENIZERS_PARALLELISM=false to keep forks safe; with it set explicitly, a fork after this stays silent.)"""
-    key = "TOKENIZERS_PARALLELISM"
-    before = os.environ.get(key)
-    os.environ[key] = "true"
-    try:
-        yield
-    finally:
-        if before is None:
-            os.environ[key] = "false"
-        else:
-            os.environ[key] = before
 
 
 class _Labeler:
@@ -360,6 +359,7 @@ class _Labeler:
         out.lengths = np.array(self.lengths, dtype=np.int64)
         out.kept = np.array(self.kept, dtype=np.int64)
         out.cut = np.array(self.cut, dtype=bool)
+        out.texts = self.seen
         return out
 
 
