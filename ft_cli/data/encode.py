@@ -151,7 +151,9 @@ _FORK_STATE: dict[str, Any] = {}
 def _processes(live: int) -> int:
     if sys.platform != "linux" or live < 2 * PART_MIN:
         return 1
-    return max(1, min(len(os.sched_getaffinity(0)), live // PART_MIN))
+    # under torchrun every process of a node may tokenize (data.cache: false): they share the node's cores
+    cores = len(os.sched_getaffinity(0)) // max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1") or 1))
+    return max(1, min(cores, live // PART_MIN))
 
 
 def _encode_forked(live: list[Example], tokenizer: Any, settings: EncodeSettings, renderer: ChatRenderer | None,
