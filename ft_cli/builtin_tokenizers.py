@@ -64,17 +64,27 @@ def wordpiece_vocab() -> list[str]:
     return [t for t in listed if t] + [chr(c) for a, b in _CJK_RANGES for c in range(a, b)]
 
 
-def build_wordpiece_tokenizer() -> PreTrainedTokenizerFast:
-    """BERT's tokenizer design on ft's own vocabulary (`wordpiece_vocab`): lower-casing and accent stripping, CJK
-    characters one per token, WordPiece (## continuations), [CLS] A [SEP] (B [SEP]) with token type ids 0/1."""
-    from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors
-    from transformers import PreTrainedTokenizerFast
+def wordpiece_tokenizer(vocab: dict[str, int] | None = None) -> tokenizers.Tokenizer:
+    """BERT's text handling around a WordPiece model (`vocab`, or none yet: scripts/gen_wordpiece_vocab.py trains
+    one with the same normalizer and pre-tokenizer): lower-casing and accent stripping, CJK characters one per word."""
+    from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers
 
-    vocab = {t: i for i, t in enumerate(wordpiece_vocab())}
-    tok = Tokenizer(models.WordPiece(vocab, unk_token="[UNK]", max_input_chars_per_word=100))
+    model = models.WordPiece(vocab, unk_token="[UNK]", max_input_chars_per_word=100) if vocab is not None else \
+        models.WordPiece(unk_token="[UNK]")
+    tok = Tokenizer(model)
     tok.normalizer = normalizers.BertNormalizer(lowercase=True, handle_chinese_chars=True, strip_accents=None)
     tok.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
     tok.decoder = decoders.WordPiece()
+    return tok
+
+
+def build_wordpiece_tokenizer() -> PreTrainedTokenizerFast:
+    """BERT's tokenizer design on ft's own vocabulary (`wordpiece_vocab`): lower-casing and accent stripping, CJK
+    characters one per token, WordPiece (## continuations), [CLS] A [SEP] (B [SEP]) with token type ids 0/1."""
+    from tokenizers import processors
+    from transformers import PreTrainedTokenizerFast
+
+    tok = wordpiece_tokenizer({t: i for i, t in enumerate(wordpiece_vocab())})
     cls, sep = tok.token_to_id("[CLS]"), tok.token_to_id("[SEP]")
     tok.post_processor = processors.TemplateProcessing(
         single="[CLS] $A [SEP]", pair="[CLS] $A [SEP] $B:1 [SEP]:1", special_tokens=[("[CLS]", cls), ("[SEP]", sep)])

@@ -49,6 +49,34 @@ def cache_root() -> Path:
     return Path(os.environ.get("FT_CACHE_DIR") or Path.home() / ".cache" / "ft").expanduser()
 
 
+def publish_entry(final: Path, write: Any, *, replace: bool = False) -> None:
+    """Write the cache entry `final` (data/<key>, reference/<key>) so that it is whole or absent: `write(tmp)` fills
+    a temporary sibling, ft's marker goes in (only entries ft wrote are ever deleted), the files reach the disk, and
+    it is renamed into place. Another process's entry that got there first is kept, unless `replace` (the entry there
+    failed a check): then it is removed first, if ft provably wrote it. Leftovers of writers that died are removed on
+    the way. Raises OSError (a full disk) only when no entry is there afterwards."""
+    from ft_cli.atomic import finish_tree, publish_once, remove_debris, tmp_path
+    from ft_cli.run_dir import write_marker
+
+    root = final.parent
+    root.mkdir(parents=True, exist_ok=True)
+    remove_debris(root)  # entries that ft processes which died (kill -9, full disk) left half-written
+    tmp = tmp_path(final)
+    try:
+        tmp.mkdir()
+        write(tmp)
+        write_marker(tmp, "cache")
+        finish_tree(tmp)
+        if replace and ft_entry_kind(final) == root.name:
+            shutil.rmtree(final)
+        publish_once(tmp, final)  # another process may have finished first; its entry is just as good
+    except OSError:
+        if not final.exists():
+            raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
 def ft_entry_kind(path: Path) -> str | None:
     """data | reference | builtin | leftover when ft provably wrote `path` (its name and ft's own file inside), else None.
     The one rule `ft cache clean` deletes by."""

@@ -20,7 +20,6 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
-import shutil
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -87,7 +86,7 @@ def add_reference_logps(dataset: Any, model: Any, collate: Callable, batch_size:
     """`dataset` with the reference columns, and where they came from: "computed", "cached" (computed and written to
     the cache) or "from cache". With `cache`, an entry for the same rows, model and settings is used after its
     first batch checks out; otherwise they are computed, and the main process writes the entry."""
-    key = None
+    key, entry = None, None
     if cache:
         key = reference_key(dataset, model, batch_size, device=device, share=share)
         entry = load_entry(key, len(dataset))
@@ -205,32 +204,18 @@ def load_entry(key: str, pairs: int) -> tuple[list[float], list[float]] | None:
 
 def save_entry(key: str, chosen: list[float], rejected: list[float], meta: dict[str, Any], *,
                replace: bool = False) -> None:
-    """Write an entry under a temporary name, with ft's marker (only entries ft wrote are ever deleted), and rename
-    it into place; another process's identical entry that got there first is kept, unless `replace` (the entry
-    there failed its check: it is removed first, if ft provably wrote it). A write that fails (a full disk) only
-    costs the next run the computation."""
+    """Write an entry whole or not at all (ft_cli.caches.publish_entry; `replace`: the entry there failed its
+    check). A write that fails (a full disk) only costs the next run the computation."""
     import numpy as np
 
-    from ft_cli.atomic import finish_tree, publish_once, remove_debris, tmp_path
-    from ft_cli.caches import ft_entry_kind
-    from ft_cli.run_dir import write_marker
+    from ft_cli.caches import publish_entry
 
-    root = cache_root()
-    final = root / key
-    tmp = tmp_path(final)
-    try:
-        root.mkdir(parents=True, exist_ok=True)
-        remove_debris(root)
-        tmp.mkdir()
+    def write(tmp: Path) -> None:
         np.save(tmp / "logps.npy", np.asarray([chosen, rejected], dtype=np.float64).T, allow_pickle=False)
         (tmp / "meta.json").write_text(json.dumps({**meta, "key": key}))
-        write_marker(tmp, "cache")
-        finish_tree(tmp)
-        if replace and ft_entry_kind(final) == "reference":
-            shutil.rmtree(final)
-        publish_once(tmp, final)
+
+    try:
+        publish_entry(cache_root() / key, write, replace=replace)
     except OSError as exc:
-        print(f"dpo: could not cache the reference log-probabilities in {root} ({exc}); the next run computes them "
-              "again", file=sys.stderr)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+        print(f"dpo: could not cache the reference log-probabilities in {cache_root()} ({exc}); the next run "
+              "computes them again", file=sys.stderr)

@@ -12,18 +12,22 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, trainers
+from tokenizers import trainers
 
 from ft_cli.builtin_corpus import corpus
-from ft_cli.builtin_tokenizers import _BPE_MIN_FREQUENCY, _BPE_VOCAB_SIZE, _CJK_RANGES, WORDPIECE_SPECIAL
+from ft_cli.builtin_tokenizers import (
+    _BPE_MIN_FREQUENCY,
+    _BPE_VOCAB_SIZE,
+    _CJK_RANGES,
+    WORDPIECE_SPECIAL,
+    wordpiece_tokenizer,
+)
 
 OUT = Path(__file__).resolve().parents[1] / "ft_cli" / "builtin_wordpiece.txt"
 
 
 def main() -> None:
-    tok = Tokenizer(models.WordPiece(unk_token="[UNK]"))
-    tok.normalizer = normalizers.BertNormalizer(lowercase=True, handle_chinese_chars=True, strip_accents=None)
-    tok.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
+    tok = wordpiece_tokenizer()
     cjk = [chr(c) for a, b in _CJK_RANGES for c in range(a, b)]  # in the alphabet, so they take no merges' place
     trainer = trainers.WordPieceTrainer(vocab_size=_BPE_VOCAB_SIZE + len(cjk), min_frequency=_BPE_MIN_FREQUENCY,
                                         special_tokens=list(WORDPIECE_SPECIAL), show_progress=False,

@@ -12,7 +12,6 @@ import contextlib
 import hashlib
 import json
 import os
-import shutil
 from pathlib import Path
 from typing import Any
 
@@ -21,7 +20,9 @@ HASH_CONTENT_LIMIT = 2 << 30  # hash file bytes up to 2 GiB of data; above that 
 
 
 def cache_root() -> Path:
-    return Path(os.environ.get("FT_CACHE_DIR") or Path.home() / ".cache" / "ft").expanduser() / "data"
+    from ft_cli.caches import cache_root as root
+
+    return root() / "data"
 
 
 def files_digest(files: list[Path]) -> list[Any]:
@@ -100,25 +101,12 @@ def load_entry(key: str) -> tuple[Any, dict[str, Any]] | None:
 
 
 def save_entry(key: str, dataset_dict: Any, meta: dict[str, Any]) -> None:
-    """Write an entry under a temporary name, with ft's manifest (so that only entries ft wrote are ever deleted,
-    ft_cli.run_dir.remove_output_dir(path, kind="cache")), and rename it into place."""
-    from ft_cli.atomic import finish_tree, publish_once, remove_debris, tmp_path
-    from ft_cli.run_dir import write_marker
+    """Write an entry whole or not at all (ft_cli.caches.publish_entry)."""
+    from ft_cli.caches import publish_entry
 
-    root = cache_root()
-    root.mkdir(parents=True, exist_ok=True)
-    remove_debris(root)  # entries that ft processes which died (kill -9, full disk) left half-written
-    final = root / key
-    tmp = tmp_path(final)
-    try:
+    def write(tmp: Path) -> None:
         with quiet_datasets():
             dataset_dict.save_to_disk(str(tmp / "dataset"))
         (tmp / "meta.json").write_text(json.dumps(meta))
-        write_marker(tmp, "cache")
-        finish_tree(tmp)
-        publish_once(tmp, final)  # another process may have finished first; its entry is just as good
-    except OSError:
-        if not final.exists():
-            raise
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+
+    publish_entry(cache_root() / key, write)
